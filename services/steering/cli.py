@@ -1,0 +1,388 @@
+"""`steer`: the command line of the steering core. Every command has --help.
+
+Errors print one line and exit non-zero; set STEER_DEBUG=1 to see tracebacks.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from importlib.resources import files
+from pathlib import Path
+
+from .errors import ConfigError, NotFoundError, SteeringError, VectorError
+
+DEMO_PROMPTS = files("steering") / "data" / "demo_prompts.jsonl"
+
+
+def _paths():
+    from .settings import paths_from_env
+
+    return paths_from_env()
+
+
+def _registry():
+    from .registry import load_registry
+
+    return load_registry(_paths().registry)
+
+
+def _load(args: argparse.Namespace):
+    from .loading import load_model
+
+    entry = _registry().get(args.model)
+    return load_model(entry, _paths().cache, device=getattr(args, "device", None))
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    if getattr(args, "prompt", None):
+        return [args.prompt]
+    path = Path(args.prompts_file)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise NotFoundError(f"prompts file {path} does not exist") from None
+    prompts = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            prompts.append(str(json.loads(line)["text"]))
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path}:{n}: each line must be a JSON object with a \"text\" field") from None
+    if not prompts:
+        raise ConfigError(f"{path} holds no prompts")
+    return prompts
+
+
+def _concept_vector(loaded, concept: str):
+    from .store import load_vector, vector_path
+
+    return load_vector(
+        vector_path(_paths().model_vectors(loaded.name), concept),
+        fingerprint=loaded.fingerprint,
+        hidden_size=loaded.hidden_size,
+        layers=loaded.steering_layers,
+    )
+
+
+def _settings(args: argparse.Namespace):
+    from .generate import GenerationSettings
+
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
+    if args.temperature < 0:
+        raise ConfigError("--temperature must be 0 (greedy) or more")
+    return GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+        steer_prompt=not args.generated_only,
+    )
+
+
+def _check_alpha(alpha: float) -> float:
+    import math
+
+    if not math.isfinite(alpha):
+        raise ConfigError("--alpha must be a finite number")
+    return alpha
+
+
+# commands -----------------------------------------------------------------------------
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .loading import fingerprint
+    from .store import read_vector, stored_concepts
+
+    reg = _registry()
+    rows = []
+    for name, entry in reg.models.items():
+        try:
+            fp = fingerprint(entry)
+        except SteeringError as exc:
+            fp, note = None, str(exc)
+        else:
+            note = ""
+        model_dir = _paths().model_vectors(name)
+        concepts = stored_concepts(model_dir)
+        matching = []
+        for c in concepts:
+            try:
+                if read_vector(model_dir / f"{c}.safetensors").fingerprint == fp:
+                    matching.append(c)
+            except VectorError:
+                pass
+        rows.append({
+            "name": name,
+            "default": name == reg.default,
+            "source": entry.source.kind,
+            "dtype": entry.dtype,
+            "device": entry.device,
+            "quantization": entry.quantization,
+            "fingerprint": fp,
+            "vectors": len(matching),
+            "stale_vectors": len(concepts) - len(matching),
+            "note": note,
+        })
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    for row in rows:
+        mark = "*" if row["default"] else " "
+        fp = (row["fingerprint"] or "unavailable")[:16]
+        stale = f" ({row['stale_vectors']} for another fingerprint)" if row["stale_vectors"] else ""
+        print(f"{mark} {row['name']:<24} {row['dtype']:<8} {row['device']:<5} fingerprint {fp}  vectors: {row['vectors']}{stale}")
+        if row["note"]:
+            print(f"    {row['note']}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .loading import prepare
+
+    reg = _registry()
+    names = [args.model] if args.model else list(reg.models)
+    for name in names:
+        start = time.perf_counter()
+        directory, fp = prepare(reg.get(name), _paths().cache)
+        print(f"{name}: {directory} (fingerprint {fp[:16]}, {time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def cmd_derive(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .derive import derive_concept
+    from .pairs import concept_names, load_concept
+    from .store import save_vector, vector_path
+
+    paths = _paths()
+    names = args.concepts.split(",") if args.concepts else concept_names(paths.pairs)
+    concepts = [load_concept(paths.pairs, n.strip()) for n in names if n.strip()]
+    if not concepts:
+        raise ConfigError(f"no concepts to derive (no pairs in {paths.pairs})")
+    loaded = _load(args)
+    out_dir = Path(args.out) if args.out else paths.model_vectors(loaded.name)
+    total = sum(2 * len(c.pairs) for c in concepts)
+    start = time.perf_counter()
+    with tqdm(total=total, unit="text", desc=f"derive {loaded.name}", disable=args.quiet) as bar:
+        for concept in concepts:
+            bar.set_postfix_str(concept.name)
+            cv = derive_concept(loaded, concept, batch_size=args.batch_size, on_batch=bar.update)
+            save_vector(cv, vector_path(out_dir, concept.name))
+    print(f"derived {len(concepts)} concept(s) for {loaded.name} in {time.perf_counter() - start:.1f}s -> {out_dir}")
+    return 0
+
+
+def _rows(loaded, args: argparse.Namespace, n: int):
+    if not args.concept:
+        return [None] * n
+    cv = _concept_vector(loaded, args.concept)
+    additions = cv.additions(_check_alpha(args.alpha), loaded.steering_layers)
+    return [additions] * n
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    prompts = _read_prompts(args)
+    settings = _settings(args)
+    loaded = _load(args)
+    rows = _rows(loaded, args, len(prompts))
+    results = []
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start : start + args.batch_size]
+        results += generate(loaded, chunk, rows[start : start + len(chunk)], settings)
+    for prompt, res in zip(prompts, results):
+        if args.json:
+            print(json.dumps({
+                "prompt": prompt,
+                "text": res.text,
+                "model": loaded.name,
+                "concept": args.concept,
+                "alpha": args.alpha if args.concept else None,
+                "new_tokens": res.new_tokens,
+            }, ensure_ascii=False))
+        else:
+            print(f"> {prompt}\n{res.text}\n")
+    if not args.json:
+        tokens = sum(r.new_tokens for r in results)
+        seconds = sum({id(r.seconds): r.seconds for r in results}.values())
+        print(f"[{tokens} tokens in {seconds:.1f}s]", file=sys.stderr)
+    return 0
+
+
+def _side_by_side(left_title: str, left: str, right_title: str, right: str) -> str:
+    width = max(30, (shutil.get_terminal_size((120, 20)).columns - 3) // 2)
+    lcol = [left_title, "-" * len(left_title), *textwrap.wrap(left, width)]
+    rcol = [right_title, "-" * len(right_title), *textwrap.wrap(right, width)]
+    lines = []
+    for i in range(max(len(lcol), len(rcol))):
+        a = lcol[i] if i < len(lcol) else ""
+        b = rcol[i] if i < len(rcol) else ""
+        lines.append(f"{a:<{width}} | {b}")
+    return "\n".join(lines)
+
+
+def cmd_ab(args: argparse.Namespace) -> int:
+    from .generate import generate
+
+    if not args.prompt and not args.prompts_file:
+        args.prompts_file = str(DEMO_PROMPTS)
+    prompts = _read_prompts(args)
+    settings = _settings(args)
+    loaded = _load(args)
+    concepts = args.concept.split(",")
+    print(f"model {loaded.name}, layers {list(loaded.steering_layers)}, alpha {args.alpha}\n")
+    for concept in concepts:
+        cv = _concept_vector(loaded, concept.strip())
+        additions = cv.additions(_check_alpha(args.alpha), loaded.steering_layers)
+        # One batch: unsteered rows and steered rows side by side.
+        results = generate(loaded, prompts + prompts, [None] * len(prompts) + [additions] * len(prompts), settings)
+        for i, prompt in enumerate(prompts):
+            print(f"> {prompt}")
+            print(_side_by_side("unsteered", results[i].text, f"steered: {concept} @ {args.alpha}", results[len(prompts) + i].text))
+            print()
+    return 0
+
+
+def cmd_export_gguf(args: argparse.Namespace) -> int:
+    from .gguf_io import export_control_vector
+
+    loaded = _load(args)
+    cv = _concept_vector(loaded, args.concept)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else list(loaded.steering_layers)
+    written = export_control_vector(
+        Path(args.out),
+        cv.additions(_check_alpha(args.alpha), layers),
+        model_hint=loaded.model.config.model_type,
+        extra={"model": loaded.name, "fingerprint": loaded.fingerprint, "concept": cv.concept, "alpha": str(args.alpha)},
+    )
+    print(f"wrote {args.out}: {cv.concept} x {args.alpha} on layers {written}")
+    return 0
+
+
+def cmd_import_gguf(args: argparse.Namespace) -> int:
+    from .derive import imported_vector
+    from .gguf_io import import_control_vector
+    from .store import save_vector, vector_path
+
+    directions, hint, extra = import_control_vector(Path(args.input))
+    loaded = _load(args)
+    model_type = loaded.model.config.model_type
+    if hint != model_type and not args.force:
+        raise VectorError(f"{args.input} is for model type {hint!r}, not {model_type!r}; pass --force to import anyway")
+    if extra.get("fingerprint") not in (None, loaded.fingerprint) and not args.force:
+        raise VectorError(
+            f"{args.input} was exported from fingerprint {extra['fingerprint'][:16]}, not {loaded.fingerprint[:16]}; "
+            "pass --force to import anyway"
+        )
+    cv = imported_vector(loaded, args.concept, directions, source=Path(args.input).name)
+    save_vector(cv, vector_path(_paths().model_vectors(loaded.name), args.concept))
+    print(f"imported {args.concept} for {loaded.name}: layers {cv.layers}")
+    return 0
+
+
+# parser -------------------------------------------------------------------------------
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="registered model name (default: the registry's default)")
+    p.add_argument("--device", help="override the registry's device, e.g. cpu or cuda:0")
+
+
+def _add_generation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--seed", type=int, help="seed for sampling")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
+    p.add_argument("--generated-only", action="store_true", help="steer only generated tokens, not the prompt's positions")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steer", description="Derive, store and apply activation steering vectors.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list registered models, fingerprints and vectors")
+    p.add_argument("--json", action="store_true", help="one JSON object per model")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("prepare", help="convert registered models once into the cache")
+    p.add_argument("--model", help="only this model (default: all)")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("derive", help="derive concept vectors (CAA) and write them to the store")
+    _add_model(p)
+    p.add_argument("--concepts", help="comma-separated concepts (default: every concept with pairs)")
+    p.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
+    p.add_argument("--out", help="output folder (default: vectors/<model>/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_derive)
+
+    for name, func, help_text in (
+        ("generate", cmd_generate, "generate replies, optionally steered"),
+        ("ab", cmd_ab, "steered and unsteered replies side by side"),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        _add_model(p)
+        src = p.add_mutually_exclusive_group(required=name == "generate")
+        src.add_argument("--prompt", help="one prompt")
+        src.add_argument("--prompts-file", help='JSONL file, one {"text": ...} per line')
+        if name == "generate":
+            p.add_argument("--concept", help="steer toward this concept")
+            p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+        else:
+            p.add_argument("--concept", required=True, help="concept(s), comma-separated")
+        p.add_argument("--alpha", type=float, default=6.0, help="strength per layer (default 6)")
+        _add_generation(p)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("export-gguf", help="write a concept as a llama.cpp/repeng GGUF control vector")
+    _add_model(p)
+    p.add_argument("--concept", required=True)
+    p.add_argument("--alpha", type=float, default=1.0, help="scale baked into the tensors (default 1: unit vectors)")
+    p.add_argument("--layers", help="comma-separated layers (default: the model's steering layers)")
+    p.add_argument("--out", required=True, help="output .gguf path")
+    p.set_defaults(func=cmd_export_gguf)
+
+    p = sub.add_parser("import-gguf", help="read a GGUF control vector into the store")
+    _add_model(p)
+    p.add_argument("--concept", required=True, help="name to store it under")
+    p.add_argument("--in", dest="input", required=True, help="input .gguf path")
+    p.add_argument("--force", action="store_true", help="import even if the model hint or fingerprint differs")
+    p.set_defaults(func=cmd_import_gguf)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    debug = bool(os.environ.get("STEER_DEBUG"))
+    try:
+        return args.func(args)
+    except SteeringError as exc:
+        if debug:
+            raise
+        # One line, whatever the message's own layout, so scripts can grep it.
+        message = "; ".join(part.strip() for part in str(exc).splitlines() if part.strip())
+        print(f"steer: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("steer: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place an unexpected error becomes a single line
+        if debug:
+            raise
+        print(f"steer: internal error: {type(exc).__name__}: {exc} (set STEER_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 70
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Domain errors of the steering core.
+
+Each kind says what went wrong in words a user can act on; callers (the CLI, later the
+gRPC servicers) map the kind to an exit code or a status code without parsing messages.
+"""
+
+
+class SteeringError(Exception):
+    """Base of every error the steering core raises on purpose."""
+
+
+class ConfigError(SteeringError):
+    """The registry or a setting is wrong (unknown model, bad field)."""
+
+
+class NotFoundError(SteeringError):
+    """A named model, concept or file does not exist."""
+
+
+class ModelLoadError(SteeringError):
+    """A model's weights or tokenizer could not be loaded."""
+
+
+class VectorError(SteeringError):
+    """A vector file is unusable: wrong model, corrupt, non-finite, incomplete."""

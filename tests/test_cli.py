@@ -1,0 +1,89 @@
+"""The `steer` command as a user runs it: help everywhere, one-line errors, JSON output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+STEER = str(Path(sys.executable).parent / "steer")
+COMMANDS = ("models", "prepare", "derive", "generate", "ab", "export-gguf", "import-gguf")
+
+
+def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([STEER, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("command", ("", *COMMANDS))
+def test_help(command: str) -> None:
+    res = run(*([command] if command else []), "--help")
+    assert res.returncode == 0
+    assert "usage: steer" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("generate", "--model", "nope", "--prompt", "hi"), "unknown model 'nope'"),
+        (("generate", "--prompts-file", "/nonexistent.jsonl"), "prompts file /nonexistent.jsonl does not exist"),
+        (("generate", "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens must be at least 1"),
+        (("generate", "--prompt", "hi", "--concept", "nonexistent"), "no such vector file"),
+        (("derive", "--concepts", "nonexistent"), "unknown concept 'nonexistent'"),
+        (("import-gguf", "--concept", "x", "--in", "/nonexistent.gguf"), "no such file"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(args: tuple[str, ...], message: str) -> None:
+    res = run(*args)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr
+    lines = [line for line in res.stderr.splitlines() if line.startswith("steer:")]
+    assert len(lines) == 1 and message in lines[0], res.stderr
+
+
+def test_bad_prompts_file_line(tmp_path: Path) -> None:
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"text": "ok"}\nnot json\n')
+    res = run("generate", "--prompts-file", str(f))
+    assert res.returncode == 1 and f"{f}:2: each line must be a JSON object" in res.stderr
+
+
+def test_models_lists_both_with_fingerprints() -> None:
+    res = run("models", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = {row["name"]: row for row in map(json.loads, res.stdout.splitlines())}
+    assert set(rows) >= {"smollm2-135m-instruct", "gemma3-270m"}
+    assert rows["smollm2-135m-instruct"]["default"] is True
+    assert len(rows["smollm2-135m-instruct"]["fingerprint"]) == 64
+    assert rows["smollm2-135m-instruct"]["vectors"] == 23
+
+
+def test_generate_json_one_object_per_prompt(tmp_path: Path) -> None:
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"text": "Say hello."}\n\n{"text": "Name a colour."}\n')
+    res = run("generate", "--prompts-file", str(f), "--concept", "happy", "--alpha", "4", "--max-new-tokens", "8", "--json")
+    assert res.returncode == 0, res.stderr
+    rows = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [r["prompt"] for r in rows] == ["Say hello.", "Name a colour."]
+    assert all(r["text"] and r["concept"] == "happy" and r["alpha"] == 4 for r in rows)
+
+
+def test_export_then_import_gguf(tmp_path: Path) -> None:
+    out = tmp_path / "happy.gguf"
+    res = run("export-gguf", "--concept", "happy", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    vectors = tmp_path / "vectors"
+    (vectors / "pairs").mkdir(parents=True)
+    env_run = subprocess.run(
+        [STEER, "import-gguf", "--concept", "happy_copy", "--in", str(out)],
+        capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "STEER_VECTORS_DIR": str(vectors)},
+    )
+    assert env_run.returncode == 0, env_run.stderr
+    from steering.store import read_vector
+
+    imported = read_vector(vectors / "smollm2-135m-instruct" / "happy_copy.safetensors")
+    original = read_vector(Path(__file__).parents[1] / "vectors" / "smollm2-135m-instruct" / "happy.safetensors")
+    assert imported.method == "gguf-import" and imported.fingerprint == original.fingerprint
+    for layer in imported.layers:
+        assert (imported.directions[layer] - original.directions[layer]).abs().max() < 1e-6

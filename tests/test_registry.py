@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from steering.errors import ConfigError, NotFoundError
+from steering.loading import default_band, fingerprint
+from steering.registry import load_registry
+
+
+def test_checked_in_registry(paths) -> None:
+    reg = load_registry(paths.registry)
+    assert reg.default == "smollm2-135m-instruct"
+    assert {"smollm2-135m-instruct", "gemma3-270m"} <= set(reg.models)
+    smol = reg.get(None)
+    assert smol.source.kind == "gguf-package" and smol.dtype == "float32"
+    assert reg.get("gemma3-270m").source.assemble is True
+
+
+def test_default_band_is_middle_to_late_third() -> None:
+    assert default_band(32) == tuple(range(13, 20))
+    assert default_band(30) == tuple(range(12, 19))
+    assert default_band(18) == tuple(range(7, 12))
+
+
+def test_unknown_model_names_the_known_ones(paths) -> None:
+    with pytest.raises(NotFoundError, match="registered models: .*smollm2-135m-instruct"):
+        load_registry(paths.registry).get("nope")
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('[models.m]\nsource = { kind = "ftp" }', "source.kind must be one of"),
+        ('[models.m]\nsource = { kind = "local" }', "needs path"),
+        ('[models.m]\nsource = { kind = "local", path = "x" }\ndtype = "int3"', "dtype 'int3'"),
+        ('[models.m]\nsource = { kind = "local", path = "x" }\nlayer_template = "model.layers"', "must contain"),
+        ('[models.m]\nsource = { kind = "local", path = "x" }\nlayers = []', "non-empty list"),
+        ('[models.m]\nsource = { kind = "local", path = "x" }\nflavour = 1', "unknown field"),
+        ("nonsense = = 1", "not valid TOML"),
+        ("", "lists no"),
+    ],
+)
+def test_bad_registry_says_what_to_fix(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=message):
+        load_registry(path)
+
+
+def test_fingerprint_covers_weights_dtype_and_quantisation(tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights-1")
+    base = '[models.m]\nsource = { kind = "local", path = "m" }\n'
+    (tmp_path / "models.toml").write_text(base)
+    fp = fingerprint(load_registry(tmp_path / "models.toml").get("m"))
+    (tmp_path / "models.toml").write_text(base + 'dtype = "bfloat16"\n')
+    fp_dtype = fingerprint(load_registry(tmp_path / "models.toml").get("m"))
+    (tmp_path / "models.toml").write_text(base + 'quantization = "int8-dynamic"\n')
+    fp_quant = fingerprint(load_registry(tmp_path / "models.toml").get("m"))
+    (model / "model.safetensors").write_bytes(b"weights-2")
+    (tmp_path / "models.toml").write_text(base)
+    fp_weights = fingerprint(load_registry(tmp_path / "models.toml").get("m"))
+    assert len({fp, fp_dtype, fp_quant, fp_weights}) == 4

@@ -1,0 +1,47 @@
+"""Steering really happens: an independent sentiment judge (VADER, a lexicon model that knows
+nothing of our vectors) scores happy-steered replies more positive and sad-steered replies
+more negative than unsteered replies to the same prompts, through the `steer` CLI."""
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+STEER = str(Path(sys.executable).parent / "steer")
+PROMPTS = Path(__file__).parent / "data" / "sentiment_prompts.jsonl"
+# The strengths README recommends for SmolLM2 (alpha per layer, layers 12-18).
+ALPHA = {"happy": "6", "sad": "8"}
+
+
+def _sentiment(*extra: str) -> list[float]:
+    res = subprocess.run(
+        [STEER, "generate", "--model", "smollm2-135m-instruct", "--prompts-file", str(PROMPTS),
+         "--max-new-tokens", "40", "--batch-size", "10", "--json", *extra],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert res.returncode == 0, res.stderr
+    judge = SentimentIntensityAnalyzer()
+    return [judge.polarity_scores(json.loads(line)["text"])["compound"] for line in res.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def unsteered() -> list[float]:
+    return _sentiment()
+
+
+def test_happy_is_clearly_more_positive(unsteered: list[float]) -> None:
+    happy = _sentiment("--concept", "happy", "--alpha", ALPHA["happy"])
+    print(f"VADER compound mean: unsteered {statistics.mean(unsteered):+.3f}, happy {statistics.mean(happy):+.3f}")
+    assert statistics.mean(happy) > statistics.mean(unsteered) + 0.2
+    assert sum(h > u for h, u in zip(happy, unsteered)) >= 6
+
+
+def test_sad_is_clearly_more_negative(unsteered: list[float]) -> None:
+    sad = _sentiment("--concept", "sad", "--alpha", ALPHA["sad"])
+    print(f"VADER compound mean: unsteered {statistics.mean(unsteered):+.3f}, sad {statistics.mean(sad):+.3f}")
+    assert statistics.mean(sad) < statistics.mean(unsteered) - 0.2
+    assert sum(s < u for s, u in zip(sad, unsteered)) >= 6
