@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: venv prepare demo test derive clean-cache
+.PHONY: venv prepare demo ab test derive validate stubs tools clean-cache
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,16 +22,35 @@ venv: $(VENV)/.installed
 prepare: venv
 	$(VENV)/bin/steer prepare
 
+# The Blip stack on this machine: tagger + CPU generator as local processes, a scripted conversation.
 demo: prepare
-	$(VENV)/bin/steer ab --model smollm2-135m-instruct --concept happy,sad --alpha 6 --max-new-tokens 48
+	$(PY) -m generator.demo
 
-test: venv
+# Steered and unsteered replies side by side, in process.
+ab: prepare
+	$(VENV)/bin/steer ab --model smollm2-135m-instruct --concept happy,sad --alpha 8 --max-new-tokens 48
+
+# docker-compose (Debian's package) only checks docker-compose.yml; install it where we may.
+tools:
+	@command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get install -y -qq docker-compose >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null 2>&1)); } || \
+		echo "docker-compose not installed: its test will be skipped"
+
+test: venv tools
 	$(PY) -m pytest
 
 # Re-derive every concept for every registered model (what is checked in under vectors/).
 derive: prepare
 	$(VENV)/bin/steer derive --model smollm2-135m-instruct
 	$(VENV)/bin/steer derive --model gemma3-270m
+
+validate: prepare
+	$(VENV)/bin/steer validate --model smollm2-135m-instruct
+	$(VENV)/bin/steer validate --model gemma3-270m
+
+# Regenerate the checked-in gRPC stubs from protos/.
+stubs: venv
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/steering/v1/*.proto
 
 clean-cache:
 	rm -rf .cache

@@ -98,26 +98,27 @@ def _check_alpha(alpha: float) -> float:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .loading import fingerprint
+    from .record import assess
     from .store import read_vector, stored_concepts
 
     reg = _registry()
     rows = []
     for name, entry in reg.models.items():
         try:
-            fp = fingerprint(entry)
+            fp, note = fingerprint(entry), ""
         except SteeringError as exc:
             fp, note = None, str(exc)
-        else:
-            note = ""
         model_dir = _paths().model_vectors(name)
         concepts = stored_concepts(model_dir)
-        matching = []
+        matching = {}
         for c in concepts:
             try:
-                if read_vector(model_dir / f"{c}.safetensors").fingerprint == fp:
-                    matching.append(c)
+                cv = read_vector(model_dir / f"{c}.safetensors")
             except VectorError:
-                pass
+                continue
+            if cv.fingerprint == fp:
+                matching[c] = cv
+        state = assess(name, model_dir, fp or "", matching)
         rows.append({
             "name": name,
             "default": name == reg.default,
@@ -128,6 +129,9 @@ def cmd_models(args: argparse.Namespace) -> int:
             "fingerprint": fp,
             "vectors": len(matching),
             "stale_vectors": len(concepts) - len(matching),
+            "steerable": state.steerable,
+            "state": state.reason,
+            "servable": state.servable,
             "note": note,
         })
     if args.json:
@@ -138,7 +142,10 @@ def cmd_models(args: argparse.Namespace) -> int:
         mark = "*" if row["default"] else " "
         fp = (row["fingerprint"] or "unavailable")[:16]
         stale = f" ({row['stale_vectors']} for another fingerprint)" if row["stale_vectors"] else ""
-        print(f"{mark} {row['name']:<24} {row['dtype']:<8} {row['device']:<5} fingerprint {fp}  vectors: {row['vectors']}{stale}")
+        steerable = f"steerable, {len(row['servable'])} servable" if row["steerable"] else f"NOT steerable: {row['state']}"
+        print(f"{mark} {row['name']:<24} {row['dtype']:<8} {row['device']:<5} fingerprint {fp}  vectors {row['vectors']}{stale}  {steerable}")
+        if row["servable"]:
+            print(f"    servable: {', '.join(row['servable'])}")
         if row["note"]:
             print(f"    {row['note']}")
     return 0
@@ -290,6 +297,98 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_vectors(loaded):
+    from .store import load_store, stored_concepts
+
+    model_dir = _paths().model_vectors(loaded.name)
+    return load_store(model_dir, stored_concepts(model_dir), fingerprint=loaded.fingerprint,
+                      hidden_size=loaded.hidden_size, layers=loaded.steering_layers)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .record import write_record
+    from .report import write_report
+    from .scoring import load_scorer
+    from .validate import SweepSettings, baseline, check_load, load_eval_prompts, model_record, run_model_checks, sweep_concept
+
+    paths = _paths()
+    entry = _registry().get(args.model)
+    start = time.perf_counter()
+    load, loaded = check_load(entry, paths.cache, args.device)
+    _print_check(load)
+    if loaded is None:
+        raise SteeringError(f"validation of {entry.name} stopped: the model did not load ({load.detail})")
+    vectors, refused = _model_vectors(loaded)
+    for concept, reason in refused.items():
+        print(f"  refused vector {concept}: {reason}", file=sys.stderr)
+    checks = [load, *run_model_checks(loaded, vectors, on_check=_print_check)]
+    names = args.concepts.split(",") if args.concepts else sorted(vectors)
+    unknown = [n for n in names if n not in vectors]
+    if unknown:
+        raise NotFoundError(f"no usable vector for {', '.join(unknown)} on {loaded.name}; run `steer derive`")
+    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(args.seeds)), batch_size=args.batch_size)
+    results: dict = {}
+    base = None
+    if all(c.passed for c in checks):
+        scorer = load_scorer(paths.eval)
+        with tqdm(total=len(names) + 1, unit="concept", desc=f"validate {loaded.name}", disable=args.quiet) as bar:
+            bar.set_postfix_str("unsteered baseline")
+            base = baseline(loaded, settings)
+            bar.update()
+            for name in names:
+                bar.set_postfix_str(name)
+                results[name] = sweep_concept(loaded, vectors[name], scorer, settings, base)
+                bar.update()
+    record = model_record(loaded, checks, results, settings, base, time.perf_counter() - start)
+    model_dir = paths.model_vectors(loaded.name)
+    path = write_record(model_dir, record)
+    report = write_report(model_dir, record)
+    for name, c in sorted(results.items()):
+        print(f"  {name:<12} {c['status']:<9} d={c['d']:+.2f}  recommended={c['recommended_alpha']}  max={c['max_alpha']}")
+    print(f"wrote {path} and {report} in {record['duration_s']:.0f}s")
+    if not all(c.passed for c in checks):
+        failed = next(c for c in checks if not c.passed)
+        raise SteeringError(f"{loaded.name} is not steerable: check {failed.name} failed ({failed.detail})")
+    if not args.no_plots:
+        _write_plots(loaded.name, record, vectors)
+    return 0
+
+
+def _print_check(check) -> None:
+    mark = "pass" if check.passed else "FAIL"
+    print(f"  check {check.name:<12} {mark}  {check.figure:g}  {check.detail}")
+
+
+def _write_plots(model: str, record: dict, vectors: dict) -> None:
+    from .pairs import load_concept
+    from .report import write_plots
+
+    paths = _paths()
+    concepts = {name: load_concept(paths.pairs, name) for name in vectors}
+    for path in write_plots(paths.model_vectors(model), record, vectors, concepts, record["layers"]):
+        print(f"wrote {path}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .record import record_path
+    from .report import write_report
+    from .store import read_vector, stored_concepts
+
+    paths = _paths()
+    name = _registry().get(args.model).name
+    model_dir = paths.model_vectors(name)
+    try:
+        record = json.loads(record_path(model_dir).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFoundError(f"{name} has no validation record; run `steer validate --model {name}`") from None
+    vectors = {c: read_vector(model_dir / f"{c}.safetensors") for c in stored_concepts(model_dir)}
+    print(f"wrote {write_report(model_dir, record)}")
+    _write_plots(name, record, vectors)
+    return 0
+
+
 # parser -------------------------------------------------------------------------------
 
 
@@ -344,6 +443,19 @@ def build_parser() -> argparse.ArgumentParser:
         _add_generation(p)
         p.set_defaults(func=func)
 
+    p = sub.add_parser("validate", help="run the four model checks and the per-concept effect-size gate")
+    _add_model(p)
+    p.add_argument("--concepts", help="comma-separated concepts (default: every stored vector)")
+    p.add_argument("--seeds", type=int, default=2, help="sampling seeds per evaluation prompt (default 2)")
+    p.add_argument("--batch-size", type=int, default=64, help="rows per generation batch (default 64)")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("report", help="rewrite the validation report and plots from the stored record")
+    p.add_argument("--model", help="registered model name (default: the registry's default)")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("export-gguf", help="write a concept as a llama.cpp/repeng GGUF control vector")
     _add_model(p)
     p.add_argument("--concept", required=True)
@@ -361,9 +473,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    args = build_parser().parse_args(argv)
+    args = (parser or build_parser()).parse_args(argv)
     debug = bool(os.environ.get("STEER_DEBUG"))
     try:
         return args.func(args)

@@ -66,7 +66,7 @@ def layer_activations(
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=not loaded.has_chat_template)
             enc = {k: v.to(loaded.device) for k, v in enc.items()}
             mask = enc["attention_mask"]  # [b, seq]
-            loaded.model(**enc, position_ids=position_ids(mask), use_cache=False)
+            loaded.model(**enc, position_ids=position_ids(mask), use_cache=False, logits_to_keep=1)
             # Real positions after each row's first real token.
             keep = mask.bool() & (position_ids(mask) > 0)  # [b, seq]
             for i in range(n_layers):

@@ -23,3 +23,27 @@ class ModelLoadError(SteeringError):
 
 class VectorError(SteeringError):
     """A vector file is unusable: wrong model, corrupt, non-finite, incomplete."""
+
+
+class InvalidArgument(SteeringError):
+    """A request field is out of range or malformed."""
+
+
+class PermissionDenied(SteeringError):
+    """The request asks for something this profile never serves (a blocked concept)."""
+
+
+class FailedPrecondition(SteeringError):
+    """The model or concept exists but has not earned steering (unvalidated, failed gate)."""
+
+
+class ResourceExhausted(SteeringError):
+    """The server is at capacity; retry later."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class Unavailable(SteeringError):
+    """A dependency (the tagger, a model) cannot be reached right now."""

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from .hooks import stack_rows, steer
 from .loading import LoadedModel
@@ -32,14 +33,33 @@ class Generation:
     text: str
     new_tokens: int
     seconds: float  # wall time of the whole batch this row was part of
+    prompt_ids: tuple[int, ...] = ()  # the rendered prompt's tokens, padding removed
+    token_ids: tuple[int, ...] = ()  # the reply's tokens, end-of-text included
 
 
 def render_prompt(loaded: LoadedModel, prompt: PromptLike) -> str:
+    """A chat ending in a user turn gets the assistant's generation prompt; one ending in an
+    assistant turn is continued from where it stops (an assistant prefill)."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    prefill = messages[-1]["role"] == "assistant"
     if loaded.has_chat_template:
-        return loaded.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return loaded.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=not prefill, continue_final_message=prefill
+        )
     turns = "\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
-    return f"{turns}\nAssistant:"
+    return turns if prefill else f"{turns}\nAssistant:"
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from `[rows, vocab]` logits."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = (logits.float() / temperature).softmax(-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0  # the first token always stays
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
@@ -49,7 +69,11 @@ def generate(
     rows: Sequence[Mapping[int, torch.Tensor] | None] | None = None,
     settings: GenerationSettings = GenerationSettings(),
 ) -> list[Generation]:
-    """Generate one reply per prompt; `rows[i]` is `{layer: addition}` for prompt i, or None."""
+    """Generate one reply per prompt; `rows[i]` is `{layer: addition}` for prompt i, or None.
+
+    A plain decode loop over a KV cache: rows that reach end-of-text leave the batch at
+    once, so a batch costs what its live rows cost.
+    """
     if not prompts:
         return []
     rows = list(rows) if rows is not None else [None] * len(prompts)
@@ -58,33 +82,47 @@ def generate(
     tok, model = loaded.tokenizer, loaded.model
     texts = [render_prompt(loaded, p) for p in prompts]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not loaded.has_chat_template)
-    enc = {k: v.to(loaded.device) for k, v in enc.items()}
+    ids, mask = enc["input_ids"].to(loaded.device), enc["attention_mask"].to(loaded.device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     deltas = stack_rows(rows, loaded.hidden_size, model.dtype, loaded.device)
-    sample = settings.temperature > 0
-    kwargs = dict(
-        max_new_tokens=settings.max_new_tokens,
-        do_sample=sample,
-        pad_token_id=tok.pad_token_id,
-    )
-    if sample:
-        kwargs.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
+    generator = None
     if settings.seed is not None:
-        torch.manual_seed(settings.seed)
+        generator = torch.Generator(device=loaded.device).manual_seed(settings.seed)
+    eos = torch.tensor(sorted(_eos_ids(loaded)) or [-1], device=loaded.device)
+    live = list(range(len(prompts)))  # batch position -> prompt index
+    replies: list[list[int]] = [[] for _ in prompts]
     start = time.perf_counter()
-    with steer(loaded.layers, deltas, steer_prompt=settings.steer_prompt):
-        out = model.generate(**enc, **kwargs)
+    cache = DynamicCache()
+    with steer(loaded.layers, deltas, steer_prompt=settings.steer_prompt) as active:
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        positions = positions[:, -1:]
+        for step in range(settings.max_new_tokens):
+            nxt = _sample(out.logits[:, -1], settings.temperature, settings.top_p, generator)  # [live]
+            done = torch.isin(nxt, eos)
+            for b, token in enumerate(nxt.tolist()):
+                replies[live[b]].append(token)
+            if step == settings.max_new_tokens - 1:
+                break
+            if done.any():  # finished rows leave the batch and its cache
+                keep = (~done).nonzero().squeeze(-1)
+                if keep.numel() == 0:
+                    break
+                cache.batch_select_indices(keep)
+                live = [live[i] for i in keep.tolist()]
+                nxt, mask, positions = nxt[keep], mask[keep], positions[keep]
+                active.deltas = {layer: d[keep] for layer, d in active.deltas.items()}
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            positions = positions + 1
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
     seconds = time.perf_counter() - start
-    new = out[:, enc["input_ids"].shape[1] :]
+    eos_set = set(eos.tolist())
     results = []
-    eos = set(_eos_ids(loaded))
-    for row in new.tolist():
-        n = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        text = tok.decode(row[:n], skip_special_tokens=True)
+    for i, reply in enumerate(replies):
+        prompt_ids = tuple(t for t, m in zip(enc["input_ids"][i].tolist(), enc["attention_mask"][i].tolist()) if m)
+        text = tok.decode([t for t in reply if t not in eos_set], skip_special_tokens=True)
         if not loaded.has_chat_template:
             text = text.split(_BASE_STOP)[0]
-        results.append(Generation(text=text.strip(), new_tokens=n, seconds=seconds))
+        results.append(Generation(text.strip(), len(reply), seconds, prompt_ids, tuple(reply)))
     return results
 
 

@@ -24,6 +24,10 @@ class Paths:
     def pairs(self) -> Path:
         return self.vectors / "pairs"
 
+    @property
+    def eval(self) -> Path:
+        return self.vectors / "eval"
+
     def model_vectors(self, model_name: str) -> Path:
         return self.vectors / model_name
 

@@ -1,0 +1,1 @@
+"""The generator service: steered, streaming generation over gRPC."""

@@ -1,0 +1,65 @@
+"""What a generation stream carries, as plain data; the servicer turns these into protobuf."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Started:
+    model: str
+    concept: str  # "" when unsteered
+    alpha: float
+    layers: tuple[int, ...]
+    prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Gate:
+    decision: str  # steer, skip, disabled, no_steering
+    token: str = ""
+    probability: float = 0.0
+    top3: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KlSample:
+    token_index: int
+    kl: float
+    running_mean: float
+    alpha: float
+
+
+@dataclass(frozen=True)
+class Reinjection:
+    token_index: int
+    running_mean: float
+    alpha_before: float
+    alpha_after: float
+
+
+@dataclass(frozen=True)
+class Notice:
+    message: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # length, stop_sequence, end_of_text, cancelled, deadline
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    time_to_first_token_ms: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    """The job raised; the servicer re-raises it so the interceptor picks the status."""
+
+    error: Exception
+
+
+Event = Started | TextDelta | Gate | KlSample | Reinjection | Notice | Finished | Failed

@@ -1,0 +1,141 @@
+"""Run the generator service: `python -m generator.server --help`."""
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+from protos.steering.v1 import generator_pb2, generator_pb2_grpc
+from serving.server import RunningServer, ServerSettings, start_server
+from steering.loading import load_model
+from steering.profiles import Profile
+from steering.registry import load_registry
+from steering.settings import paths_from_env
+
+from .policy import DEFAULT_POLICY, load_policy
+from .service import GeneratorService, open_slot
+from .servicer import GeneratorServicer
+from .tagger_client import TaggerClient
+
+log = logging.getLogger(__name__)
+SERVICE = generator_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+
+
+@dataclass(frozen=True)
+class GeneratorConfig:
+    models: tuple[str, ...] = ()  # empty = the registry's default
+    profile: Profile = Profile.BLIP
+    policy: Path = DEFAULT_POLICY
+    tagger: str | None = None  # address of the tagger service
+    tagger_token: str | None = None
+    fail_fast: bool = False  # Chat fails when the tagger is down instead of replying unsteered
+    device: str | None = None
+    max_queue: int = 16
+
+
+@dataclass
+class RunningGenerator:
+    server: RunningServer
+    service: GeneratorService
+    tagger: TaggerClient | None
+    owns_service: bool = True  # tests share one loaded service across servers
+
+    async def stop(self) -> None:
+        await self.server.stop()
+        if self.owns_service:
+            for slot in self.service.slots.values():
+                await asyncio.to_thread(slot.engine.close)
+        if self.tagger:
+            await self.tagger.close()
+
+
+def build_service(config: GeneratorConfig) -> GeneratorService:
+    paths = paths_from_env()
+    registry = load_registry(paths.registry)
+    policy = load_policy(config.policy, config.profile)  # a blocked concept in the policy stops start-up here
+    names = config.models or (registry.default,)
+    slots = {}
+    for name in names:
+        loaded = load_model(registry.get(name), paths.cache, device=config.device)
+        slots[loaded.name] = open_slot(loaded, config.profile, paths.vectors, paths.pairs, config.max_queue)
+        log.info("model %s: %s; servable: %s", loaded.name, slots[loaded.name].steerability.reason,
+                 ", ".join(slots[loaded.name].steerability.servable) or "none")
+    return GeneratorService(slots, names[0] if config.models else registry.default, config.profile, policy)
+
+
+async def serve(settings: ServerSettings, config: GeneratorConfig, service: GeneratorService | None = None) -> RunningGenerator:
+    """Start the server (health NOT_SERVING), load models and vectors, then say SERVING."""
+    owns = service is None
+    servicer = GeneratorServicer()
+    running = await start_server(settings, lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(servicer, s), [SERVICE])
+    if service is None:
+        try:
+            service = await asyncio.to_thread(build_service, config)
+        except BaseException:
+            await running.stop()
+            raise
+    tagger = TaggerClient(config.tagger, token=config.tagger_token) if config.tagger else None
+    servicer.attach(service, tagger, config.fail_fast)
+    await running.set_serving(True)
+    return RunningGenerator(running, service, tagger, owns)
+
+
+def _parse(argv: list[str] | None) -> tuple[ServerSettings, GeneratorConfig, str]:
+    p = argparse.ArgumentParser(prog="generator", description="Steered streaming generation over gRPC.")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    p.add_argument("--port", type=int, default=50052)
+    p.add_argument("--models", help="comma-separated registered models (default: the registry's default)")
+    p.add_argument("--profile", choices=[x.value for x in Profile], default=Profile.BLIP.value)
+    p.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="tag -> concept policy file")
+    p.add_argument("--tagger", help="tagger address, e.g. 127.0.0.1:50051")
+    p.add_argument("--tagger-fail-fast", action="store_true", help="fail Chat when the tagger is down")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the registry's)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the running one")
+    p.add_argument("--tls-cert", type=Path)
+    p.add_argument("--tls-key", type=Path)
+    p.add_argument("--token-env", help="environment variable holding the shared token (never on the command line)")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    token = os.environ.get(a.token_env) if a.token_env else None
+    if a.token_env and not token:
+        p.error(f"environment variable {a.token_env} is empty")
+    settings = ServerSettings(host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, token=token)
+    config = GeneratorConfig(
+        models=tuple(m for m in (a.models or "").split(",") if m), profile=Profile(a.profile), policy=a.policy,
+        tagger=a.tagger, tagger_token=token, fail_fast=a.tagger_fail_fast, device=a.device, max_queue=a.max_queue,
+    )
+    return settings, config, a.log_level
+
+
+async def _main(settings: ServerSettings, config: GeneratorConfig) -> None:
+    running = await serve(settings, config)
+    print(f"generator serving on {settings.host}:{running.server.port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings, config, level = _parse(argv)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(_main(settings, config))
+    except Exception as exc:  # start-up errors are one line, not a traceback
+        from steering.errors import SteeringError
+
+        if not isinstance(exc, (SteeringError, OSError, ValueError)):
+            raise
+        print(f"generator: error: {exc}", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""The generator's domain side: which models and vectors it serves, how a request becomes a
+job, and the bridge from the engine thread to an async stream. No gRPC here: the servicer
+converts protobuf to these calls and back."""
+
+import asyncio
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from steering.errors import FailedPrecondition, InvalidArgument, NotFoundError, Unavailable
+from steering.gate import DEFAULT_THRESHOLD, concept_token_ids
+from steering.generate import render_prompt
+from steering.loading import LoadedModel
+from steering.pairs import load_concept
+from steering.profiles import Profile, check_concept_name, load_profile_vectors
+from steering.record import ConceptState, Steerability, assess
+from steering.vector import ConceptVector
+
+from .engine import Engine, GateConfig, Job, KlConfig, Sampling, Steering
+from .events import Event, Failed, Finished, Notice, TextDelta
+from .policy import Policy
+
+ROLES = ("system", "user", "assistant")
+MAX_PROMPT_CHARS = 8000
+MAX_MESSAGES = 64
+MAX_TOKENS_LIMIT = 512
+DEFAULT_MAX_TOKENS = 128
+MAX_STOP = 4
+MAX_STOP_CHARS = 64
+HISTORY_TURNS = 6  # earlier messages a Chat reply sees
+
+
+@dataclass
+class ModelSlot:
+    """One loaded model with what this profile may serve from it."""
+
+    loaded: LoadedModel
+    engine: Engine
+    vectors: dict[str, ConceptVector]
+    refused: dict[str, str]
+    steerability: Steerability
+    pairs_dir: Path
+    words: dict[str, frozenset[int]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def concept_words(self, concept: str) -> frozenset[int]:
+        with self.lock:  # computed once per concept, on first use
+            if concept not in self.words:
+                words = load_concept(self.pairs_dir, concept).words
+                self.words[concept] = concept_token_ids(self.loaded, self.vectors[concept], words)
+            return self.words[concept]
+
+
+def open_slot(loaded: LoadedModel, profile: Profile, vectors_dir: Path, pairs_dir: Path, max_queue: int) -> ModelSlot:
+    model_dir = vectors_dir / loaded.name
+    vectors, refused = load_profile_vectors(
+        profile, model_dir, fingerprint=loaded.fingerprint, hidden_size=loaded.hidden_size, layers=loaded.steering_layers
+    )
+    steerability = assess(loaded.name, model_dir, loaded.fingerprint, vectors)
+    return ModelSlot(loaded, Engine(loaded, max_queue), vectors, refused, steerability, pairs_dir)
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    model: str = ""
+    prompt: str | None = None
+    messages: tuple[tuple[str, str], ...] | None = None  # (role, content)
+    concept: str | None = None
+    tag: str | None = None
+    alpha: float | None = None
+    sampling: Sampling = Sampling()
+    max_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    gate: GateConfig = GateConfig()
+    kl: KlConfig = KlConfig()
+
+
+@dataclass(frozen=True)
+class TagResult:
+    label: str
+    confidence: float
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ChatTag:
+    tag: TagResult
+
+
+@dataclass(frozen=True)
+class ChatConcept:
+    concept: str  # "" = no steering
+
+
+def _finite(name: str, value: float, low: float, high: float) -> float:
+    if not math.isfinite(value) or not low <= value <= high:
+        raise InvalidArgument(f"{name} must be a number between {low:g} and {high:g}, got {value!r}")
+    return value
+
+
+class GeneratorService:
+    def __init__(self, slots: dict[str, ModelSlot], default: str, profile: Profile, policy: Policy) -> None:
+        self.slots = slots
+        self.default = default
+        self.profile = profile
+        self.policy = policy
+
+    def slot(self, name: str) -> ModelSlot:
+        name = name or self.default
+        if name not in self.slots:
+            raise NotFoundError(f"model {name!r} is not served here; served: {', '.join(sorted(self.slots))}")
+        return self.slots[name]
+
+    # request -> job ----------------------------------------------------------------
+
+    def _prompt_ids(self, slot: ModelSlot, spec: GenerateSpec) -> list[int]:
+        if (spec.prompt is None) == (spec.messages is None):
+            raise InvalidArgument("send either a prompt or chat messages")
+        if spec.prompt is not None:
+            if not spec.prompt.strip():
+                raise InvalidArgument("prompt is empty")
+            if len(spec.prompt) > MAX_PROMPT_CHARS:
+                raise InvalidArgument(f"prompt is {len(spec.prompt)} characters; the limit is {MAX_PROMPT_CHARS}")
+            rendered = render_prompt(slot.loaded, spec.prompt)
+        else:
+            msgs = spec.messages or ()
+            if not msgs:
+                raise InvalidArgument("messages is empty: send at least one user message")
+            if len(msgs) > MAX_MESSAGES:
+                raise InvalidArgument(f"{len(msgs)} messages; the limit is {MAX_MESSAGES}")
+            bad = [role for role, _ in msgs if role not in ROLES]
+            if bad:
+                raise InvalidArgument(f"unknown message role {bad[0]!r}; roles are {', '.join(ROLES)}")
+            if sum(len(c) for _, c in msgs) > MAX_PROMPT_CHARS:
+                raise InvalidArgument(f"messages are longer than {MAX_PROMPT_CHARS} characters in all")
+            if not any(c.strip() for role, c in msgs if role == "user"):
+                raise InvalidArgument("messages hold no user text")
+            rendered = render_prompt(slot.loaded, [{"role": r, "content": c} for r, c in msgs])
+        ids = slot.loaded.tokenizer(rendered, add_special_tokens=not slot.loaded.has_chat_template)["input_ids"]
+        return list(ids)
+
+    def _concept(self, spec: GenerateSpec) -> str | None:
+        if spec.concept and spec.tag:
+            raise InvalidArgument("send a concept or a tag, not both")
+        if spec.tag:
+            if spec.tag not in self.policy.concepts:
+                raise InvalidArgument(f"unknown tag {spec.tag!r}")
+            return self.policy.concept_for(spec.tag)
+        if spec.concept:
+            return check_concept_name(spec.concept, self.profile)
+        return None
+
+    def concept_state(self, slot: ModelSlot, concept: str) -> ConceptState:
+        if not slot.steerability.steerable:
+            raise FailedPrecondition(f"model {slot.loaded.name!r} is not steerable: {slot.steerability.reason}")
+        if concept in slot.refused:
+            raise FailedPrecondition(f"concept {concept!r} is refused on {slot.loaded.name}: {slot.refused[concept]}")
+        state = slot.steerability.concepts.get(concept)
+        if state is None:
+            raise NotFoundError(f"no vector for concept {concept!r} on {slot.loaded.name}")
+        if not state.servable:
+            raise FailedPrecondition(f"concept {concept!r} is not servable on {slot.loaded.name}: {state.reason}")
+        return state
+
+    def _steering(self, slot: ModelSlot, concept: str, alpha: float | None) -> Steering:
+        state = self.concept_state(slot, concept)
+        max_alpha = float(state.max_alpha)
+        if alpha is None:
+            alpha = float(state.recommended_alpha)
+        _finite("alpha", alpha, -math.inf, math.inf)
+        if abs(alpha) > max_alpha:
+            raise InvalidArgument(f"alpha {alpha:g} is beyond concept {concept!r}'s validated max_alpha {max_alpha:g}")
+        cv = slot.vectors[concept]
+        layers = slot.loaded.steering_layers
+        return Steering(concept, {layer: cv.directions[layer] for layer in layers}, alpha, max_alpha, slot.concept_words(concept))
+
+    def build_job(self, spec: GenerateSpec, emit: Callable[[Event], None], deadline: float | None) -> tuple[ModelSlot, Job]:
+        slot = self.slot(spec.model)
+        s = spec.sampling
+        sampling = Sampling(_finite("temperature", s.temperature, 0, 5), _finite("top_p", s.top_p or 1.0, 1e-6, 1), s.seed)
+        max_tokens = spec.max_tokens or DEFAULT_MAX_TOKENS
+        if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
+            raise InvalidArgument(f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}")
+        if len(spec.stop) > MAX_STOP or any(not x or len(x) > MAX_STOP_CHARS for x in spec.stop):
+            raise InvalidArgument(f"at most {MAX_STOP} stop sequences of 1 to {MAX_STOP_CHARS} characters")
+        gate = GateConfig(spec.gate.enabled, _finite("gate threshold", spec.gate.threshold or DEFAULT_THRESHOLD, 0, 1))
+        kl = spec.kl
+        if kl.enabled:
+            _finite("kl window", kl.window, 1, 256)
+            _finite("kl threshold", kl.threshold, 0, 1e6)
+            _finite("kl alpha_step", kl.alpha_step, 0, 1e6)
+            _finite("kl every", kl.every, 1, 1024)
+        prompt_ids = self._prompt_ids(slot, spec)
+        limit = getattr(slot.loaded.model.config.get_text_config(), "max_position_embeddings", None) or 8192
+        if len(prompt_ids) + max_tokens > limit:
+            raise InvalidArgument(f"prompt ({len(prompt_ids)} tokens) plus max_tokens exceeds the model's {limit}")
+        concept = self._concept(spec)
+        steering = self._steering(slot, concept, spec.alpha) if concept else None
+        job = Job(prompt_ids, emit, steering, sampling, max_tokens, spec.stop, gate, kl, deadline=deadline)
+        return slot, job
+
+    # streaming -----------------------------------------------------------------------
+
+    async def stream(self, spec: GenerateSpec, timeout_s: float | None = None) -> AsyncIterator[Event]:
+        """Run a request on its model's engine; closing the iterator cancels the job."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        deadline = time.monotonic() + timeout_s if timeout_s is not None else None
+        slot, job = self.build_job(spec, emit, deadline)
+        slot.engine.submit(job)
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, Failed):
+                    raise event.error
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            job.cancelled.set()  # a client that went away stops the job within one token
+
+    async def chat(
+        self,
+        turns: AsyncIterator[tuple[str, GenerateSpec]],
+        tag: Callable[[str, list[str]], Awaitable[TagResult]],
+        fail_fast: bool = False,
+    ) -> AsyncIterator[ChatTag | ChatConcept | Event]:
+        """A Blip conversation: tag each child turn, pick the concept, stream the reply.
+        `turns` yields (child text, base spec for its reply); history lives in this call."""
+        history: list[tuple[str, str]] = []
+        child_turns: list[str] = []
+        async for text, base in turns:
+            if not text.strip():
+                raise InvalidArgument("turn text is empty: send the child's words")
+            concept: str | None = None
+            notice = ""
+            try:
+                result = await tag(text, child_turns[-3:])
+                yield ChatTag(result)
+                concept = self.policy.concept_for(result.label)
+            except Unavailable as exc:
+                if fail_fast:
+                    raise
+                notice = f"tagger unavailable ({exc}): replying without steering"
+            if concept:
+                try:
+                    self.concept_state(self.slot(base.model), concept)
+                except FailedPrecondition as exc:
+                    notice, concept = f"replying without steering: {exc}", None
+            yield ChatConcept(concept or "")
+            if notice:
+                yield Notice(notice)
+            messages = [("system", self.policy.system_prompt)] if self.policy.system_prompt else []
+            messages += history[-HISTORY_TURNS:] + [("user", text)]
+            spec = GenerateSpec(
+                model=base.model, messages=tuple(messages), concept=concept, sampling=base.sampling,
+                max_tokens=base.max_tokens, stop=base.stop, gate=base.gate, kl=base.kl,
+            )
+            reply = []
+            async for event in self.stream(spec):
+                if isinstance(event, TextDelta):
+                    reply.append(event.text)
+                yield event
+            history += [("user", text), ("assistant", "".join(reply))]
+            child_turns.append(text)

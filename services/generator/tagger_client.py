@@ -1,0 +1,30 @@
+"""The generator's client for the tagger service: short deadline, fails fast when it is down."""
+
+import grpc
+
+from protos.steering.v1 import tagger_pb2, tagger_pb2_grpc
+from steering.errors import Unavailable
+
+from .service import TagResult
+
+_NAMES = {v: n.removeprefix("EMOTION_").lower() for n, v in tagger_pb2.Emotion.items()}
+
+
+class TaggerClient:
+    def __init__(self, address: str, timeout_s: float = 2.0, token: str | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
+        self._channel = grpc.aio.secure_channel(address, credentials) if credentials else grpc.aio.insecure_channel(address)
+        self._stub = tagger_pb2_grpc.TaggerStub(self._channel)
+        self._timeout = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    async def tag(self, text: str, context: list[str]) -> TagResult:
+        try:
+            resp = await self._stub.Tag(tagger_pb2.TagRequest(text=text, context=context), timeout=self._timeout,
+                                        metadata=self._metadata)
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"tagger: {exc.code().name}: {exc.details()}") from None
+        return TagResult(_NAMES[resp.label], resp.confidence, {_NAMES[s.label]: s.score for s in resp.scores})
+
+    async def close(self) -> None:
+        await self._channel.close()

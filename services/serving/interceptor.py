@@ -1,0 +1,138 @@
+"""One interceptor for every service: authentication, then domain errors -> status codes.
+
+Domain errors (steering.errors) carry their meaning in their type; this is the only
+place that turns them into gRPC codes. Anything else is a bug: the client gets INTERNAL
+with a generic message and the details go to the log, never to the wire.
+"""
+
+import asyncio
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from steering.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelLoadError,
+    NotFoundError,
+    PermissionDenied,
+    ResourceExhausted,
+    SteeringError,
+    Unavailable,
+    VectorError,
+)
+
+log = logging.getLogger(__name__)
+
+# Most specific first: the first matching type wins.
+_CODES: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (VectorError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (ModelLoadError, grpc.StatusCode.UNAVAILABLE),
+    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+# Health checks stay open so that probes without the token still work; they reveal nothing.
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+
+
+def status_for(exc: Exception) -> grpc.StatusCode:
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+    code = status_for(exc)
+    if code is grpc.StatusCode.INTERNAL:
+        log.exception("internal error in %s", method)
+        message = "internal error; the server log has the details"
+    else:
+        message = str(exc)
+        if isinstance(exc, ResourceExhausted):
+            context.set_trailing_metadata((("retry-after-ms", str(int(exc.retry_after_s * 1000))),))
+    await context.abort(code, message)
+
+
+def _passthrough(exc: BaseException) -> bool:
+    # An abort already carries its status; a cancellation must stay a cancellation.
+    return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)) or not isinstance(exc, Exception)
+
+
+def _wrap_unary(fn: Callable, method: str) -> Callable:
+    async def wrapper(request, context):
+        try:
+            return await fn(request, context)
+        except BaseException as exc:
+            if _passthrough(exc):
+                raise
+            await _abort(context, exc, method)
+
+    return wrapper
+
+
+def _wrap_streaming(fn: Callable, method: str) -> Callable:
+    async def wrapper(request, context):
+        try:
+            async for item in fn(request, context):
+                yield item
+        except BaseException as exc:
+            if _passthrough(exc):
+                raise
+            await _abort(context, exc, method)
+
+    return wrapper
+
+
+def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    async def deny_unary(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_stream(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler.unary_unary or handler.stream_unary:
+        key = "unary_unary" if handler.unary_unary else "stream_unary"
+        return handler._replace(**{key: deny_unary})
+    key = "unary_stream" if handler.unary_stream else "stream_stream"
+    return handler._replace(**{key: deny_stream})
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, token: str | None = None) -> None:
+        self._token = token
+
+    def _authorised(self, details: grpc.HandlerCallDetails) -> bool:
+        if not self._token or details.method.startswith(_OPEN_PREFIXES):
+            return True
+        metadata = dict(details.invocation_metadata or ())
+        given = metadata.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {self._token}".encode())
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        if not self._authorised(details):
+            return _denied(handler, "missing or wrong token: send metadata 'authorization: Bearer <token>'")
+        method = details.method
+        if handler.unary_unary:
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
+        if handler.stream_unary:
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, method))
+        if handler.unary_stream:
+            return handler._replace(unary_stream=_wrap_streaming(handler.unary_stream, method))
+        return handler._replace(stream_stream=_wrap_streaming(handler.stream_stream, method))

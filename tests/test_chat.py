@@ -1,0 +1,90 @@
+"""Chat end to end: the real tagger service and the real generator, both in process."""
+
+import asyncio
+import logging
+
+import grpc
+import pytest
+
+from generator.server import GeneratorConfig, build_service, serve
+from protos.steering.v1 import generator_pb2 as pb
+from protos.steering.v1 import generator_pb2_grpc, tagger_pb2
+from serving.server import ServerSettings
+from steering.profiles import Profile
+from tagger.server import serve as serve_tagger
+
+
+@pytest.fixture(scope="module")
+def service():
+    svc = build_service(GeneratorConfig(profile=Profile.BLIP))
+    yield svc
+    for slot in svc.slots.values():
+        slot.engine.close()
+
+
+async def _chat(service, turns: list[str], tagger_address: str | None, fail_fast: bool = False) -> list[pb.ChatEvent]:
+    config = GeneratorConfig(tagger=tagger_address, fail_fast=fail_fast)
+    running = await serve(ServerSettings(), config, service=service)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.server.port}") as channel:
+            call = generator_pb2_grpc.GeneratorStub(channel).Chat(timeout=120)
+            events = []
+            for text in turns:
+                await call.write(pb.ChatTurn(text=text, max_tokens=12))
+                while True:
+                    event = await call.read()
+                    events.append(event)
+                    if event.WhichOneof("event") == "reply" and event.reply.WhichOneof("event") == "finished":
+                        break
+            await call.done_writing()
+            return events
+    finally:
+        await running.stop()
+
+
+def test_chat_tags_each_turn_and_steers_by_policy(service, caplog) -> None:
+    secret = "My hamster Biscuit is sleeping in his little house"
+    turns = ["We are going to the beach tomorrow and I can't wait!!!", f"{secret}. It's so quiet and cosy."]
+
+    async def body():
+        tagger = await serve_tagger(ServerSettings())
+        try:
+            return await _chat(service, turns, f"127.0.0.1:{tagger.port}")
+        finally:
+            await tagger.stop()
+
+    with caplog.at_level(logging.INFO):
+        events = asyncio.run(body())
+    kinds = [e.WhichOneof("event") for e in events]
+    # Per turn: the tag, the concept, then the reply's stream ending in finished.
+    assert kinds[0] == "tag" and kinds[1] == "concept" and events[2].reply.WhichOneof("event") == "started"
+    tags = [e.tag for e in events if e.WhichOneof("event") == "tag"]
+    concepts = [e.concept for e in events if e.WhichOneof("event") == "concept"]
+    assert len(tags) == 2 and len(concepts) == 2
+    labels = [tagger_pb2.Emotion.Name(t.label).removeprefix("EMOTION_").lower() for t in tags]
+    assert labels[0] in ("excited", "happy")
+    assert concepts == [service.policy.concept_for(label) or "" for label in labels]
+    starts = [e.reply.started for e in events if e.WhichOneof("event") == "reply" and e.reply.WhichOneof("event") == "started"]
+    assert [s.concept for s in starts] == concepts
+    # The child's words are not in the INFO log.
+    assert secret not in caplog.text and "beach" not in caplog.text
+
+
+def test_tagger_down_replies_unsteered_and_says_so(service) -> None:
+    events = asyncio.run(_chat(service, ["I got a gold star today!"], "127.0.0.1:1"))
+    assert events[0].WhichOneof("event") == "concept" and events[0].concept == ""
+    notices = [e.reply.notice.message for e in events if e.WhichOneof("event") == "reply" and e.reply.WhichOneof("event") == "notice"]
+    assert notices and "tagger unavailable" in notices[0]
+    assert events[-1].reply.finished.completion_tokens > 0
+
+
+def test_tagger_down_fails_fast_when_configured(service) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(_chat(service, ["hello"], "127.0.0.1:1", fail_fast=True))
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "tagger" in info.value.details()
+
+
+def test_empty_turn_is_invalid(service) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(_chat(service, ["   "], "127.0.0.1:1"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT

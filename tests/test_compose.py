@@ -1,0 +1,42 @@
+"""docker-compose.yml is valid and describes the stack we promise (no Docker engine runs here)."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(*profiles: str) -> dict:
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose (Debian package) is not installed; `make test` installs it when run as root")
+    args = [compose, *(f"--profile={p}" for p in profiles), "config"]
+    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    import yaml
+
+    return yaml.safe_load(res.stdout)
+
+
+def test_compose_file_is_valid_and_complete() -> None:
+    cfg = _config("gpu", "cpu")
+    services = cfg["services"]
+    assert {"tagger", "generator-gpu0", "generator-gpu1", "generator-cpu"} <= set(services)
+    for name in ("generator-gpu0", "generator-gpu1"):
+        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["device_ids"] == [name[-1]]
+    for name, svc in services.items():
+        assert "serving.healthcheck" in " ".join(svc["healthcheck"]["test"]), name
+        for port in svc.get("ports", []):
+            assert str(port.get("host_ip", port)).startswith("127.0.0.1"), f"{name} publishes beyond loopback"
+    gen = services["generator-cpu"]
+    assert any("/app/vectors" in str(v) for v in gen["volumes"]) and any("/cache" in str(v) for v in gen["volumes"])
+    assert "model-cache" in cfg["volumes"]
+
+
+def test_default_profile_is_just_the_tagger() -> None:
+    assert set(_config()["services"]) == {"tagger"}

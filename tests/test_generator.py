@@ -1,0 +1,228 @@
+"""The generator service over real gRPC, in process on port 0, against the real SmolLM2."""
+
+import asyncio
+import math
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from generator.server import GeneratorConfig, build_service
+from protos.steering.v1 import generator_pb2 as pb
+from protos.steering.v1 import generator_pb2_grpc
+from steering.profiles import Profile
+from grpc_helpers import collect, run, with_generator
+
+BLOCKED = ("hostile", "mean", "angry", "dominant", "anxious", "urgency")
+
+
+@pytest.fixture(scope="module")
+def service():
+    svc = build_service(GeneratorConfig(profile=Profile.BLIP, max_queue=2))
+    yield svc
+    for slot in svc.slots.values():
+        slot.engine.close()
+
+
+def _no_hooks(service) -> bool:
+    layers = next(iter(service.slots.values())).loaded.layers
+    return all(not layers[i]._forward_hooks for i in range(len(layers)))
+
+
+def _generate(service, request: pb.GenerateRequest, timeout: float | None = 120):
+    async def body(channel, _):
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        return await collect(stub.Generate(request, timeout=timeout))
+
+    return run(with_generator(service, body))
+
+
+def _code(service, request: pb.GenerateRequest) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        _generate(service, request)
+    return info.value.code(), info.value.details()
+
+
+def test_stream_order_and_final_event(service) -> None:
+    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy", max_tokens=16))
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[0] == "started" and kinds[1] == "gate" and kinds[-1] == "finished"
+    assert set(kinds[2:-1]) <= {"text"} and "text" in kinds
+    started, finished = events[0].started, events[-1].finished
+    assert started.concept == "happy" and list(started.layers) == list(range(12, 19))
+    assert started.alpha > 0  # the validated recommended alpha
+    assert finished.reason in (pb.STOP_REASON_LENGTH, pb.STOP_REASON_END_OF_TEXT)
+    assert finished.completion_tokens <= 16 and finished.prompt_tokens == started.prompt_tokens
+    text = "".join(e.text for e in events if e.WhichOneof("event") == "text")
+    assert text.strip()
+    assert _no_hooks(service)
+
+
+def test_greedy_stream_matches_in_process_generation(service) -> None:
+    """The engine's stream is the same text as the core's batched generate for greedy decoding."""
+    from steering.generate import GenerationSettings, generate
+
+    slot = next(iter(service.slots.values()))
+    cv = slot.vectors["happy"]
+    alpha = slot.steerability.concepts["happy"].recommended_alpha
+    events = _generate(service, pb.GenerateRequest(prompt="What is your favourite game?", concept="happy",
+                                                   alpha=alpha, max_tokens=20, gate=pb.GateSettings(disabled=True)))
+    streamed = "".join(e.text for e in events if e.WhichOneof("event") == "text").strip()
+    ref = generate(slot.loaded, ["What is your favourite game?"], [cv.additions(alpha, slot.loaded.steering_layers)],
+                   GenerationSettings(max_new_tokens=20))[0].text
+    assert streamed == ref
+
+
+@pytest.mark.parametrize(
+    "request_, code, words",
+    [
+        (pb.GenerateRequest(model="nope", prompt="hi"), grpc.StatusCode.NOT_FOUND, "not served here"),
+        (pb.GenerateRequest(prompt="   "), grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
+        (pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "either a prompt or chat messages"),
+        (pb.GenerateRequest(prompt="x" * 9000), grpc.StatusCode.INVALID_ARGUMENT, "limit is 8000"),
+        (pb.GenerateRequest(prompt="hi", concept="happy", alpha=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "alpha"),
+        (pb.GenerateRequest(prompt="hi", concept="happy", alpha=1e6), grpc.StatusCode.INVALID_ARGUMENT, "max_alpha"),
+        (pb.GenerateRequest(prompt="hi", max_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+        (pb.GenerateRequest(prompt="hi", sampling=pb.Sampling(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+        (pb.GenerateRequest(messages=pb.Conversation(messages=[pb.ChatMessage(role="wizard", content="hi")])),
+         grpc.StatusCode.INVALID_ARGUMENT, "unknown message role"),
+        (pb.GenerateRequest(prompt="hi", concept="Happy"), grpc.StatusCode.INVALID_ARGUMENT, "plain lower-case"),
+        (pb.GenerateRequest(prompt="hi", concept="../hostile"), grpc.StatusCode.INVALID_ARGUMENT, "plain lower-case"),
+        (pb.GenerateRequest(prompt="hi", concept="nonexistent"), grpc.StatusCode.PERMISSION_DENIED, "Blip profile"),
+    ],
+)
+def test_bad_requests_get_clear_status_codes(service, request_, code, words) -> None:
+    got, details = _code(service, request_)
+    assert got == code and words in details, details
+
+
+@pytest.mark.parametrize("concept", BLOCKED)
+def test_blocked_concepts_are_permission_denied(service, concept) -> None:
+    got, details = _code(service, pb.GenerateRequest(prompt="hi", concept=concept, alpha=-2.0))
+    assert got == grpc.StatusCode.PERMISSION_DENIED and "not allowed in the Blip profile" in details
+    # ...and their files were never loaded into the service.
+    assert all(concept not in slot.vectors and concept not in slot.refused for slot in service.slots.values())
+
+
+def test_tag_is_mapped_by_the_policy(service) -> None:
+    from protos.steering.v1 import tagger_pb2
+
+    events = _generate(service, pb.GenerateRequest(prompt="I am nervous about my test.", tag=tagger_pb2.EMOTION_ANXIOUS, max_tokens=4))
+    assert events[0].started.concept == "calm"
+    events = _generate(service, pb.GenerateRequest(prompt="What is two plus two?", tag=tagger_pb2.EMOTION_NONE, max_tokens=4))
+    assert events[0].started.concept == "" and events[1].gate.decision == pb.GATE_DECISION_NO_STEERING
+
+
+def test_gate_skips_when_a_concept_word_is_already_likely(service) -> None:
+    conv = pb.Conversation(messages=[pb.ChatMessage(role="user", content="I got a puppy for my birthday!"),
+                                     pb.ChatMessage(role="assistant", content="Wow, that is wonderful! I am so")])
+    events = _generate(service, pb.GenerateRequest(messages=conv, concept="happy", max_tokens=6))
+    gate = events[1].gate
+    assert gate.decision == pb.GATE_DECISION_SKIP and gate.token.strip() == "glad" and gate.probability >= 0.25
+    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy", max_tokens=4))
+    assert events[1].gate.decision == pb.GATE_DECISION_STEER and len(events[1].gate.top3) == 3
+
+
+def test_kl_samples_and_forced_reinjection(service) -> None:
+    kl = pb.KlSettings(enabled=True, window=4, threshold=1000.0, alpha_step=1.0)  # any KL counts as faded
+    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy",
+                                                   max_tokens=12, kl=kl, gate=pb.GateSettings(disabled=True)))
+    samples = [e.kl for e in events if e.WhichOneof("event") == "kl"]
+    reinjections = [e.reinjection for e in events if e.WhichOneof("event") == "reinjection"]
+    assert len(samples) >= 11 and all(s.kl >= 0 for s in samples) and samples[0].kl > 0
+    assert reinjections and reinjections[0].token_index == 3
+    r = reinjections[0]
+    max_alpha = next(iter(service.slots.values())).steerability.concepts["happy"].max_alpha
+    assert r.alpha_after == pytest.approx(min(r.alpha_before + 1.0, max_alpha))
+    # While re-injected, the samples report the raised alpha.
+    assert any(s.alpha == pytest.approx(r.alpha_after) for s in samples if s.token_index > r.token_index)
+
+
+def test_kl_without_reinjection_at_a_low_threshold(service) -> None:
+    kl = pb.KlSettings(enabled=True, window=4, threshold=1e-9)
+    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy", max_tokens=8, kl=kl))
+    assert any(e.WhichOneof("event") == "kl" for e in events)
+    assert not any(e.WhichOneof("event") == "reinjection" for e in events)
+
+
+def test_stop_sequence(service) -> None:
+    events = _generate(service, pb.GenerateRequest(prompt="Count from one to ten in words, separated by commas.", max_tokens=40, stop=["four"]))
+    text = "".join(e.text for e in events if e.WhichOneof("event") == "text")
+    assert events[-1].finished.reason == pb.STOP_REASON_STOP_SEQUENCE and "four" not in text
+
+
+def test_cancel_mid_stream_stops_and_leaves_no_hook(service) -> None:
+    async def body(channel, running):
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        call = stub.Generate(pb.GenerateRequest(prompt="Tell me a long story about a dragon.", concept="happy", max_tokens=200))
+        async for event in call:
+            if event.WhichOneof("event") == "text":
+                call.cancel()
+                break
+        for _ in range(100):  # the engine notices within a token
+            await asyncio.sleep(0.05)
+            if _no_hooks(service) and running.service.slots[running.service.default].engine._jobs.empty():
+                break
+        assert _no_hooks(service)
+        # The next request is served normally.
+        after = await collect(stub.Generate(pb.GenerateRequest(prompt="Say hi.", max_tokens=3)))
+        assert after[-1].WhichOneof("event") == "finished"
+
+    run(with_generator(service, body))
+
+
+def test_deadline_is_honoured(service) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        _generate(service, pb.GenerateRequest(prompt="Tell me a very long story.", max_tokens=400), timeout=1.0)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    events = _generate(service, pb.GenerateRequest(prompt="Say hi.", max_tokens=3))
+    assert events[-1].WhichOneof("event") == "finished" and _no_hooks(service)
+
+
+def test_queue_limit_gives_resource_exhausted(service) -> None:
+    async def body(channel, _):
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        calls = [stub.Generate(pb.GenerateRequest(prompt="Tell me a story.", max_tokens=30)) for _ in range(6)]
+        results = await asyncio.gather(*(collect(c) for c in calls), return_exceptions=True)
+        return results, [c for c in calls]
+
+    results, calls = run(with_generator(service, body))
+    errors = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert errors and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in errors)
+    assert any(not isinstance(r, Exception) for r in results)
+    assert "retry" in errors[0].details()
+
+
+def test_list_models_reports_validation_and_allowlist(service) -> None:
+    async def body(channel, _):
+        return await generator_pb2_grpc.GeneratorStub(channel).ListModels(pb.ListModelsRequest())
+
+    resp = run(with_generator(service, body))
+    assert resp.profile == "blip"
+    model = resp.models[0]
+    assert model.name == "smollm2-135m-instruct" and model.steerable and model.is_default
+    names = {c.name for c in model.concepts}
+    assert names <= {"warmth", "empathy", "enthusiasm", "playfulness", "happy", "sad", "kind", "calm"}
+    happy = next(c for c in model.concepts if c.name == "happy")
+    assert happy.servable and happy.max_alpha >= happy.recommended_alpha > 0
+
+
+def test_health_goes_serving_and_reflection_lists_services(service) -> None:
+    async def body(channel, running):
+        health = health_pb2_grpc.HealthStub(channel)
+        resp = await health.Check(health_pb2.HealthCheckRequest(service="steering.v1.Generator"))
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        await running.server.set_serving(False)
+        resp = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert resp.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+    run(with_generator(service, body))
+
+
+def test_blocked_concept_in_policy_fails_at_start(tmp_path) -> None:
+    from steering.errors import ConfigError
+
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[tags]\nhappy = "hostile"\n')
+    with pytest.raises(ConfigError, match="maps tag 'happy' to a concept the blip profile refuses"):
+        build_service(GeneratorConfig(policy=policy))

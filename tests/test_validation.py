@@ -1,0 +1,167 @@
+"""The validation gate on the real SmolLM2: each check fails when it should, and the stored
+record (never a flag) decides what may be steered."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from steering.record import assess, decide, record_path, write_record
+from steering.scoring import check_scorer, load_scorer
+from steering.store import load_store, read_vector, save_vector, stored_concepts, vector_path
+from steering.validate import check_behavioural, check_canary, check_hook_path, cohens_d
+
+STEER = str(Path(sys.executable).parent / "steer")
+
+
+@pytest.fixture(scope="module")
+def vectors(smollm, paths):
+    model_dir = paths.model_vectors(smollm.name)
+    good, refused = load_store(model_dir, stored_concepts(model_dir), fingerprint=smollm.fingerprint,
+                               hidden_size=smollm.hidden_size, layers=smollm.steering_layers)
+    assert not refused
+    return good
+
+
+def test_hook_path_check_passes_and_fails(smollm) -> None:
+    ok = check_hook_path(smollm)
+    assert ok.passed and ok.figure == 30 and "LlamaDecoderLayer" in ok.detail
+    broken = dataclasses.replace(smollm, entry=dataclasses.replace(smollm.entry, layer_template="model.layers.{num}.mlp"))
+    bad = check_hook_path(broken)
+    assert not bad.passed and "not a whole block" in bad.detail
+    missing = dataclasses.replace(smollm, entry=dataclasses.replace(smollm.entry, layers=(12, 40)))
+    bad = check_hook_path(missing)
+    assert not bad.passed and "outside 0..29" in bad.detail
+
+
+def test_canary_passes_with_a_random_vector_and_fails_with_a_zero_vector(smollm) -> None:
+    ok = check_canary(smollm)
+    assert ok.passed and ok.figure > 0.05
+    zero = check_canary(smollm, direction=torch.zeros(smollm.hidden_size))
+    assert not zero.passed and zero.figure == 0.0
+
+
+def test_behavioural_check_fails_for_zero_vectors(smollm, vectors) -> None:
+    assert check_behavioural(smollm, vectors).passed
+    zeroed = {}
+    for name in ("happy", "sad", "calm"):
+        cv = vectors[name]
+        zeroed[name] = dataclasses.replace(cv, directions={k: torch.zeros_like(v) for k, v in cv.directions.items()})
+    bad = check_behavioural(smollm, zeroed)
+    assert not bad.passed and bad.figure == 0 and "SAME" in bad.detail
+
+
+def test_cohens_d() -> None:
+    assert cohens_d([2, 4, 6], [1, 3, 5]) == pytest.approx(0.5)
+    assert cohens_d([1, 3, 5], [2, 4, 6]) == pytest.approx(-0.5)
+
+
+def _point(alpha: float, d: float, ppl: float = 1.2, degenerate: float = 0.0) -> dict:
+    return {"alpha": alpha, "alpha_rel": alpha / 170, "d": d, "ppl_ratio": ppl, "degenerate_excess": degenerate}
+
+
+def test_decide() -> None:
+    assert decide([_point(4, 0.3), _point(6, 0.8), _point(8, 1.2)]) == ("passed", 6, 8)
+    # Literary concepts: clean at 4, destabilised at 6 -> max alpha 4, and it must pass there.
+    assert decide([_point(4, 0.9), _point(6, 1.5, ppl=3.1), _point(8, 2.0, ppl=5)]) == ("passed", 4, 4)
+    # Loops count as incoherence even when perplexity looks fine.
+    assert decide([_point(4, 0.2), _point(6, 0.9, degenerate=0.4)]) == ("failed", None, 4)
+    assert decide([_point(4, -0.7), _point(6, -1.1)]) == ("inverted", None, 6)
+    assert decide([_point(4, 0.1, ppl=2.5)]) == ("failed", None, None)
+
+
+def test_scorer_ranks_concept_text_above_neutral(paths) -> None:
+    results = check_scorer(load_scorer(paths.eval), paths.eval)
+    assert len(results) == 23
+    failing = [r for r in results if not r.passed]
+    assert not failing, failing
+    assert min(r.auc for r in results) >= 0.8
+
+
+def _copy_store(paths, smollm, tmp_path: Path) -> Path:
+    model_dir = tmp_path / smollm.name
+    shutil.copytree(paths.model_vectors(smollm.name), model_dir, ignore=shutil.ignore_patterns("plots"))
+    return model_dir
+
+
+def test_committed_record_makes_smollm_steerable(smollm, paths, vectors) -> None:
+    state = assess(smollm.name, paths.model_vectors(smollm.name), smollm.fingerprint, vectors)
+    assert state.steerable, state.reason
+    assert "happy" in state.servable
+    record = json.loads(record_path(paths.model_vectors(smollm.name)).read_text())
+    for name, entry in record["concepts"].items():
+        assert state.concepts[name].status == entry["status"]
+        assert state.concepts[name].servable == (entry["status"] == "passed")
+
+
+def test_tampered_record_is_refused(smollm, paths, vectors, tmp_path) -> None:
+    model_dir = _copy_store(paths, smollm, tmp_path)
+    record = json.loads(record_path(model_dir).read_text())
+    blocked = next((n for n, c in record["concepts"].items() if c["status"] != "passed"), None)
+    # 1. Editing the file by hand breaks its hash: nothing is steerable.
+    edited = dict(record, concepts={**record["concepts"]})
+    if blocked:
+        edited["concepts"][blocked] = dict(record["concepts"][blocked], status="passed")
+    edited["checks"] = dict(record["checks"], canary_kl=dict(record["checks"]["canary_kl"], passed=True))
+    edited["fingerprint"] = record["fingerprint"]
+    edited["model"] = record["model"] + " "
+    record_path(model_dir).write_text(json.dumps(edited))
+    state = assess(smollm.name, model_dir, smollm.fingerprint, vectors)
+    assert not state.steerable and "altered" in state.reason
+    # 2. A status rewritten with a valid hash still has to agree with its own figures.
+    if blocked:
+        forged = dict(record, concepts={**record["concepts"], blocked: dict(record["concepts"][blocked], status="passed")})
+        forged.pop("record_sha256")
+        write_record(model_dir, forged)
+        state = assess(smollm.name, model_dir, smollm.fingerprint, vectors)
+        assert state.steerable and not state.concepts[blocked].servable
+        assert "disagrees with its own figures" in state.concepts[blocked].reason
+    # 3. A record for another model fingerprint does not count.
+    other = dict(record, fingerprint="0" * 64)
+    other.pop("record_sha256")
+    write_record(model_dir, other)
+    state = assess(smollm.name, model_dir, smollm.fingerprint, vectors)
+    assert not state.steerable and "fingerprint" in state.reason
+
+
+def test_changed_vector_or_other_model_vector_is_refused(smollm, paths, vectors, tmp_path) -> None:
+    model_dir = _copy_store(paths, smollm, tmp_path)
+    cv = read_vector(vector_path(model_dir, "happy"))
+    changed = dataclasses.replace(cv, directions={k: -v for k, v in cv.directions.items()})
+    save_vector(changed, vector_path(model_dir, "happy"))
+    good, _ = load_store(model_dir, ["happy"], fingerprint=smollm.fingerprint, hidden_size=576, layers=smollm.steering_layers)
+    state = assess(smollm.name, model_dir, smollm.fingerprint, good)
+    assert not state.concepts["happy"].servable and "vector changed since validation" in state.concepts["happy"].reason
+    save_vector(dataclasses.replace(cv, fingerprint="f" * 64), vector_path(model_dir, "sad"))
+    good, refused = load_store(model_dir, ["sad"], fingerprint=smollm.fingerprint, hidden_size=576)
+    assert not good and "fingerprint" in refused["sad"]
+
+
+def test_missing_record_means_unvalidated(smollm, paths, vectors, tmp_path) -> None:
+    model_dir = _copy_store(paths, smollm, tmp_path)
+    record_path(model_dir).unlink()
+    state = assess(smollm.name, model_dir, smollm.fingerprint, vectors)
+    assert not state.steerable and state.reason.startswith("unvalidated")
+
+
+def test_steer_models_shows_state_of_validated_and_new_models(tmp_path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    model.save_pretrained(tmp_path / "tiny")
+    registry = (Path(__file__).parents[1] / "models.toml").read_text()
+    registry += '\n[models.tiny-new]\nsource = { kind = "local", path = "' + str(tmp_path / "tiny") + '" }\n'
+    (tmp_path / "models.toml").write_text(registry)
+    env = {**os.environ, "STEER_REGISTRY": str(tmp_path / "models.toml")}
+    res = subprocess.run([STEER, "models", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rows = {r["name"]: r for r in map(json.loads, res.stdout.splitlines())}
+    assert rows["smollm2-135m-instruct"]["steerable"] is True and "happy" in rows["smollm2-135m-instruct"]["servable"]
+    assert rows["tiny-new"]["steerable"] is False and rows["tiny-new"]["state"].startswith("unvalidated")
