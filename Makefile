@@ -18,9 +18,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 venv: $(VENV)/.installed
 
-# Convert the packaged GGUF models once into .cache/ (safetensors, keyed by fingerprint).
+# Convert the default model once into .cache/ (safetensors, keyed by fingerprint);
+# `steer prepare` with no --model converts every registered model.
 prepare: venv
-	$(VENV)/bin/steer prepare
+	$(VENV)/bin/steer prepare --model smollm2-135m-instruct
 
 # The Blip stack on this machine: tagger + CPU generator as local processes, a scripted conversation.
 demo: prepare
@@ -40,11 +41,11 @@ test: venv tools
 	$(PY) -m pytest
 
 # Re-derive every concept for every registered model (what is checked in under vectors/).
-derive: prepare
+derive: venv
 	$(VENV)/bin/steer derive --model smollm2-135m-instruct
 	$(VENV)/bin/steer derive --model gemma3-270m
 
-validate: prepare
+validate: venv
 	$(VENV)/bin/steer validate --model smollm2-135m-instruct
 	$(VENV)/bin/steer validate --model gemma3-270m
 

@@ -107,8 +107,11 @@ def test_blocked_concepts_are_permission_denied(service, concept) -> None:
 def test_tag_is_mapped_by_the_policy(service) -> None:
     from protos.steering.v1 import tagger_pb2
 
-    events = _generate(service, pb.GenerateRequest(prompt="I am nervous about my test.", tag=tagger_pb2.EMOTION_ANXIOUS, max_tokens=4))
-    assert events[0].started.concept == "calm"
+    events = _generate(service, pb.GenerateRequest(prompt="We are going to the zoo!", tag=tagger_pb2.EMOTION_EXCITED, max_tokens=4))
+    assert events[0].started.concept == "enthusiasm"
+    # anxious -> calm, and calm did not pass SmolLM2's effect-size gate: refused, not served unsteered.
+    got, details = _code(service, pb.GenerateRequest(prompt="I am nervous.", tag=tagger_pb2.EMOTION_ANXIOUS))
+    assert got == grpc.StatusCode.FAILED_PRECONDITION and "'calm' is not servable" in details
     events = _generate(service, pb.GenerateRequest(prompt="What is two plus two?", tag=tagger_pb2.EMOTION_NONE, max_tokens=4))
     assert events[0].started.concept == "" and events[1].gate.decision == pb.GATE_DECISION_NO_STEERING
 

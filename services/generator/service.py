@@ -213,7 +213,8 @@ class GeneratorService:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
-        slot, job = self.build_job(spec, emit, deadline)
+        # Tokenising and a concept's first word lookup take real time: keep them off the event loop.
+        slot, job = await asyncio.to_thread(self.build_job, spec, emit, deadline)
         slot.engine.submit(job)
         try:
             while True:

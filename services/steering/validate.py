@@ -25,7 +25,11 @@ from .registry import ModelEntry
 from .scoring import ConceptScorer
 from .vector import ConceptVector
 
-CANARY_ALPHA = 4.0
+# The write-up's canary is a random unit vector at alpha 4 on its models' scale. Residual
+# norms differ about 50-fold between our models, so the canary's alpha is taken relative to
+# the model's own mean residual norm at the steering layers: 0.024 of it, which is alpha 4
+# on SmolLM2 (norm about 170).
+CANARY_ALPHA_REL = 0.024
 CANARY_KL_MIN = 0.05
 CANARY_PROMPTS = (
     "Tell me about your favourite place.",
@@ -61,7 +65,7 @@ class SweepSettings:
     prompts: tuple[str, ...]
     seeds: tuple[int, ...] = (0, 1)
     alpha_grid_rel: tuple[float, ...] = ALPHA_GRID_REL
-    max_new_tokens: int = 32
+    max_new_tokens: int = 24  # about 18 words: enough to judge the register, and the whole gate fits in 30 min on 2 cores
     temperature: float = 0.8
     top_p: float = 1.0  # nucleus sampling sorts the whole vocabulary per row per token: too slow here
     batch_size: int = 64
@@ -146,15 +150,27 @@ def next_token_kl(loaded: LoadedModel, prompts: Sequence[str], additions: dict[i
     return [float(x) for x in kl]
 
 
+def residual_scale(loaded: LoadedModel, prompts: Sequence[str] = CANARY_PROMPTS) -> float:
+    """Mean residual norm at the steering layers over `prompts` (attention sink left out)."""
+    from .derive import layer_activations
+    from .generate import render_prompt
+
+    _, norm_sum, norm_count = layer_activations(loaded, [render_prompt(loaded, p) for p in prompts])
+    layers = list(loaded.steering_layers)
+    return float((norm_sum[layers] / norm_count[layers].clamp(min=1)).mean())
+
+
 def check_canary(loaded: LoadedModel, direction: torch.Tensor | None = None, seed: int = 0) -> Check:
-    """A seeded random unit vector at alpha 4 must move the next-token distribution."""
+    """A seeded random unit vector at alpha 4 (on SmolLM2's scale) must move the next-token distribution."""
     if direction is None:
         g = torch.Generator().manual_seed(seed)
         direction = torch.nn.functional.normalize(torch.randn(loaded.hidden_size, generator=g), dim=0)
-    additions = {layer: CANARY_ALPHA * direction for layer in loaded.steering_layers}
+    alpha = round(CANARY_ALPHA_REL * residual_scale(loaded), 2)
+    additions = {layer: alpha * direction for layer in loaded.steering_layers}
     kl = statistics.fmean(next_token_kl(loaded, CANARY_PROMPTS, additions))
     return Check("canary_kl", kl > CANARY_KL_MIN, round(kl, 5), CANARY_KL_MIN,
-                 f"random unit vector (seed {seed}) x {CANARY_ALPHA} on layers {list(loaded.steering_layers)}")
+                 f"random unit vector (seed {seed}) x alpha {alpha:g} ({CANARY_ALPHA_REL:g} of the residual norm) "
+                 f"on layers {list(loaded.steering_layers)}")
 
 
 def check_behavioural(loaded: LoadedModel, vectors: dict[str, ConceptVector]) -> Check:

@@ -3,9 +3,16 @@
 Inference is numpy only (no scikit-learn, no grpc): `softmax(features @ coef.T + intercept)`.
 Training lives in `tagger.train`, which writes the checked-in `model/classifier.safetensors`.
 
-Features of a turn: `embed(turn)` followed by `CONTEXT_WEIGHT * embed(last 3 context turns
-joined)` (zeros without context), so the turn dominates: the label describes the turn, the
-context only disambiguates short replies such as "He's eight".
+Features of a turn, three blocks of 384:
+1. the turn: the unit-length mean of `embed(turn)` and `embed(TURN_PREFIX + turn)` (a second
+   view of the same words; averaging both views measured about +1 point of cross-validated
+   accuracy on train);
+2. `CONTEXT_WEIGHT * embed(last 3 context turns joined)` (zeros without context), so the turn
+   dominates: the label describes the turn, the context only disambiguates short replies such
+   as "He's eight";
+3. the element-wise max over the turn's word-piece vectors (the same forward pass as
+   `embed(turn)`, before mean pooling), unit length: it keeps a single strong word ("cried",
+   "can't wait") that mean pooling dilutes (about +1 point in cross-validation on train).
 """
 
 import json
@@ -20,7 +27,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from steering.atomic import atomic_path
-from steering.embedding import embed
+from steering.embedding import load_embedder
 from steering.errors import ConfigError, ModelLoadError, NotFoundError
 
 LABELS = ("happy", "sad", "anxious", "excited", "calm", "empathetic")
@@ -28,10 +35,11 @@ NONE = "none"
 CLASSES = (*LABELS, NONE)
 
 EMBED_DIM = 384  # all-MiniLM-L6-v2
-FEATURE_DIM = 2 * EMBED_DIM  # turn, then context
+FEATURE_DIM = 3 * EMBED_DIM  # turn, context, max-pooled turn word pieces
 CONTEXT_TURNS = 3  # the classifier looks at most this many turns back
 CONTEXT_WEIGHT = 0.5
-FORMAT_VERSION = "1"
+TURN_PREFIX = "A child says: "  # a second view of the turn, averaged with the plain one
+FORMAT_VERSION = "2"
 # Torch threads for serving: a turn is a few dozen tokens, too small for threads to pay off, and
 # on a small shared machine two threads fighting other work measured 25x slower (490 vs 20 ms).
 INFERENCE_THREADS = 1
@@ -42,6 +50,8 @@ _FEATURE_META = {
     "embedder": "all-MiniLM-L6-v2",
     "context_turns": str(CONTEXT_TURNS),
     "context_weight": repr(CONTEXT_WEIGHT),
+    "turn_prefix": TURN_PREFIX,
+    "turn_pooling": "mean(plain, prefixed) + max word piece",
 }
 _REQUIRED_META = ("classes", "threshold", "train_sha256", *_FEATURE_META)
 _RETRAIN = "retrain with `python -m tagger.train`"
@@ -60,18 +70,47 @@ def context_text(context: Sequence[str]) -> str:
     return " ".join(turns[-CONTEXT_TURNS:]) if turns else ""
 
 
+def _unit(v: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.maximum(norms, 1e-12)
+
+
+def _encode(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`(mean, max)`, each `[n, 384]` float32, from one forward pass of the embedder.
+
+    `mean` is the unit-length mean over all word pieces, exactly what `steering.embedding.embed`
+    returns; `max` is the unit-length element-wise max over the word pieces between [CLS] and [SEP].
+    """
+    if not texts:
+        empty = np.zeros((0, EMBED_DIM), dtype=np.float32)
+        return empty, empty.copy()
+    pieces = load_embedder().encode(
+        list(texts), output_value="token_embeddings", convert_to_numpy=False, batch_size=_BATCH
+    )
+    means = np.empty((len(texts), EMBED_DIM), dtype=np.float32)
+    maxes = np.empty((len(texts), EMBED_DIM), dtype=np.float32)
+    for i, tokens in enumerate(pieces):  # [tokens, 384], padding already cut off
+        tokens = tokens.detach().cpu().numpy().astype(np.float32)
+        inner = tokens[1:-1] if len(tokens) > 2 else tokens
+        means[i] = tokens.mean(axis=0)
+        maxes[i] = inner.max(axis=0)
+    return _unit(means), _unit(maxes)
+
+
 def features(texts: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
-    """`[n, FEATURE_DIM]` float32 features; one embedding call for turns and contexts together."""
+    """`[n, FEATURE_DIM]` float32 features; one embedding call for turns, prefixed turns and contexts."""
     contexts = contexts if contexts is not None else [()] * len(texts)
     if len(contexts) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(contexts)} contexts")
+    n = len(texts)
     joined = [context_text(c) for c in contexts]
     with_context = [i for i, c in enumerate(joined) if c]
-    vectors = embed([*texts, *(joined[i] for i in with_context)])  # [n + m, 384]
-    out = np.zeros((len(texts), FEATURE_DIM), dtype=np.float32)
-    out[:, :EMBED_DIM] = vectors[: len(texts)]
+    means, maxes = _encode([*texts, *(TURN_PREFIX + t for t in texts), *(joined[i] for i in with_context)])
+    out = np.zeros((n, FEATURE_DIM), dtype=np.float32)
+    out[:, :EMBED_DIM] = _unit(means[:n] + means[n : 2 * n])
     if with_context:
-        out[with_context, EMBED_DIM:] = CONTEXT_WEIGHT * vectors[len(texts) :]
+        out[with_context, EMBED_DIM : 2 * EMBED_DIM] = CONTEXT_WEIGHT * means[2 * n :]
+    out[:, 2 * EMBED_DIM :] = maxes[:n]
     return out
 
 

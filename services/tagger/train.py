@@ -29,7 +29,6 @@ from steering.errors import ConfigError, SteeringError
 
 from .classifier import (
     CLASSES,
-    EMBED_DIM,
     INFERENCE_THREADS,
     NONE,
     TaggerModel,
@@ -185,7 +184,7 @@ def evaluate(model: TaggerModel, heldout: Sequence[LabelledTurn], x: np.ndarray 
     x = turn_features(heldout) if x is None else x
     gold = [t.label for t in heldout]
     predicted = [p.label for p in model.predict_features(x)]
-    zero_shot = zero_shot_labels(x[:, :EMBED_DIM])
+    zero_shot = zero_shot_labels(embed([t.text for t in heldout]))  # the plain turn embedding
     confusion: dict[str, Counter[str]] = {c: Counter() for c in CLASSES}
     for g, p in zip(gold, predicted, strict=True):
         confusion[g][p] += 1
