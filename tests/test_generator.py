@@ -149,9 +149,15 @@ def test_kl_without_reinjection_at_a_low_threshold(service) -> None:
 
 
 def test_stop_sequence(service) -> None:
-    events = _generate(service, pb.GenerateRequest(prompt="Count from one to ten in words, separated by commas.", max_tokens=40, stop=["four"]))
+    request = pb.GenerateRequest(prompt="Tell me about your favourite animal.", max_tokens=30)
+    full = "".join(e.text for e in _generate(service, request) if e.WhichOneof("event") == "text")
+    words = full.split()
+    stop = words[len(words) // 2]  # a word the greedy reply is sure to reach
+    request.stop.append(stop)
+    events = _generate(service, request)
     text = "".join(e.text for e in events if e.WhichOneof("event") == "text")
-    assert events[-1].finished.reason == pb.STOP_REASON_STOP_SEQUENCE and "four" not in text
+    assert events[-1].finished.reason == pb.STOP_REASON_STOP_SEQUENCE
+    assert stop not in text and full.startswith(text) and len(text) < len(full)
 
 
 def test_cancel_mid_stream_stops_and_leaves_no_hook(service) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from steering.errors import ResourceExhausted
+from steering.errors import ResourceExhausted, Unavailable
 from steering.gate import DEFAULT_THRESHOLD, decide
 from steering.hooks import steer
 from steering.loading import LoadedModel
@@ -258,6 +258,8 @@ class Engine:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
+        if not self._thread.is_alive():
+            raise Unavailable(f"the engine for {self.loaded.name} has stopped; restart the generator")
         try:
             self._jobs.put_nowait(job)
         except queue.Full:
@@ -276,6 +278,9 @@ class Engine:
                 continue
             try:
                 run_job(self.loaded, job)
-            except Exception as exc:  # reported to the caller's stream, the engine keeps serving
+            except Exception as exc:  # reported to the caller's stream; the engine keeps serving
                 log.exception("generation failed")
-                job.emit(Failed(exc))
+                try:
+                    job.emit(Failed(exc))
+                except Exception:  # the caller is gone; nothing more to tell it
+                    log.debug("could not report a failed job", exc_info=True)

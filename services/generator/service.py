@@ -210,7 +210,10 @@ class GeneratorService:
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the caller's event loop is gone: nobody is listening any more
+                job.cancelled.set()
 
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         # Tokenising and a concept's first word lookup take real time: keep them off the event loop.
