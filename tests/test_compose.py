@@ -39,5 +39,8 @@ def test_compose_file_is_valid_and_complete() -> None:
     assert "model-cache" in cfg["volumes"]
 
 
-def test_default_profile_is_just_the_tagger() -> None:
-    assert set(_config()["services"]) == {"tagger"}
+def test_generators_sit_behind_profiles() -> None:
+    services = _config("gpu", "cpu")["services"]
+    assert "profiles" not in services["tagger"]  # the tagger always runs
+    assert services["generator-gpu0"]["profiles"] == ["gpu"] and services["generator-gpu1"]["profiles"] == ["gpu"]
+    assert services["generator-cpu"]["profiles"] == ["cpu"]

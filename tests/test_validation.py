@@ -138,7 +138,7 @@ def test_changed_vector_or_other_model_vector_is_refused(smollm, paths, vectors,
     good, _ = load_store(model_dir, ["happy"], fingerprint=smollm.fingerprint, hidden_size=576, layers=smollm.steering_layers)
     state = assess(smollm.name, model_dir, smollm.fingerprint, good)
     assert not state.concepts["happy"].servable and "vector changed since validation" in state.concepts["happy"].reason
-    save_vector(dataclasses.replace(cv, fingerprint="f" * 64), vector_path(model_dir, "sad"))
+    save_vector(dataclasses.replace(cv, concept="sad", fingerprint="f" * 64), vector_path(model_dir, "sad"))
     good, refused = load_store(model_dir, ["sad"], fingerprint=smollm.fingerprint, hidden_size=576)
     assert not good and "fingerprint" in refused["sad"]
 
