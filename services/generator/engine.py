@@ -239,7 +239,7 @@ def run_job(loaded: LoadedModel, job: Job) -> None:
             if len(generated) >= job.max_tokens:
                 break
             step = torch.tensor([[token]] * len(kept), device=loaded.device)
-            out = model(input_ids=step, cache=out.past_key_values, use_cache=True)
+            out = model(input_ids=step, cache=cache, use_cache=True)
             logits = out.logits[:, -1]
     if reason not in ("stop_sequence",):
         tail = text.flush(generated)
