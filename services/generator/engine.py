@@ -23,6 +23,7 @@ from transformers import DynamicCache
 
 from steering.errors import ResourceExhausted, Unavailable
 from steering.gate import DEFAULT_THRESHOLD, decide
+from steering.generate import eos_ids
 from steering.hooks import steer
 from steering.loading import LoadedModel
 
@@ -134,13 +135,6 @@ class TextStream:
         return delta
 
 
-def _eos_ids(loaded: LoadedModel) -> set[int]:
-    eos = loaded.model.generation_config.eos_token_id
-    if eos is None:
-        eos = loaded.tokenizer.eos_token_id
-    return {eos} if isinstance(eos, int) else set(eos or [])
-
-
 @torch.no_grad()
 def run_job(loaded: LoadedModel, job: Job) -> None:
     """Generate one reply, emitting events as it goes. Raises nothing for cancellation or
@@ -193,7 +187,7 @@ def run_job(loaded: LoadedModel, job: Job) -> None:
         shadow = 0 if kept == [0, 1] else None
 
         text = TextStream(tok, job.stop)
-        eos = _eos_ids(loaded)
+        eos = set(eos_ids(loaded))
         generated: list[int] = []
         window: deque[float] = deque(maxlen=max(1, job.kl.window))
         base_alpha, reinject_until = alpha, -1

@@ -88,7 +88,7 @@ def generate(
     generator = None
     if settings.seed is not None:
         generator = torch.Generator(device=loaded.device).manual_seed(settings.seed)
-    eos = torch.tensor(sorted(_eos_ids(loaded)) or [-1], device=loaded.device)
+    eos = torch.tensor(sorted(eos_ids(loaded)) or [-1], device=loaded.device)
     live = list(range(len(prompts)))  # batch position -> prompt index
     replies: list[list[int]] = [[] for _ in prompts]
     start = time.perf_counter()
@@ -126,7 +126,7 @@ def generate(
     return results
 
 
-def _eos_ids(loaded: LoadedModel) -> list[int]:
+def eos_ids(loaded: LoadedModel) -> list[int]:
     eos = loaded.model.generation_config.eos_token_id
     if eos is None:
         eos = loaded.tokenizer.eos_token_id
