@@ -17,9 +17,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.steering.v1 import generator_pb2 as pb
-from protos.steering.v1 import tagger_pb2
 
 from .client import BlipClient
+from .tagger_client import EMOTION_NAMES
 from .policy import DEFAULT_POLICY, load_policy
 from steering.profiles import Profile
 
@@ -29,7 +29,6 @@ SCRIPT = (
     "My friend Maya fell over at recess and cried. I gave her my sticker.",
     "Can you tell me a tiny story about a sleepy turtle?",
 )
-_EMOTION = {v: n.removeprefix("EMOTION_").lower() for n, v in tagger_pb2.Emotion.items()}
 
 
 def free_port() -> int:
@@ -70,7 +69,7 @@ async def play(address: str, max_tokens: int) -> None:
             kind = event.WhichOneof("event")
             if kind == "tag":
                 print(f"\nchild> {SCRIPT[turn]}")
-                print(f"  tag        {_EMOTION[event.tag.label]} ({event.tag.confidence:.2f})")
+                print(f"  tag        {EMOTION_NAMES[event.tag.label]} ({event.tag.confidence:.2f})")
             elif kind == "concept":
                 print(f"  concept    {event.concept or '(none: unsteered)'}")
             elif kind == "reply":

@@ -23,7 +23,7 @@ from transformers import DynamicCache
 
 from steering.errors import ResourceExhausted, Unavailable
 from steering.gate import DEFAULT_THRESHOLD, decide
-from steering.generate import eos_ids
+from steering.generate import eos_ids, sample
 from steering.hooks import steer
 from steering.loading import LoadedModel
 
@@ -76,17 +76,6 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None  # time.monotonic() by which to stop
     submitted: float = field(default_factory=time.perf_counter)
-
-
-def _sample(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> int:
-    if sampling.temperature <= 0:
-        return int(logits.argmax())
-    probs = (logits.float() / sampling.temperature).softmax(-1)
-    if sampling.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(-1) - sorted_p < sampling.top_p  # always keeps the first
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def kl_divergence(steered: torch.Tensor, unsteered: torch.Tensor) -> float:
@@ -217,7 +206,7 @@ def run_job(loaded: LoadedModel, job: Job) -> None:
                     job.emit(Reinjection(index, mean, before, alpha))
                     active.deltas = deltas_for(kept, alpha)
                     window.clear()
-            token = _sample(logits[main], job.sampling, generator)
+            token = int(sample(logits[main][None], job.sampling.temperature, job.sampling.top_p, generator)[0])
             if token in eos:
                 reason = "end_of_text"
                 break

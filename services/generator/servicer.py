@@ -13,7 +13,7 @@ from steering.errors import InvalidArgument, Unavailable
 from . import events as ev
 from .engine import GateConfig, KlConfig, Sampling
 from .service import ChatConcept, ChatTag, GenerateSpec, GeneratorService, TagResult
-from .tagger_client import TaggerClient
+from .tagger_client import EMOTION_NAMES as _EMOTION_NAMES, TaggerClient
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,6 @@ _GATE = {
     "skip": pb.GATE_DECISION_SKIP,
     "disabled": pb.GATE_DECISION_DISABLED,
     "no_steering": pb.GATE_DECISION_NO_STEERING,
-}
-_EMOTION_NAMES = {
-    value: name.removeprefix("EMOTION_").lower()
-    for name, value in tagger_pb2.Emotion.items()
-    if name != "EMOTION_UNSPECIFIED"
 }
 _EMOTION_VALUES = {name: value for value, name in _EMOTION_NAMES.items()}
 

@@ -7,7 +7,12 @@ from steering.errors import Unavailable
 
 from .service import TagResult
 
-_NAMES = {v: n.removeprefix("EMOTION_").lower() for n, v in tagger_pb2.Emotion.items()}
+# Emotion enum value -> the tag names the policy uses ("happy", "none", ...).
+EMOTION_NAMES: dict[int, str] = {
+    value: name.removeprefix("EMOTION_").lower()
+    for name, value in tagger_pb2.Emotion.items()
+    if name != "EMOTION_UNSPECIFIED"
+}
 
 
 class TaggerClient:
@@ -24,7 +29,7 @@ class TaggerClient:
                                         metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise Unavailable(f"tagger: {exc.code().name}: {exc.details()}") from None
-        return TagResult(_NAMES[resp.label], resp.confidence, {_NAMES[s.label]: s.score for s in resp.scores})
+        return TagResult(EMOTION_NAMES[resp.label], resp.confidence, {EMOTION_NAMES[s.label]: s.score for s in resp.scores})
 
     async def close(self) -> None:
         await self._channel.close()

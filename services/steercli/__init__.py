@@ -20,9 +20,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 
 async def _chat(address: str, token: str | None, max_tokens: int) -> None:
     from generator.client import BlipClient
-    from protos.steering.v1 import tagger_pb2
-
-    emotions = {v: n.removeprefix("EMOTION_").lower() for n, v in tagger_pb2.Emotion.items()}
+    from generator.tagger_client import EMOTION_NAMES
     print("Talk to Blip (empty line or Ctrl-D to stop).", flush=True)
     async with BlipClient(address, token=token) as client:
         while True:
@@ -35,7 +33,7 @@ async def _chat(address: str, token: str | None, max_tokens: int) -> None:
             async for event in client.chat([line], max_tokens=max_tokens):
                 kind = event.WhichOneof("event")
                 if kind == "tag":
-                    print(f"  [tag {emotions[event.tag.label]} {event.tag.confidence:.2f}]", end="")
+                    print(f"  [tag {EMOTION_NAMES[event.tag.label]} {event.tag.confidence:.2f}]", end="")
                 elif kind == "concept":
                     print(f" [concept {event.concept or 'none'}]\nblip> ", end="", flush=True)
                 elif event.reply.WhichOneof("event") == "text":

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .derive import position_ids
 from .hooks import stack_rows, steer
 from .loading import LoadedModel
 
@@ -50,7 +51,7 @@ def render_prompt(loaded: LoadedModel, prompt: PromptLike) -> str:
     return turns if prefill else f"{turns}\nAssistant:"
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
     """Next token per row from `[rows, vocab]` logits."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -83,7 +84,7 @@ def generate(
     texts = [render_prompt(loaded, p) for p in prompts]
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not loaded.has_chat_template)
     ids, mask = enc["input_ids"].to(loaded.device), enc["attention_mask"].to(loaded.device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    positions = position_ids(mask)
     deltas = stack_rows(rows, loaded.hidden_size, model.dtype, loaded.device)
     generator = None
     if settings.seed is not None:
@@ -97,7 +98,7 @@ def generate(
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         positions = positions[:, -1:]
         for step in range(settings.max_new_tokens):
-            nxt = _sample(out.logits[:, -1], settings.temperature, settings.top_p, generator)  # [live]
+            nxt = sample(out.logits[:, -1], settings.temperature, settings.top_p, generator)  # [live]
             done = torch.isin(nxt, eos)
             for b, token in enumerate(nxt.tolist()):
                 replies[live[b]].append(token)

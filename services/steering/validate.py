@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .coherence import is_degenerate, perplexities
+from .derive import layer_activations, position_ids
 from .generate import Generation, GenerationSettings, generate
 from .layers import layer_output_tensor, resolve_layers
 from .loading import LoadedModel, load_model
@@ -141,7 +142,7 @@ def next_token_kl(loaded: LoadedModel, prompts: Sequence[str], additions: dict[i
     texts = [render_prompt(loaded, p) for p in prompts]
     enc = loaded.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not loaded.has_chat_template)
     enc = {k: v.to(loaded.device) for k, v in enc.items()}
-    pos = {"position_ids": (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)}
+    pos = {"position_ids": position_ids(enc["attention_mask"])}
     plain = loaded.model(**enc, **pos, logits_to_keep=1).logits[:, -1].float().log_softmax(-1)
     rows = {layer: v.expand(len(prompts), -1) for layer, v in additions.items()}
     with steer(loaded.layers, rows):
@@ -152,7 +153,6 @@ def next_token_kl(loaded: LoadedModel, prompts: Sequence[str], additions: dict[i
 
 def residual_scale(loaded: LoadedModel, prompts: Sequence[str] = CANARY_PROMPTS) -> float:
     """Mean residual norm at the steering layers over `prompts` (attention sink left out)."""
-    from .derive import layer_activations
     from .generate import render_prompt
 
     _, norm_sum, norm_count = layer_activations(loaded, [render_prompt(loaded, p) for p in prompts])
