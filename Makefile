@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: venv prepare demo ab test derive validate stubs tools clean-cache
+.PHONY: venv prepare demo ab test bench derive validate stubs tools clean-cache
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,21 @@ tools:
 
 test: venv tools
 	$(PY) -m pytest
+
+# The bench environment: .venv's packages plus the peers (requirements-bench.txt), which
+# stay out of .venv. A .pth file adds .venv's site-packages after the bench's own.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: $(VENV)/.installed requirements-bench.txt
+	rm -rf $(BENCH_VENV)
+	$(PY) -m venv --without-pip $(BENCH_VENV)
+	echo "import site; site.addsitedir('$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')')" \
+		> "$$($(BENCH_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_main_venv.pth"
+	$(PIP) --python $(BENCH_VENV)/bin/python install --quiet --no-deps -r requirements-bench.txt
+	touch $@
+
+# Every figure side by side in one run: bench/results.json and bench/results.md.
+bench: prepare $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python -m bench
 
 # Re-derive every concept for every registered model (what is checked in under vectors/).
 derive: venv

@@ -7,6 +7,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from generator.engine import EngineSettings
 from generator.server import GeneratorConfig, build_service
 from protos.steering.v1 import generator_pb2 as pb
 from protos.steering.v1 import generator_pb2_grpc
@@ -18,7 +19,7 @@ BLOCKED = ("hostile", "mean", "angry", "dominant", "anxious", "urgency")
 
 @pytest.fixture(scope="module")
 def service():
-    svc = build_service(GeneratorConfig(profile=Profile.BLIP, max_queue=2))
+    svc = build_service(GeneratorConfig(profile=Profile.BLIP, engine=EngineSettings(max_batch=2, max_queue=2)))
     yield svc
     for slot in svc.slots.values():
         slot.engine.close()
@@ -191,7 +192,7 @@ def test_deadline_is_honoured(service) -> None:
 def test_queue_limit_gives_resource_exhausted(service) -> None:
     async def body(channel, _):
         stub = generator_pb2_grpc.GeneratorStub(channel)
-        calls = [stub.Generate(pb.GenerateRequest(prompt="Tell me a story.", max_tokens=30)) for _ in range(6)]
+        calls = [stub.Generate(pb.GenerateRequest(prompt="Tell me a story.", max_tokens=30)) for _ in range(10)]
         results = await asyncio.gather(*(collect(c) for c in calls), return_exceptions=True)
         return results, [c for c in calls]
 
@@ -235,3 +236,40 @@ def test_blocked_concept_in_policy_fails_at_start(tmp_path) -> None:
     policy.write_text('[tags]\nhappy = "hostile"\n')
     with pytest.raises(ConfigError, match="maps tag 'happy' to a concept the blip profile refuses"):
         build_service(GeneratorConfig(policy=policy))
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """Prometheus text format -> {"name{labels}": value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_endpoint_counts_tokens_gate_and_refusals(service) -> None:
+    async def body(channel, running):
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        before = _scrape(running.metrics.port)
+        events = await collect(stub.Generate(pb.GenerateRequest(prompt="Say hello.", concept="happy", max_tokens=6)))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await collect(stub.Generate(pb.GenerateRequest(prompt="Hi", concept="hostile")))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await collect(stub.Generate(pb.GenerateRequest(prompt="", max_tokens=4)))
+        return before, events, _scrape(running.metrics.port)
+
+    before, events, after = run(with_generator(service, body, GeneratorConfig(metrics_port=0)))
+    model = 'model="smollm2-135m-instruct"'
+    gained = lambda key: after.get(key, 0.0) - before.get(key, 0.0)
+    assert gained(f"steer_tokens_generated_total{{{model}}}") == events[-1].finished.completion_tokens > 0
+    decisions = [k for k in after if k.startswith("steer_gate_decisions_total")]
+    assert sum(gained(k) for k in decisions) == 1
+    assert gained('steer_refusals_total{reason="permission_denied"}') == 1
+    assert gained('steer_refusals_total{reason="invalid_argument"}') == 1
+    assert gained(f"steer_time_to_first_token_seconds_count{{{model}}}") == 1
+    assert f"steer_queue_depth{{{model}}}" in after and f"steer_batch_occupancy{{{model}}}" in after

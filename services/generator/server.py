@@ -15,6 +15,8 @@ from steering.profiles import Profile
 from steering.registry import load_registry
 from steering.settings import paths_from_env
 
+from .engine import EngineSettings
+from .metrics import GeneratorMetrics, MetricsServer
 from .policy import DEFAULT_POLICY, load_policy
 from .service import GeneratorService, open_slot
 from .servicer import GeneratorServicer
@@ -33,7 +35,8 @@ class GeneratorConfig:
     tagger_token: str | None = None
     fail_fast: bool = False  # Chat fails when the tagger is down instead of replying unsteered
     device: str | None = None
-    max_queue: int = 16
+    engine: EngineSettings = EngineSettings()
+    metrics_port: int | None = None  # serve Prometheus /metrics here (0 = any free port)
 
 
 @dataclass
@@ -42,9 +45,12 @@ class RunningGenerator:
     service: GeneratorService
     tagger: TaggerClient | None
     owns_service: bool = True  # tests share one loaded service across servers
+    metrics: MetricsServer | None = None
 
     async def stop(self) -> None:
         await self.server.stop()
+        if self.metrics:
+            self.metrics.stop()
         if self.owns_service:
             for slot in self.service.slots.values():
                 await asyncio.to_thread(slot.engine.close)
@@ -58,12 +64,13 @@ def build_service(config: GeneratorConfig) -> GeneratorService:
     policy = load_policy(config.policy, config.profile)  # a blocked concept in the policy stops start-up here
     names = config.models or (registry.default,)
     slots = {}
+    metrics = GeneratorMetrics()
     for name in names:
         loaded = load_model(registry.get(name), paths.cache, device=config.device)
-        slots[loaded.name] = open_slot(loaded, config.profile, paths.vectors, paths.pairs, config.max_queue)
+        slots[loaded.name] = open_slot(loaded, config.profile, paths.vectors, paths.pairs, config.engine, metrics)
         log.info("model %s: %s; servable: %s", loaded.name, slots[loaded.name].steerability.reason,
                  ", ".join(slots[loaded.name].steerability.servable) or "none")
-    return GeneratorService(slots, names[0] if config.models else registry.default, config.profile, policy)
+    return GeneratorService(slots, names[0] if config.models else registry.default, config.profile, policy, metrics)
 
 
 async def serve(settings: ServerSettings, config: GeneratorConfig, service: GeneratorService | None = None) -> RunningGenerator:
@@ -79,8 +86,9 @@ async def serve(settings: ServerSettings, config: GeneratorConfig, service: Gene
             raise
     tagger = TaggerClient(config.tagger, token=config.tagger_token) if config.tagger else None
     servicer.attach(service, tagger, config.fail_fast)
+    metrics = service.metrics.serve(settings.host, config.metrics_port) if config.metrics_port is not None else None
     await running.set_serving(True)
-    return RunningGenerator(running, service, tagger, owns)
+    return RunningGenerator(running, service, tagger, owns, metrics)
 
 
 def _parse(argv: list[str] | None) -> tuple[ServerSettings, GeneratorConfig, str]:
@@ -93,7 +101,9 @@ def _parse(argv: list[str] | None) -> tuple[ServerSettings, GeneratorConfig, str
     p.add_argument("--tagger", help="tagger address, e.g. 127.0.0.1:50051")
     p.add_argument("--tagger-fail-fast", action="store_true", help="fail Chat when the tagger is down")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: the registry's)")
-    p.add_argument("--max-queue", type=int, default=16, help="requests waiting beyond the running one")
+    p.add_argument("--max-batch", type=int, default=8, help="streams decoded together in one running batch")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting to join the batch")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (same host)")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--token-env", help="environment variable holding the shared token (never on the command line)")
@@ -102,10 +112,13 @@ def _parse(argv: list[str] | None) -> tuple[ServerSettings, GeneratorConfig, str
     token = os.environ.get(a.token_env) if a.token_env else None
     if a.token_env and not token:
         p.error(f"environment variable {a.token_env} is empty")
+    if a.max_batch < 1 or a.max_queue < 1:
+        p.error("--max-batch and --max-queue must be at least 1")
     settings = ServerSettings(host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, token=token)
     config = GeneratorConfig(
         models=tuple(m for m in (a.models or "").split(",") if m), profile=Profile(a.profile), policy=a.policy,
-        tagger=a.tagger, tagger_token=token, fail_fast=a.tagger_fail_fast, device=a.device, max_queue=a.max_queue,
+        tagger=a.tagger, tagger_token=token, fail_fast=a.tagger_fail_fast, device=a.device,
+        engine=EngineSettings(a.max_batch, a.max_queue), metrics_port=a.metrics_port,
     )
     return settings, config, a.log_level
 

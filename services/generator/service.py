@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steering.errors import FailedPrecondition, InvalidArgument, NotFoundError, Unavailable
+from steering.errors import FailedPrecondition, InvalidArgument, NotFoundError, SteeringError, Unavailable
 from steering.gate import DEFAULT_THRESHOLD, concept_token_ids
 from steering.generate import render_prompt
 from steering.loading import LoadedModel
@@ -19,8 +19,9 @@ from steering.profiles import Profile, check_concept_name, load_profile_vectors
 from steering.record import ConceptState, Steerability, assess
 from steering.vector import ConceptVector
 
-from .engine import Engine, GateConfig, Job, KlConfig, Sampling, Steering
+from .engine import Engine, EngineSettings, GateConfig, Job, KlConfig, Sampling, Steering
 from .events import Event, Failed, Finished, Notice, TextDelta
+from .metrics import GeneratorMetrics
 from .policy import Policy
 
 ROLES = ("system", "user", "assistant")
@@ -54,13 +55,16 @@ class ModelSlot:
             return self.words[concept]
 
 
-def open_slot(loaded: LoadedModel, profile: Profile, vectors_dir: Path, pairs_dir: Path, max_queue: int) -> ModelSlot:
+def open_slot(
+    loaded: LoadedModel, profile: Profile, vectors_dir: Path, pairs_dir: Path, engine: EngineSettings,
+    metrics: GeneratorMetrics,
+) -> ModelSlot:
     model_dir = vectors_dir / loaded.name
     vectors, refused = load_profile_vectors(
         profile, model_dir, fingerprint=loaded.fingerprint, hidden_size=loaded.hidden_size, layers=loaded.steering_layers
     )
     steerability = assess(loaded.name, model_dir, loaded.fingerprint, vectors)
-    return ModelSlot(loaded, Engine(loaded, max_queue), vectors, refused, steerability, pairs_dir)
+    return ModelSlot(loaded, Engine(loaded, engine, metrics), vectors, refused, steerability, pairs_dir)
 
 
 @dataclass(frozen=True)
@@ -101,9 +105,17 @@ def _finite(name: str, value: float, low: float, high: float) -> float:
     return value
 
 
+def _reason(exc: SteeringError) -> str:
+    """InvalidArgument -> invalid_argument: the metrics label of a refusal."""
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in type(exc).__name__).lstrip("_")
+
+
 class GeneratorService:
-    def __init__(self, slots: dict[str, ModelSlot], default: str, profile: Profile, policy: Policy) -> None:
+    def __init__(
+        self, slots: dict[str, ModelSlot], default: str, profile: Profile, policy: Policy, metrics: GeneratorMetrics
+    ) -> None:
         self.slots = slots
+        self.metrics = metrics
         self.default = default
         self.profile = profile
         self.policy = policy
@@ -217,8 +229,12 @@ class GeneratorService:
 
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         # Tokenising and a concept's first word lookup take real time: keep them off the event loop.
-        slot, job = await asyncio.to_thread(self.build_job, spec, emit, deadline)
-        slot.engine.submit(job)
+        try:
+            slot, job = await asyncio.to_thread(self.build_job, spec, emit, deadline)
+            slot.engine.submit(job)
+        except SteeringError as exc:
+            self.metrics.refusals.labels(_reason(exc)).inc()
+            raise
         try:
             while True:
                 event = await events.get()

@@ -1,0 +1,144 @@
+"""`python -m bench [--smoke]`: measure everything side by side and write
+bench/results.json and bench/results.md (or under --out)."""
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+
+from generator.server import GeneratorConfig, build_service
+from steering.atomic import write_text_atomic
+from steering.loading import load_model
+from steering.profiles import Profile
+from steering.registry import load_registry
+from steering.settings import paths_from_env
+from steering.store import read_vector
+
+from . import service_load, single, system
+from .report import markdown, targets
+
+PROMPTS = [
+    "Tell me about your favourite animal.",
+    "What should we build with blocks today?",
+    "Why do leaves change colour?",
+    "I finished my drawing of a rocket!",
+]
+CONCEPTS = ["happy", "kind", "warmth", "enthusiasm", "empathy", "content", "sad", "bored",
+            "melancholy", "emotional", "frustrated"]  # SmolLM2's validated concepts
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the bench runs, measures nothing")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="folder for the results")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--concept", default="happy", help="the single-stream concept")
+    p.add_argument("--alpha", type=float, default=6.0)
+    p.add_argument("--one-layer", type=int, default=15, help="the layer of the one-layer case")
+    return p.parse_args()
+
+
+def _derive_seconds(model: str, concepts: list[str] | None) -> dict:
+    """Time `steer derive` for the concepts into a scratch copy of the store."""
+    paths = paths_from_env()
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copytree(paths.pairs, Path(tmp) / "pairs")
+        cmd = [service_load.service_python(), "-c", "import steercli; raise SystemExit(steercli.main())",
+               "derive", "--model", model]
+        if concepts:
+            cmd += ["--concepts", ",".join(concepts)]
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "STEER_VECTORS_DIR": tmp})
+        seconds = time.perf_counter() - start
+        n = len(list((Path(tmp) / model).glob("*.safetensors")))
+    return {"concepts": n, "seconds": round(seconds, 1)}
+
+
+def main() -> int:
+    a = _parse()
+    smoke = a.smoke
+    tokens, runs = (4, 1) if smoke else (40, 3)
+    prompts = PROMPTS[:1] if smoke else PROMPTS[:3]
+    levels = (1, 2) if smoke else (1, 2, 4, 8, 16)
+    paths = paths_from_env()
+    loaded = load_model(load_registry(paths.registry).get(a.model), paths.cache, device="cpu")
+    cv = read_vector(paths.vectors / loaded.name / f"{a.concept}.safetensors")
+    results: dict = {"machine": system.machine(), "model": loaded.name, "started": time.strftime("%Y-%m-%d %H:%M"),
+                     "smoke": smoke, "settings": {"tokens": tokens, "runs": runs, "prompts": prompts,
+                                                  "concept": a.concept, "alpha": a.alpha, "one_layer": a.one_layer,
+                                                  "band": list(loaded.steering_layers)}}
+    log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    log("single stream: ours and the peers")
+    ids = single.prompt_ids(loaded, prompts)
+    peers, missing = single.peer_cases(loaded, cv, a.alpha, tokens)
+    cases = single.our_cases(loaded, cv, a.alpha, a.one_layer, tokens, paths.pairs) + peers
+    measured = single.measure(cases, ids, runs)
+    for m in measured.values():
+        m["tokens_per_s"] = round(statistics.median(m["runs_tokens_per_s"]), 2)
+    ours = measured["steered_band"]["texts"]
+    for name in ("repeng", "steering_vectors"):
+        if name in measured:  # the same vector, alpha and layers should give the same greedy text
+            measured[name]["same_text_as_ours"] = measured[name]["texts"] == ours
+    results["single_stream"] = measured
+    results["peers_missing"] = missing
+
+    log("derivation")
+    results["derivation"] = _derive_seconds(loaded.name, ["happy"] if smoke else None)
+
+    log("services: tagger and generator processes")
+    tagger = service_load.start("tagger.server", [])
+    generator = service_load.start("generator.server", ["--models", loaded.name, "--profile", "personal",
+                                                        "--max-batch", "16", "--max-queue", "32"])
+    try:
+        servable = [c for c in CONCEPTS if (paths.vectors / loaded.name / f"{c}.safetensors").exists()]
+        log("concurrency through gRPC")
+        results["concurrency"] = asyncio.run(
+            service_load.concurrency(generator.address, PROMPTS, servable, levels, tokens, runs))
+        log("time to first token: in process and through gRPC")
+        service = build_service(GeneratorConfig(models=(loaded.name,), profile=Profile.PERSONAL))
+        try:
+            results["grpc_ttft"] = asyncio.run(
+                service_load.grpc_vs_in_process(service, generator.address, PROMPTS[0], a.concept, 3 if smoke else 9))
+        finally:
+            for slot in service.slots.values():
+                slot.engine.close()
+        results["tagger"] = asyncio.run(service_load.tagger_latency(tagger.address, PROMPTS, 5 if smoke else 100))
+        results["memory"] = {"generator_peak_mb": round(generator.peak_memory_mb()),
+                             "tagger_peak_mb": round(tagger.peak_memory_mb())}
+    finally:
+        generator.stop()
+        tagger.stop()
+
+    log("memory bandwidth")
+    bandwidth = system.memory_bandwidth_gb_s(64 if smoke else 512)
+    weights = system.weight_bytes(loaded.model)
+    roofline = bandwidth * 1e9 / weights
+    achieved = results["single_stream"]["unsteered"]["tokens_per_s"]
+    results["physical_limit"] = {"bandwidth_gb_s": round(bandwidth, 2), "weight_bytes": weights,
+                                 "roofline_tokens_per_s": round(roofline, 2),
+                                 "achieved_unsteered_tokens_per_s": achieved,
+                                 "fraction_of_roofline": round(achieved / roofline, 3)}
+    results["targets"] = targets(results)
+
+    a.out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(a.out / "results.json", json.dumps(results, indent=2) + "\n")
+    write_text_atomic(a.out / "results.md", markdown(results))
+    log(f"wrote {a.out / 'results.json'} and {a.out / 'results.md'}")
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    raise SystemExit(main())

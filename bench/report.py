@@ -1,0 +1,89 @@
+"""The targets the issue sets, checked against the figures, and the markdown table."""
+
+
+def _tps(results: dict, case: str) -> float | None:
+    m = results["single_stream"].get(case)
+    return m["tokens_per_s"] if m else None
+
+
+def targets(results: dict) -> list[dict]:
+    out = []
+
+    def add(name: str, target: str, value: float | None, met: bool | None) -> None:
+        out.append({"name": name, "target": target, "value": None if value is None else round(value, 3), "met": met})
+
+    base, band, one = _tps(results, "unsteered"), _tps(results, "steered_band"), _tps(results, "steered_one_layer")
+    add("steering overhead, whole band", "<= 0.05 (time per token)", base / band - 1, base / band - 1 <= 0.05)
+    add("steering overhead, one layer", "<= 0.05 (time per token)", base / one - 1, base / one - 1 <= 0.05)
+    for peer in ("repeng", "steering_vectors"):
+        theirs = _tps(results, peer)
+        ratio = band / theirs if theirs else None
+        add(f"ours steered / {peer} steered", ">= 1.0", ratio, None if ratio is None else ratio >= 1.0)
+    conc = results.get("concurrency", {})
+    if "1" in conc and "8" in conc:
+        scale = conc["8"]["tokens_per_s"] / conc["1"]["tokens_per_s"]
+        add("8 differently-steered streams / 1 stream, through gRPC", ">= 4.0", scale, scale >= 4.0)
+    kl = band / _tps(results, "steered_band_kl")
+    add("KL monitoring cost (steered+KL time / steered time)", "<= 1.6", kl, kl <= 1.6)
+    added = results["grpc_ttft"]["added_ms"]
+    add("gRPC added time to first token (ms)", "<= 15", added, added <= 15)
+    return out
+
+
+def _row(*cells: object) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def markdown(r: dict) -> str:
+    m, s = r["machine"], r["settings"]
+    lines = [
+        f"# Benchmark: {r['model']}{' (smoke run: sizes too small to mean anything)' if r['smoke'] else ''}",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads"
+        f"{', GPU ' + m['gpu'] if m['gpu'] else ', no GPU'}. Run {r['started']}. `make bench`.",
+        f"Single stream: greedy, {s['tokens']} tokens per prompt over {len(s['prompts'])} prompts, median of "
+        f"{s['runs']} interleaved runs; concept {s['concept']} at alpha {s['alpha']:g} on layers "
+        f"{s['band'][0]}-{s['band'][-1]} (one-layer case: layer {s['one_layer']}).",
+        "",
+        "## Single stream, in process",
+        "",
+        _row("case", "tokens/s", "runs", "vs unsteered"),
+        _row("---", "---:", "---", "---:"),
+    ]
+    base = r["single_stream"]["unsteered"]["tokens_per_s"]
+    for name, c in r["single_stream"].items():
+        note = " (same text as ours)" if c.get("same_text_as_ours") else (
+            " (text differs from ours)" if c.get("same_text_as_ours") is False else "")
+        lines.append(_row(name + note, c["tokens_per_s"], ", ".join(map(str, c["runs_tokens_per_s"])),
+                          f"{c['tokens_per_s'] / base:.3f}"))
+    for name, why in r.get("peers_missing", {}).items():
+        lines.append(_row(name, "-", why, "-"))
+    lines += ["", "## Concurrent streams through gRPC, each with a different concept", "",
+              _row("streams", "aggregate tokens/s", "x single", "TTFT p50 ms", "TTFT p95 ms"),
+              _row("---:", "---:", "---:", "---:", "---:")]
+    conc = r.get("concurrency", {})
+    one = conc.get("1", {}).get("tokens_per_s")
+    for n, c in conc.items():
+        lines.append(_row(n, c["tokens_per_s"], f"{c['tokens_per_s'] / one:.2f}" if one else "-",
+                          c["ttft_ms_p50"], c["ttft_ms_p95"]))
+    g, t, d, mem, p = r["grpc_ttft"], r["tagger"], r["derivation"], r["memory"], r["physical_limit"]
+    lines += [
+        "", "## Latency, derivation, memory, the physical limit", "",
+        _row("figure", "value"), _row("---", "---:"),
+        _row("time to first token in process, p50 (ms)", g["in_process_ms_p50"]),
+        _row("time to first token through gRPC, p50 (ms)", g["grpc_ms_p50"]),
+        _row("tagger latency p50 / p95 (ms)", f"{t['p50_ms']} / {t['p95_ms']}"),
+        _row(f"derivation of {d['concepts']} concepts (s)", d["seconds"]),
+        _row("generator peak memory (MB)", mem["generator_peak_mb"]),
+        _row("tagger peak memory (MB)", mem["tagger_peak_mb"]),
+        _row("memory bandwidth, large copy (GB/s)", p["bandwidth_gb_s"]),
+        _row("weights read per token (MB)", round(p["weight_bytes"] / 2**20)),
+        _row("batch-1 ceiling: bandwidth / weight bytes (tokens/s)", p["roofline_tokens_per_s"]),
+        _row("achieved batch-1 unsteered (tokens/s, fraction of ceiling)",
+             f"{p['achieved_unsteered_tokens_per_s']} ({p['fraction_of_roofline']:.0%})"),
+        "", "## Targets", "", _row("target", "wanted", "measured", "met"), _row("---", "---", "---:", "---"),
+    ]
+    for x in r["targets"]:
+        lines.append(_row(x["name"], x["target"], "-" if x["value"] is None else x["value"],
+                          {True: "yes", False: "**no**", None: "not measured"}[x["met"]]))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,138 @@
+"""The services as users run them: the tagger and the generator each in its own process,
+driven over gRPC from this one."""
+
+import asyncio
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from generator.events import TextDelta
+from generator.service import GenerateSpec, GeneratorService
+from protos.steering.v1 import generator_pb2 as gpb
+from protos.steering.v1 import generator_pb2_grpc, tagger_pb2, tagger_pb2_grpc
+from steering.settings import REPO_ROOT
+
+
+@dataclass
+class Process:
+    proc: subprocess.Popen
+    address: str
+
+    def peak_memory_mb(self) -> float:
+        """The process's high-water mark of resident memory (VmHWM)."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return kb / 1024
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def service_python() -> str:
+    """The services run in the project's own environment, not the bench one (which adds the peers)."""
+    main = REPO_ROOT / ".venv" / "bin" / "python"
+    return str(main) if main.exists() else sys.executable
+
+
+def start(module: str, args: Sequence[str], timeout_s: float = 300) -> Process:
+    """Start `python -m module --port 0 ...` and wait for its "serving on host:port" line."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([service_python(), "-m", module, "--port", "0", "--log-level", "WARNING", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.monotonic() + timeout_s
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if m := re.search(r"serving on (\S+:\d+)", line):
+            return Process(proc, m.group(1))
+    proc.kill()
+    raise RuntimeError(f"{module} did not start:\n{''.join(lines[-20:])}")
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+async def _stream(stub, prompt: str, concept: str, tokens: int) -> tuple[int, float]:
+    """(completion tokens, client-side time to first text in ms)."""
+    start, first, n = time.perf_counter(), None, 0
+    async for event in stub.Generate(gpb.GenerateRequest(prompt=prompt, concept=concept, max_tokens=tokens)):
+        kind = event.WhichOneof("event")
+        if kind == "text" and first is None:
+            first = (time.perf_counter() - start) * 1000
+        elif kind == "finished":
+            n = event.finished.completion_tokens
+    return n, first if first is not None else float("nan")
+
+
+async def concurrency(address: str, prompts: list[str], concepts: list[str], levels: Sequence[int], tokens: int,
+                      runs: int) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        await _stream(stub, prompts[0], concepts[0], 4)  # warm-up
+        for n in levels:
+            rates, ttfts = [], []
+            for _ in range(runs):
+                start = time.perf_counter()
+                results = await asyncio.gather(*(
+                    _stream(stub, prompts[i % len(prompts)], concepts[i % len(concepts)], tokens) for i in range(n)
+                ))
+                rates.append(sum(r[0] for r in results) / (time.perf_counter() - start))
+                ttfts += [r[1] for r in results]
+            out[str(n)] = {
+                "streams": n, "concepts": sorted({concepts[i % len(concepts)] for i in range(n)}),
+                "tokens_per_s": round(statistics.median(rates), 2), "runs_tokens_per_s": [round(r, 2) for r in rates],
+                "ttft_ms_p50": round(percentile(ttfts, 0.5), 1), "ttft_ms_p95": round(percentile(ttfts, 0.95), 1),
+            }
+    return out
+
+
+async def grpc_vs_in_process(service: GeneratorService, address: str, prompt: str, concept: str,
+                             runs: int) -> dict[str, float]:
+    """Time to first text of one stream on an idle generator, in process and over gRPC, interleaved."""
+
+    async def local() -> float:
+        start, first = time.perf_counter(), float("nan")
+        async for event in service.stream(GenerateSpec(prompt=prompt, concept=concept, max_tokens=4)):
+            if isinstance(event, TextDelta) and first != first:  # the first text (nan != nan)
+                first = (time.perf_counter() - start) * 1000
+        return first
+
+    local_ms, remote_ms = [], []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        await local()
+        await _stream(stub, prompt, concept, 4)
+        for _ in range(runs):
+            local_ms.append(await local())
+            remote_ms.append((await _stream(stub, prompt, concept, 4))[1])
+    lp, rp = statistics.median(local_ms), statistics.median(remote_ms)
+    return {"in_process_ms_p50": round(lp, 1), "grpc_ms_p50": round(rp, 1), "added_ms": round(rp - lp, 1)}
+
+
+async def tagger_latency(address: str, texts: list[str], runs: int) -> dict[str, float]:
+    times = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = tagger_pb2_grpc.TaggerStub(channel)
+        await stub.Tag(tagger_pb2.TagRequest(text=texts[0]))
+        for i in range(runs):
+            start = time.perf_counter()
+            await stub.Tag(tagger_pb2.TagRequest(text=texts[i % len(texts)]))
+            times.append((time.perf_counter() - start) * 1000)
+    return {"calls": runs, "p50_ms": round(percentile(times, 0.5), 1), "p95_ms": round(percentile(times, 0.95), 1)}

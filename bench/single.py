@@ -1,0 +1,142 @@
+"""One stream at a time, in process: our engine in each configuration and the peers on the
+same model, prompts, layers, vector and alpha. Every configuration decodes exactly the same
+number of tokens per prompt (end-of-text suppressed until then), greedily."""
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from generator.engine import Engine, EngineSettings, GateConfig, Job, KlConfig, Steering
+from generator.events import Event, Finished, TextDelta
+from steering.gate import concept_token_ids
+from steering.generate import render_prompt
+from steering.loading import LoadedModel
+from steering.pairs import load_concept
+from steering.vector import ConceptVector
+
+Runner = Callable[[list[int]], tuple[int, str]]  # prompt ids -> (tokens generated, text)
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    run: Runner
+    close: Callable[[], None] = lambda: None
+
+
+def prompt_ids(loaded: LoadedModel, prompts: list[str]) -> list[list[int]]:
+    tok = loaded.tokenizer
+    return [tok(render_prompt(loaded, p), add_special_tokens=not loaded.has_chat_template)["input_ids"] for p in prompts]
+
+
+def _engine_runner(engine: Engine, tokens: int, steering: Steering | None, gate: bool, kl: bool) -> Runner:
+    def run(ids: list[int]) -> tuple[int, str]:
+        done, parts, finished = threading.Event(), [], []
+
+        def emit(event: Event) -> None:
+            if isinstance(event, TextDelta):
+                parts.append(event.text)
+            elif isinstance(event, Finished):
+                finished.append(event)
+                done.set()
+
+        engine.submit(Job(ids, emit, steering, max_tokens=tokens, min_tokens=tokens, gate=GateConfig(gate),
+                          kl=KlConfig(enabled=kl, threshold=0.0)))
+        if not done.wait(600):
+            raise TimeoutError("the engine did not finish a benchmark job in 10 minutes")
+        return finished[0].completion_tokens, "".join(parts)
+
+    return run
+
+
+def our_cases(loaded: LoadedModel, cv: ConceptVector, alpha: float, one_layer: int, tokens: int, pairs_dir) -> list[Case]:
+    engine = Engine(loaded, EngineSettings(max_batch=1, max_queue=4))
+    band = loaded.steering_layers
+    words = concept_token_ids(loaded, cv, load_concept(pairs_dir, cv.concept).words)
+
+    def steering(layers: tuple[int, ...]) -> Steering:
+        return Steering(cv.concept, {layer: cv.directions[layer] for layer in layers}, alpha, alpha * 2, words)
+
+    cases = [
+        Case("unsteered", _engine_runner(engine, tokens, None, False, False)),
+        Case("steered_one_layer", _engine_runner(engine, tokens, steering((one_layer,)), False, False)),
+        Case("steered_band", _engine_runner(engine, tokens, steering(band), False, False)),
+        Case("steered_band_kl", _engine_runner(engine, tokens, steering(band), False, True)),
+        Case("steered_band_gate", _engine_runner(engine, tokens, steering(band), True, False)),
+    ]
+    return cases[:-1] + [Case(cases[-1].name, cases[-1].run, engine.close)]
+
+
+# ---- the peers ------------------------------------------------------------------------
+
+
+def _hf_generate(model, tokens: int, tokenizer) -> Runner:
+    def run(ids: list[int]) -> tuple[int, str]:
+        x = torch.tensor([ids], device=model.device)
+        with torch.no_grad():
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=tokens,
+                                 min_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        new = out[0, len(ids):].tolist()
+        return len(new), tokenizer.decode(new, skip_special_tokens=True)
+
+    return run
+
+
+def peer_cases(loaded: LoadedModel, cv: ConceptVector, alpha: float, tokens: int) -> tuple[list[Case], dict[str, str]]:
+    """Plain transformers, repeng and steering-vectors; a peer that is not installed (outside
+    the bench environment) is reported, not measured."""
+    model, tok = loaded.model, loaded.tokenizer
+    band = loaded.steering_layers
+    cases = [Case("transformers_generate", _hf_generate(model, tokens, tok))]
+    missing: dict[str, str] = {}
+    try:
+        from repeng import ControlModel, ControlVector
+
+        def repeng_run(ids: list[int]) -> tuple[int, str]:
+            wrapped = ControlModel(model, list(band))
+            try:
+                vector = ControlVector(model.config.model_type, {l: cv.directions[l].numpy() for l in band})
+                wrapped.set_control(vector, coeff=alpha)
+                return _hf_generate(wrapped, tokens, tok)(ids)
+            finally:
+                wrapped.unwrap()
+
+        cases.append(Case("repeng", repeng_run))
+    except ImportError as exc:
+        missing["repeng"] = f"not installed ({exc}); `make bench` installs it in .venv-bench"
+    try:
+        from steering_vectors import SteeringVector
+
+        sv = SteeringVector({l: cv.directions[l].clone() for l in band}, layer_type="decoder_block")
+
+        def sv_run(ids: list[int]) -> tuple[int, str]:
+            with sv.apply(model, multiplier=alpha):
+                return _hf_generate(model, tokens, tok)(ids)
+
+        cases.append(Case("steering_vectors", sv_run))
+    except ImportError as exc:
+        missing["steering_vectors"] = f"not installed ({exc}); `make bench` installs it in .venv-bench"
+    return cases, missing
+
+
+def measure(cases: list[Case], prompts: list[list[int]], runs: int) -> dict[str, dict]:
+    """Each case over all prompts, `runs` times, interleaved so drift hits every case alike."""
+    rates: dict[str, list[float]] = {c.name: [] for c in cases}
+    texts: dict[str, list[str]] = {}
+    for c in cases:  # warm-up: allocator, first-use lookups
+        c.run(prompts[0])
+    for _ in range(runs):
+        for c in cases:
+            n, start, out = 0, time.perf_counter(), []
+            for ids in prompts:
+                k, text = c.run(ids)
+                n += k
+                out.append(text)
+            rates[c.name].append(n / (time.perf_counter() - start))
+            texts[c.name] = out
+    for c in cases:
+        c.close()
+    return {name: {"runs_tokens_per_s": [round(r, 2) for r in rs], "texts": texts[name]} for name, rs in rates.items()}

@@ -1,0 +1,185 @@
+"""Continuous batching: rows joining, leaving and decoding together never influence each other.
+
+Structural checks run on tiny random models (one with sliding-window attention); the
+isolation check that matters runs the real SmolLM2 with nine different concepts at once."""
+
+import threading
+
+import pytest
+import torch
+
+from generator.batch import Rows, decode, merge, prefill, select
+from generator.engine import Engine, EngineSettings, GateConfig, Job, Steering
+from generator.events import Event, Finished, Started, TextDelta
+from steering.generate import render_prompt
+from steering.layers import resolve_layers
+from steering.loading import LoadedModel
+from steering.store import read_vector
+from tiny_models import HIDDEN_SIZE, tiny_model
+
+# The tiny gemma3 has a sliding window of 8: prompts and decoding run past it.
+PROMPTS = ([5, 9, 17, 3, 44], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [21, 22, 23])
+
+
+def _steps(model, layers, rows: Rows, n: int, feed: list[list[int]]) -> list[torch.Tensor]:
+    out = [rows.logits.clone()]
+    for step in range(n):
+        decode(model, layers, rows, torch.tensor([f[step] for f in feed]))
+        out.append(rows.logits.clone())
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_merged_rows_match_rows_alone(arch: str) -> None:
+    model, template = tiny_model(arch)
+    layers = resolve_layers(model, template)
+    gen = torch.Generator().manual_seed(1)
+    deltas = [torch.randn(HIDDEN_SIZE, generator=gen) for _ in PROMPTS]
+    feed = [torch.randint(3, 100, (12,), generator=gen).tolist() for _ in PROMPTS]
+    with torch.no_grad():
+        alone = [
+            _steps(model, layers, prefill(model, layers, [p], {1: d[None], 2: d[None]}), 12, [f])
+            for p, d, f in zip(PROMPTS, deltas, feed)
+        ]
+        # Row 0 runs 4 steps first; then rows 1 and 2 join (prefilled together), row 1 is
+        # unsteered on layer 2 only, to exercise a layer one side does not steer.
+        first = prefill(model, layers, [PROMPTS[0]], {1: deltas[0][None], 2: deltas[0][None]})
+        early = _steps(model, layers, first, 4, [feed[0]])
+        joiners = prefill(model, layers, PROMPTS[1:], {1: torch.stack(deltas[1:]), 2: torch.stack(deltas[1:])})
+        batch = merge(first, joiners)
+        torch.testing.assert_close(batch.logits[0], alone[0][4][0], atol=1e-5, rtol=0)
+        for step in range(8):
+            decode(model, layers, batch, torch.tensor([feed[0][4 + step], feed[1][step], feed[2][step]]))
+            torch.testing.assert_close(batch.logits[1], alone[1][step + 1][0], atol=1e-4, rtol=0)
+            torch.testing.assert_close(batch.logits[2], alone[2][step + 1][0], atol=1e-4, rtol=0)
+            torch.testing.assert_close(batch.logits[0], alone[0][step + 5][0], atol=1e-4, rtol=0)
+        # The longest row leaves: its padding columns are trimmed, the others decode on unchanged.
+        batch = select(batch, [1, 2])
+        assert batch.mask.shape[1] == len(PROMPTS[1]) + 8 and batch.mask[:, 0].any()
+        decode(model, layers, batch, torch.tensor([feed[1][8], feed[2][8]]))
+        torch.testing.assert_close(batch.logits[0], alone[1][9][0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(batch.logits[1], alone[2][9][0], atol=1e-4, rtol=0)
+    assert all(not layers[i]._forward_hooks for i in range(len(layers)))
+    assert early[0].shape == (1, model.config.vocab_size)
+
+
+# ---- the real model ------------------------------------------------------------------
+
+CONCEPTS = ("happy", "sad", "kind", "warmth", "bored", "content", "empathy", "enthusiasm", "melancholy")
+CHILD_PROMPTS = (
+    "Tell me about cats.", "What is rain?", "I lost my toy.", "Sing me a song!", "Why is the sky blue?",
+    "I had a bad dream.", "Can we play a game?", "What do fish eat?", "Tell me a joke.",
+)
+
+
+def _steering(smollm: LoadedModel, paths, concept: str, alpha: float = 6.0) -> Steering:
+    cv = read_vector(paths.vectors / smollm.name / f"{concept}.safetensors")
+    return Steering(concept, {layer: cv.directions[layer] for layer in smollm.steering_layers}, alpha, 8.0, frozenset())
+
+
+class Collector:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.done = threading.Event()
+        self.first_text = threading.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        if isinstance(event, TextDelta):
+            self.first_text.set()
+        if isinstance(event, Finished):
+            self.done.set()
+
+    @property
+    def text(self) -> str:
+        return "".join(e.text for e in self.events if isinstance(e, TextDelta))
+
+    @property
+    def finished(self) -> Finished:
+        return next(e for e in self.events if isinstance(e, Finished))
+
+
+def _job(smollm: LoadedModel, paths, prompt: str, concept: str | None, max_tokens: int = 20) -> tuple[Job, Collector]:
+    ids = smollm.tokenizer(render_prompt(smollm, prompt), add_special_tokens=False)["input_ids"]
+    c = Collector()
+    steering = _steering(smollm, paths, concept) if concept else None
+    return Job(ids, c, steering, max_tokens=max_tokens, gate=GateConfig(enabled=False)), c
+
+
+@pytest.fixture(scope="module")
+def engine(smollm):
+    e = Engine(smollm, EngineSettings(max_batch=9, max_queue=16))
+    yield e
+    e.close()
+
+
+def test_greedy_request_gives_the_same_tokens_alone_and_in_a_batch_of_nine(smollm, paths, engine) -> None:
+    job, alone = _job(smollm, paths, CHILD_PROMPTS[0], CONCEPTS[0])
+    engine.submit(job)
+    assert alone.done.wait(300)
+    together = []
+    for prompt, concept in zip(CHILD_PROMPTS, CONCEPTS):
+        job, c = _job(smollm, paths, prompt, concept)
+        engine.submit(job)
+        together.append(c)
+    assert all(c.done.wait(600) for c in together)
+    assert together[0].text == alone.text and together[0].finished.completion_tokens == alone.finished.completion_tokens
+    assert len({c.text for c in together}) == len(together)  # nine different replies, none empty
+    assert all(c.text for c in together)
+    assert all(not smollm.layers[i]._forward_hooks for i in range(len(smollm.layers)))
+
+
+def test_padding_moves_logits_by_float_noise_only(smollm, paths) -> None:
+    """How far left padding and batch neighbours move a row's logits on the real model."""
+    tok = smollm.tokenizer
+    ids = [tok(render_prompt(smollm, p), add_special_tokens=False)["input_ids"] for p in CHILD_PROMPTS]
+    directions = [_steering(smollm, paths, c).directions for c in CONCEPTS]
+    layers = smollm.steering_layers
+
+    def deltas(rows: list[int]) -> dict[int, torch.Tensor]:
+        return {layer: torch.stack([6.0 * directions[r][layer] for r in rows]) for layer in layers}
+
+    with torch.no_grad():
+        alone = prefill(smollm.model, smollm.layers, [ids[0]], deltas([0]))
+        batch = prefill(smollm.model, smollm.layers, ids, deltas(list(range(len(ids)))))
+        diff = float((alone.logits[0] - batch.logits[0]).abs().max())
+        for _ in range(5):
+            token = alone.logits.argmax(-1)
+            assert int(token) == int(batch.logits[0].argmax()), "a batch neighbour changed a greedy token"
+            decode(smollm.model, smollm.layers, alone, token)
+            decode(smollm.model, smollm.layers, batch, torch.cat([token, batch.logits[1:].argmax(-1)]))
+            diff = max(diff, float((alone.logits[0] - batch.logits[0]).abs().max()))
+    print(f"largest logit difference alone vs padded in a batch of {len(ids)}: {diff:.2e}")
+    assert diff < 1e-3
+
+
+def test_a_request_joins_a_running_stream_without_changing_it(smollm, paths, engine) -> None:
+    job, alone = _job(smollm, paths, CHILD_PROMPTS[3], "warmth", max_tokens=24)
+    engine.submit(job)
+    assert alone.done.wait(300)
+    first, a = _job(smollm, paths, CHILD_PROMPTS[3], "warmth", max_tokens=24)
+    engine.submit(first)
+    assert a.first_text.wait(120)
+    second, b = _job(smollm, paths, CHILD_PROMPTS[5], "sad", max_tokens=24)
+    engine.submit(second)
+    assert a.done.wait(300) and b.done.wait(300)
+    assert a.text == alone.text
+    assert b.text and isinstance(b.events[0], Started) and b.events[0].concept == "sad"
+
+
+def test_a_cancelled_stream_leaves_at_once_and_the_others_go_on(smollm, paths, engine) -> None:
+    keep, k = _job(smollm, paths, CHILD_PROMPTS[1], "kind", max_tokens=40)
+    drop, d = _job(smollm, paths, CHILD_PROMPTS[2], "happy", max_tokens=400)
+    engine.submit(keep)
+    engine.submit(drop)
+    assert d.first_text.wait(120)
+    drop.cancelled.set()
+    assert d.done.wait(30)
+    assert d.finished.reason == "cancelled" and d.finished.completion_tokens < 40
+    assert k.done.wait(300) and k.finished.reason in ("length", "end_of_text")
+    assert all(not smollm.layers[i]._forward_hooks for i in range(len(smollm.layers)))
+
+
+def test_engine_settings_are_checked(smollm) -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        Engine(smollm, EngineSettings(max_batch=0))
