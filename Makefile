@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: venv prepare demo ab test bench derive validate stubs tools clean-cache
+.PHONY: venv prepare demo ab test bench reliability derive validate stubs tools clean-cache
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,14 @@ $(BENCH_VENV)/.installed: $(VENV)/.installed requirements-bench.txt
 # Every figure side by side in one run: bench/results.json and bench/results.md.
 bench: prepare $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python -m bench
+
+# The heavier reliability suites (CI runs lighter versions of the same tests): docs/RELIABILITY.md.
+reliability: prepare
+	rm -f docs/.reliability.json
+	RELIABILITY_OUT=docs/.reliability.json RELIABILITY_EXAMPLES=2000 LOAD_SECONDS=300 CANCELLED_STREAMS=400 \
+		$(PY) -m pytest -q -s --junitxml=docs/.reliability.xml tests/test_bad_input.py tests/test_bypass.py \
+		tests/test_faults.py tests/test_chat.py tests/test_load.py tests/test_security.py; \
+		$(PY) scripts/reliability_report.py docs/.reliability.json docs/.reliability.xml docs/RELIABILITY.md
 
 # Re-derive every concept for every registered model (what is checked in under vectors/).
 derive: venv

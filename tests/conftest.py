@@ -4,6 +4,9 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import ipaddress
+import socket
+
 import pytest
 import torch
 
@@ -23,3 +26,58 @@ def paths() -> Paths:
 def smollm(paths: Paths) -> LoadedModel:
     torch.manual_seed(0)
     return load_model(load_registry(paths.registry).get(SMOLLM), paths.cache, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def figures() -> dict:
+    """Figures the reliability suites measure; `make reliability` sets RELIABILITY_OUT to keep them."""
+    found: dict = {}
+    yield found
+    out = os.environ.get("RELIABILITY_OUT")
+    if out and found:
+        import json
+        from pathlib import Path
+
+        path = Path(out)
+        merged = json.loads(path.read_text()) if path.exists() else {}
+        merged.update(found)
+        path.write_text(json.dumps(merged, indent=2) + "\n")
+
+
+# ---- "no data leaves the house": every test runs behind a socket guard -------------------
+
+OUTBOUND_ATTEMPTS: list[str] = []
+_real_connect, _real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+
+def _is_local(sock: socket.socket, address) -> bool:
+    if sock.family == getattr(socket, "AF_UNIX", None):
+        return True
+    host = address[0] if isinstance(address, tuple) else str(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+    except ValueError:
+        return False  # a host name: resolving it would already leave the house
+
+
+def _guarded(real):
+    def connect(self, address):
+        if not _is_local(self, address):
+            OUTBOUND_ATTEMPTS.append(repr(address))
+            raise ConnectionRefusedError(f"socket guard: outbound connection to {address!r} blocked in tests")
+        return real(self, address)
+
+    return connect
+
+
+socket.socket.connect = _guarded(_real_connect)
+socket.socket.connect_ex = _guarded(_real_connect_ex)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    # Tests that expect the guard to fire clear what they caused; anything left is a leak.
+    if OUTBOUND_ATTEMPTS:
+        print(f"\nsocket guard: outbound connections attempted: {OUTBOUND_ATTEMPTS}")
+        session.exitstatus = 1

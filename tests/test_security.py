@@ -123,3 +123,27 @@ def test_default_bind_is_loopback() -> None:
             return s.connect_ex((address, running.port))
 
     assert asyncio.run(_with_server(ServerSettings(), body)) != 0
+
+
+def test_oversized_request_is_invalid_argument_and_says_the_limit() -> None:
+    settings = ServerSettings(max_message_bytes=64 * 1024)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        _tag("x" * (settings.max_message_bytes + 100), settings)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "the limit is 65536" in info.value.details()
+    assert _tag("small request", settings).label == tagger_pb2.EMOTION_HAPPY  # the server goes on serving
+
+
+def test_socket_guard_blocks_outbound_connections() -> None:
+    """No data leaves the house: the suite runs behind a guard that refuses any connection
+    that is not to loopback (see conftest.py); here it is shown to fire."""
+    from conftest import OUTBOUND_ATTEMPTS
+
+    with socket.socket() as s, pytest.raises(ConnectionRefusedError, match="socket guard"):
+        s.connect(("192.0.2.1", 80))  # TEST-NET-1
+    assert OUTBOUND_ATTEMPTS[-1] == repr(("192.0.2.1", 80))
+    OUTBOUND_ATTEMPTS.pop()
+    with socket.socket() as s:  # loopback stays open
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with socket.socket() as c:
+            c.connect(s.getsockname())

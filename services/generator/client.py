@@ -23,7 +23,11 @@ class RetryPolicy:
 class BlipClient:
     def __init__(self, address: str, token: str | None = None, credentials: grpc.ChannelCredentials | None = None,
                  retry: RetryPolicy = RetryPolicy()) -> None:
-        self._channel = grpc.aio.secure_channel(address, credentials) if credentials else grpc.aio.insecure_channel(address)
+        # Reconnect soon after a restarted generator is back, not after gRPC's default backoff (up to 120 s).
+        options = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000),
+                   ("grpc.min_reconnect_backoff_ms", 250))
+        self._channel = (grpc.aio.secure_channel(address, credentials, options) if credentials
+                         else grpc.aio.insecure_channel(address, options))
         self._stub = generator_pb2_grpc.GeneratorStub(self._channel)
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._retry = retry

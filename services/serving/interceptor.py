@@ -62,14 +62,50 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, method: str)
     await context.abort(code, message)
 
 
+class _Undecodable:
+    """What an oversized request, or one that is not valid protobuf (for example a string
+    field holding invalid UTF-8), deserialises to, so that the handler answers
+    INVALID_ARGUMENT rather than gRPC's generic INTERNAL for a failed deserialisation."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _tolerant(deserialize: Callable | None, max_bytes: int) -> Callable | None:
+    if deserialize is None:
+        return None
+
+    def wrapper(data: bytes) -> object:
+        if len(data) > max_bytes:
+            return _Undecodable(f"the request is {len(data)} bytes; the limit is {max_bytes}")
+        try:
+            return deserialize(data)
+        except Exception as exc:
+            return _Undecodable(f"the request is not a valid message (string fields must be UTF-8): {exc}")
+
+    return wrapper
+
+
+def _checked(request: object) -> object:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(request.message)
+    return request
+
+
+async def _checked_stream(requests):
+    async for request in requests:
+        yield _checked(request)
+
+
 def _passthrough(exc: BaseException) -> bool:
     # An abort already carries its status; a cancellation must stay a cancellation.
     return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)) or not isinstance(exc, Exception)
 
 
-def _wrap_unary(fn: Callable, method: str) -> Callable:
+def _wrap_unary(fn: Callable, method: str, streaming_request: bool) -> Callable:
     async def wrapper(request, context):
         try:
+            request = _checked_stream(request) if streaming_request else _checked(request)
             return await fn(request, context)
         except BaseException as exc:
             if _passthrough(exc):
@@ -79,9 +115,10 @@ def _wrap_unary(fn: Callable, method: str) -> Callable:
     return wrapper
 
 
-def _wrap_streaming(fn: Callable, method: str) -> Callable:
+def _wrap_streaming(fn: Callable, method: str, streaming_request: bool) -> Callable:
     async def wrapper(request, context):
         try:
+            request = _checked_stream(request) if streaming_request else _checked(request)
             async for item in fn(request, context):
                 yield item
         except BaseException as exc:
@@ -108,8 +145,9 @@ def _denied(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandl
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str | None = None) -> None:
+    def __init__(self, token: str | None = None, max_request_bytes: int = 1 << 20) -> None:
         self._token = token
+        self._max_request_bytes = max_request_bytes
 
     def _authorised(self, details: grpc.HandlerCallDetails) -> bool:
         if not self._token or details.method.startswith(_OPEN_PREFIXES):
@@ -126,13 +164,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
+        handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer, self._max_request_bytes))
         if not self._authorised(details):
             return _denied(handler, "missing or wrong token: send metadata 'authorization: Bearer <token>'")
         method = details.method
         if handler.unary_unary:
-            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method))
+            return handler._replace(unary_unary=_wrap_unary(handler.unary_unary, method, False))
         if handler.stream_unary:
-            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, method))
+            return handler._replace(stream_unary=_wrap_unary(handler.stream_unary, method, True))
         if handler.unary_stream:
-            return handler._replace(unary_stream=_wrap_streaming(handler.unary_stream, method))
-        return handler._replace(stream_stream=_wrap_streaming(handler.stream_stream, method))
+            return handler._replace(unary_stream=_wrap_streaming(handler.unary_stream, method, False))
+        return handler._replace(stream_stream=_wrap_streaming(handler.stream_stream, method, True))

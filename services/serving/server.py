@@ -60,11 +60,13 @@ async def start_server(
 ) -> RunningServer:
     """Build, bind and start a server; health starts NOT_SERVING until the caller says so."""
     options = [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        # The transport takes up to 4x the limit so that the interceptor, not the transport,
+        # refuses an oversized request: INVALID_ARGUMENT with the limit in the message.
+        ("grpc.max_receive_message_length", 4 * settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(interceptors=[ServiceInterceptor(settings.token)], options=options)
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(settings.token, settings.max_message_bytes)], options=options)
     add(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

@@ -166,9 +166,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_derive(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .atomic import remove_orphans
     from .derive import derive_concept
     from .pairs import concept_names, load_concept
-    from .store import save_vector, vector_path
+    from .store import read_vector, save_vector, vector_path
 
     paths = _paths()
     names = args.concepts.split(",") if args.concepts else concept_names(paths.pairs)
@@ -177,6 +178,19 @@ def cmd_derive(args: argparse.Namespace) -> int:
         raise ConfigError(f"no concepts to derive (no pairs in {paths.pairs})")
     loaded = _load(args)
     out_dir = Path(args.out) if args.out else paths.model_vectors(loaded.name)
+    if out_dir.is_dir():
+        remove_orphans(out_dir)  # what a killed earlier run left half-written
+    if args.resume:
+        def current(c) -> bool:
+            try:
+                cv = read_vector(vector_path(out_dir, c.name))
+            except SteeringError:
+                return False
+            return cv.fingerprint == loaded.fingerprint and cv.pairs_sha256 == c.pairs_sha256
+        done = [c.name for c in concepts if current(c)]
+        concepts = [c for c in concepts if c.name not in done]
+        if done:
+            print(f"resuming: {len(done)} concept(s) already derived from these pairs on this model")
     total = sum(2 * len(c.pairs) for c in concepts)
     start = time.perf_counter()
     with tqdm(total=total, unit="text", desc=f"derive {loaded.name}", disable=args.quiet) as bar:
@@ -308,6 +322,7 @@ def _model_vectors(loaded):
 def cmd_validate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .atomic import remove_orphans
     from .record import write_record
     from .report import write_report
     from .scoring import load_scorer
@@ -320,6 +335,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     _print_check(load)
     if loaded is None:
         raise SteeringError(f"validation of {entry.name} stopped: the model did not load ({load.detail})")
+    model_dir = paths.model_vectors(loaded.name)
+    for folder in (model_dir, model_dir / "plots"):  # what a killed earlier run left half-written
+        if folder.is_dir():
+            remove_orphans(folder)
     vectors, refused = _model_vectors(loaded)
     for concept, reason in refused.items():
         print(f"  refused vector {concept}: {reason}", file=sys.stderr)
@@ -342,7 +361,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 results[name] = sweep_concept(loaded, vectors[name], scorer, settings, base)
                 bar.update()
     record = model_record(loaded, checks, results, settings, base, time.perf_counter() - start)
-    model_dir = paths.model_vectors(loaded.name)
     path = write_record(model_dir, record)
     report = write_report(model_dir, record)
     for name, c in sorted(results.items()):
@@ -422,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concepts", help="comma-separated concepts (default: every concept with pairs)")
     p.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
     p.add_argument("--out", help="output folder (default: vectors/<model>/)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip concepts whose stored vector is complete and derived from the same pairs on this model")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_derive)
 

@@ -1,0 +1,274 @@
+"""Bad input, property-based: Hypothesis builds requests for every RPC (and raw bytes that are
+not valid protobuf at all) and sends them over real gRPC to the real tagger and generator.
+Every answer is a stream that starts or a clear status with a message: never INTERNAL,
+UNKNOWN or a crash, and the servers serve normally afterwards.
+
+RELIABILITY_EXAMPLES sets the cases per RPC (default 500; `make reliability` runs more)."""
+
+import os
+import struct
+from collections import Counter
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from generator.engine import EngineSettings
+from generator.server import GeneratorConfig, build_service
+from protos.steering.v1 import generator_pb2 as pb
+from protos.steering.v1 import tagger_pb2
+from steering.profiles import Profile
+from grpc_helpers import StackInThread
+
+EXAMPLES = int(os.environ.get("RELIABILITY_EXAMPLES", "500"))
+CLEAR = {
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+OUTCOMES: dict[str, Counter] = {}  # per RPC: how each case was answered, printed at the end
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                           HealthCheck.data_too_large])
+
+
+@pytest.fixture(scope="module")
+def stack(figures):
+    service = build_service(GeneratorConfig(profile=Profile.BLIP, engine=EngineSettings(max_batch=8, max_queue=64)))
+    s = StackInThread(service)
+    yield s
+    s.stop()
+    for slot in service.slots.values():
+        slot.engine.close()
+    for rpc, counts in OUTCOMES.items():
+        print(f"\n{rpc}: {sum(counts.values())} cases: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
+    figures["bad_input"] = {rpc: dict(counts.most_common()) for rpc, counts in OUTCOMES.items()}
+
+
+@pytest.fixture(scope="module")
+def channel(stack):
+    with grpc.insecure_channel(stack.generator_address) as gen, grpc.insecure_channel(stack.tagger_address) as tag:
+        yield {"generator": gen, "tagger": tag}
+
+
+# ---- strategies ----------------------------------------------------------------------
+
+NAMES = ["", "happy", "sad", "calm", "warmth", "hostile", "mean", "angry", "dominant", "Happy", " happy", "happy ",
+         "hаppy", "../hostile", "hostile.safetensors", "HOSTILE", "h\u200bostile", "playfulness", "x" * 300]
+MODELS = ["", "smollm2-135m-instruct", "gemma3-270m", "nope", "../models", "SMOLLM2-135M-INSTRUCT"]
+text = st.text(max_size=120)
+huge = st.builds(lambda c, n: c * n, st.characters(), st.integers(8001, 60000))
+floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
+u32 = st.integers(0, 2**32 - 1)
+enum = st.integers(-(2**31), 2**31 - 1)  # proto3 enums are open: unknown values arrive as numbers
+
+
+def _pick(draw, field: str, wild: set[str], good, bad):
+    """The field's value: from its bad strategy when the case perturbs it, else a good one."""
+    return draw(bad if field in wild else good)
+
+
+def _wild(draw, fields: list[str]) -> set[str]:
+    """Which fields this case perturbs: none, one (most cases) or all of them."""
+    mode = draw(st.sampled_from(["none", "one", "one", "one", "all"]))
+    if mode == "none":
+        return set()
+    return set(fields) if mode == "all" else {draw(st.sampled_from(fields))}
+
+
+def _sampling(draw, wild: set[str]) -> pb.Sampling:
+    s = pb.Sampling(temperature=_pick(draw, "temperature", wild, st.floats(0, 1.5, width=32), floats),
+                    top_p=_pick(draw, "top_p", wild, st.floats(0.25, 1, width=32), floats))
+    if draw(st.booleans()):
+        s.seed = draw(st.integers(0, 2**64 - 1))
+    return s
+
+
+GENERATE_FIELDS = ["model", "input", "concept", "alpha", "temperature", "top_p", "max_tokens", "stop", "gate", "kl"]
+
+
+@st.composite
+def generate_requests(draw) -> pb.GenerateRequest:
+    wild = _wild(draw, GENERATE_FIELDS)
+    req = pb.GenerateRequest(model=_pick(draw, "model", wild, st.sampled_from(MODELS[:2]), st.sampled_from(MODELS) | text))
+    if "input" in wild:
+        which = draw(st.sampled_from(["prompt", "huge", "messages", "none"]))
+    else:
+        which = draw(st.sampled_from(["prompt", "good_messages"]))
+    if which == "prompt":
+        req.prompt = draw(text if "input" in wild else st.text(min_size=1, max_size=60).filter(str.strip))
+    elif which == "huge":
+        req.prompt = draw(huge)
+    elif which == "good_messages":
+        req.messages.messages.add(role="user", content=draw(st.text(min_size=1, max_size=60).filter(str.strip)))
+    elif which == "messages":
+        roles = st.sampled_from(["system", "user", "assistant", "", "robot", "USER"]) | text
+        for _ in range(draw(st.integers(0, 70))):
+            req.messages.messages.add(role=draw(roles), content=draw(st.text(max_size=30)))
+        if draw(st.booleans()):
+            req.messages.messages.add(role="user", content=draw(text))
+    steering = draw(st.sampled_from(["concept", "tag", "none"]))
+    if steering == "concept":
+        req.concept = _pick(draw, "concept", wild, st.sampled_from(["happy", "sad", "warmth", "kind", "empathy"]),
+                            st.sampled_from(NAMES) | text)
+    elif steering == "tag":
+        req.tag = _pick(draw, "concept", wild, st.integers(1, 7), enum)
+    if draw(st.booleans()):
+        req.alpha = _pick(draw, "alpha", wild, st.floats(-4, 4, width=32), floats)
+    req.sampling.CopyFrom(_sampling(draw, wild))
+    req.max_tokens = _pick(draw, "max_tokens", wild, st.integers(0, 8),
+                           st.sampled_from([513, 2**32 - 1]) | u32)
+    req.stop.extend(_pick(draw, "stop", wild, st.lists(st.text(min_size=1, max_size=8), max_size=2),
+                          st.lists(st.text(max_size=80), max_size=6)))
+    req.gate.disabled = draw(st.booleans())
+    req.gate.threshold = _pick(draw, "gate", wild, st.floats(0, 1, width=32), floats)
+    req.kl.enabled = draw(st.booleans())
+    good_kl = "kl" not in wild
+    req.kl.window = draw(st.integers(0, 16) if good_kl else u32)
+    req.kl.every = draw(st.integers(0, 4) if good_kl else u32)
+    req.kl.threshold = draw(st.floats(0, 1, width=32) if good_kl else floats)
+    req.kl.alpha_step = draw(st.floats(0, 4, width=32) if good_kl else floats)
+    return req
+
+
+@st.composite
+def chat_turns(draw) -> list[pb.ChatTurn]:
+    turns = []
+    for _ in range(draw(st.integers(1, 2))):
+        wild = _wild(draw, ["text", "model", "max_tokens", "temperature", "top_p", "gate", "kl"])
+        t = pb.ChatTurn(
+            text=_pick(draw, "text", wild, st.sampled_from(["I got a puppy!", "I'm scared of the dark."]),
+                       st.sampled_from(["", " "]) | text | huge),
+            model=_pick(draw, "model", wild, st.sampled_from(MODELS[:2]), st.sampled_from(MODELS) | text),
+            max_tokens=_pick(draw, "max_tokens", wild, st.integers(0, 4), st.sampled_from([513]) | u32),
+        )
+        t.sampling.CopyFrom(_sampling(draw, wild))
+        t.gate.threshold = _pick(draw, "gate", wild, st.floats(0, 1, width=32), floats)
+        t.kl.enabled = draw(st.booleans())
+        t.kl.window = _pick(draw, "kl", wild, st.integers(0, 16), u32)
+        turns.append(t)
+    return turns
+
+
+@st.composite
+def tag_requests(draw) -> tagger_pb2.TagRequest:
+    wild = _wild(draw, ["text", "context"])
+    return tagger_pb2.TagRequest(
+        text=_pick(draw, "text", wild, st.text(min_size=1, max_size=80).filter(str.strip), st.sampled_from(["", " "]) | text | huge),
+        context=_pick(draw, "context", wild, st.lists(st.text(max_size=40), max_size=3),
+                      st.lists(text, max_size=12) | st.lists(huge, min_size=1, max_size=2)),
+    )
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out += struct.pack("B", b | (0x80 if n else 0))
+        if not n:
+            return out
+
+
+@st.composite
+def raw_bytes(draw) -> bytes:
+    """Not valid protobuf, or a string field (field 1 or 2) holding invalid UTF-8 such as a lone surrogate."""
+    if draw(st.booleans()):
+        return draw(st.binary(max_size=200))
+    bad = draw(st.sampled_from([b"\xed\xa0\x80", b"\xff\xfe", b"\xc3\x28", b"ok\x80"]))
+    field = draw(st.sampled_from([1, 2]))
+    return _varint(field << 3 | 2) + _varint(len(bad)) + bad
+
+
+# ---- calling --------------------------------------------------------------------------
+
+
+def _record(rpc: str, outcome: str) -> None:
+    OUTCOMES.setdefault(rpc, Counter())[outcome] += 1
+
+
+def _check_error(rpc: str, err: grpc.RpcError) -> None:
+    code = err.code()
+    _record(rpc, code.name)
+    assert code in CLEAR, f"{rpc} answered {code.name}: {err.details()}"
+    assert err.details() and len(err.details()) > 10, f"{rpc}: {code.name} without a useful message"
+
+
+def _first_event(rpc: str, call) -> None:
+    """A stream that starts is fine: read one event, then hang up (the server cancels the job)."""
+    try:
+        next(iter(call))
+        _record(rpc, "streamed")
+    except grpc.RpcError as err:
+        _check_error(rpc, err)
+    finally:
+        call.cancel()
+
+
+def _unary(rpc: str, fn, request) -> None:
+    try:
+        fn(request, timeout=60)
+        _record(rpc, "ok")
+    except grpc.RpcError as err:
+        _check_error(rpc, err)
+
+
+def _generate(channel, request) -> object:
+    serialize = (lambda b: b) if isinstance(request, bytes) else pb.GenerateRequest.SerializeToString
+    method = channel.unary_stream("/steering.v1.Generator/Generate", request_serializer=serialize,
+                                  response_deserializer=pb.GenerateEvent.FromString)
+    return method(request, timeout=120)
+
+
+@SETTINGS
+@given(req=generate_requests() | raw_bytes())
+def test_generate(channel, req) -> None:
+    _first_event("Generate", _generate(channel["generator"], req))
+
+
+@SETTINGS
+@given(turns=chat_turns() | raw_bytes().map(lambda b: [b]))
+def test_chat(channel, turns) -> None:
+    serialize = (lambda b: b) if isinstance(turns[0], bytes) else pb.ChatTurn.SerializeToString
+    method = channel["generator"].stream_stream("/steering.v1.Generator/Chat", request_serializer=serialize,
+                                                response_deserializer=pb.ChatEvent.FromString)
+    _first_event("Chat", method(iter(turns), timeout=120))
+
+
+@SETTINGS
+@given(req=st.just(pb.ListModelsRequest()) | raw_bytes())
+def test_list_models(channel, req) -> None:
+    serialize = (lambda b: b) if isinstance(req, bytes) else pb.ListModelsRequest.SerializeToString
+    method = channel["generator"].unary_unary("/steering.v1.Generator/ListModels", request_serializer=serialize,
+                                              response_deserializer=pb.ListModelsResponse.FromString)
+    _unary("ListModels", method, req)
+
+
+@SETTINGS
+@given(req=tag_requests() | raw_bytes())
+def test_tag(channel, req) -> None:
+    serialize = (lambda b: b) if isinstance(req, bytes) else tagger_pb2.TagRequest.SerializeToString
+    method = channel["tagger"].unary_unary("/steering.v1.Tagger/Tag", request_serializer=serialize,
+                                           response_deserializer=tagger_pb2.TagResponse.FromString)
+    _unary("Tag", method, req)
+
+
+@SETTINGS
+@given(reqs=st.lists(tag_requests() | raw_bytes(), min_size=1, max_size=3))
+def test_tag_conversation(channel, reqs) -> None:
+    def serialize(r):
+        return r if isinstance(r, bytes) else r.SerializeToString()
+
+    method = channel["tagger"].stream_stream("/steering.v1.Tagger/TagConversation", request_serializer=serialize,
+                                             response_deserializer=tagger_pb2.TagResponse.FromString)
+    _first_event("TagConversation", method(iter(reqs), timeout=60))
+
+
+def test_servers_serve_normally_afterwards(stack, channel) -> None:
+    for name, ch in channel.items():
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING, name
+    events = list(_generate(channel["generator"], pb.GenerateRequest(prompt="Say hello.", concept="happy", max_tokens=4)))
+    assert events[-1].WhichOneof("event") == "finished" and events[-1].finished.completion_tokens >= 1
+    layers = next(iter(stack.generator.service.slots.values())).loaded.layers
+    assert all(not layers[i]._forward_hooks for i in range(len(layers)))
