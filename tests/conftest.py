@@ -50,16 +50,24 @@ OUTBOUND_ATTEMPTS: list[str] = []
 _real_connect, _real_connect_ex = socket.socket.connect, socket.socket.connect_ex
 
 
+def _own_addresses() -> set[str]:
+    import psutil
+
+    return {a.address.split("%")[0] for addrs in psutil.net_if_addrs().values() for a in addrs}
+
+
 def _is_local(sock: socket.socket, address) -> bool:
+    """Loopback, a Unix socket, or one of this machine's own interface addresses."""
     if sock.family == getattr(socket, "AF_UNIX", None):
         return True
     host = address[0] if isinstance(address, tuple) else str(address)
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
+        ip = ipaddress.ip_address(host.split("%")[0])
     except ValueError:
         return False  # a host name: resolving it would already leave the house
+    return ip.is_loopback or str(ip) in _own_addresses()
 
 
 def _guarded(real):

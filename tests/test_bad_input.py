@@ -58,7 +58,7 @@ NAMES = ["", "happy", "sad", "calm", "warmth", "hostile", "mean", "angry", "domi
          "hаppy", "../hostile", "hostile.safetensors", "HOSTILE", "h\u200bostile", "playfulness", "x" * 300]
 MODELS = ["", "smollm2-135m-instruct", "gemma3-270m", "nope", "../models", "SMOLLM2-135M-INSTRUCT"]
 text = st.text(max_size=120)
-huge = st.builds(lambda c, n: c * n, st.characters(), st.integers(8001, 60000))
+huge = st.builds(lambda c, n: c * n, st.characters(codec="utf-8"), st.integers(8001, 60000))
 floats = st.floats(allow_nan=True, allow_infinity=True, width=32)
 u32 = st.integers(0, 2**32 - 1)
 enum = st.integers(-(2**31), 2**31 - 1)  # proto3 enums are open: unknown values arrive as numbers

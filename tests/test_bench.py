@@ -32,6 +32,7 @@ def test_bench_smoke_writes_well_formed_results(tmp_path) -> None:
     assert r["derivation"]["concepts"] == 1 and _positive(r["derivation"]["seconds"])
     assert _positive(r["memory"]["generator_peak_mb"]) and _positive(r["memory"]["tagger_peak_mb"])
     assert _positive(r["physical_limit"]["roofline_tokens_per_s"])
-    assert {t["name"] for t in r["targets"]} >= {"steering overhead, whole band", "gRPC added time to first token (ms)"}
+    names = {t["name"] for t in r["targets"]}
+    assert "steering overhead, whole band" in names and any(n.startswith("gRPC added") for n in names)
     table = (tmp_path / "results.md").read_text()
     assert "## Targets" in table and "| unsteered |" in table

@@ -183,3 +183,35 @@ def test_a_cancelled_stream_leaves_at_once_and_the_others_go_on(smollm, paths, e
 def test_engine_settings_are_checked(smollm) -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Engine(smollm, EngineSettings(max_batch=0))
+
+
+def test_kl_from_the_chunked_shadow_equals_kl_over_the_whole_text(smollm, paths, engine) -> None:
+    """The shadow catches up a few tokens at a time; its KL at every position must be what
+    comparing the steered and unsteered model over the finished text gives."""
+    from generator.engine import KlConfig, kl_divergence
+    from generator.events import KlSample
+    from steering.hooks import steer
+
+    ids = smollm.tokenizer(render_prompt(smollm, CHILD_PROMPTS[4]), add_special_tokens=False)["input_ids"]
+    c = Collector()
+    st = _steering(smollm, paths, "happy")
+    engine.submit(Job(ids, c, st, max_tokens=14, gate=GateConfig(enabled=False),
+                      kl=KlConfig(enabled=True, threshold=0.0)))
+    assert c.done.wait(300)
+    samples = [e for e in c.events if isinstance(e, KlSample)]
+    n = c.finished.completion_tokens
+    assert [s.token_index for s in samples] == list(range(len(samples))) and len(samples) >= n
+    from steering.generate import GenerationSettings, generate
+
+    [ref] = generate(smollm, [CHILD_PROMPTS[4]], [{layer: st.alpha * d for layer, d in st.directions.items()}],
+                     GenerationSettings(max_new_tokens=14))
+    assert ref.text == c.text.strip()  # the same greedy tokens: the reply's ids are ref.token_ids
+    reply = list(ref.token_ids)
+    full = torch.tensor([ids + reply])
+    with torch.no_grad():
+        plain = smollm.model(input_ids=full).logits[0]
+        with steer(smollm.layers, {layer: (st.alpha * d)[None] for layer, d in st.directions.items()}):
+            steered = smollm.model(input_ids=full).logits[0]
+    for s in samples[: min(n, len(reply))]:
+        pos = len(ids) - 1 + s.token_index
+        assert s.kl == pytest.approx(kl_divergence(steered[pos], plain[pos]), rel=1e-3, abs=1e-4)

@@ -1,5 +1,5 @@
-"""The tensors of a running batch and the four things done to them: prefill new rows, merge
-two batches, drop rows, and decode one token.
+"""The tensors of a running batch and what is done to them: prefill new rows, merge two
+batches, drop rows or split one off, and decode a token (or a chunk of them) per row.
 
 Rows are left-padded: each row's real tokens end at the right edge, so one new token per
 row appends one column to the whole batch. A row's padding is masked out of attention and
@@ -8,6 +8,7 @@ carries its own steering additions; the hooks are attached for one forward call 
 so nothing stays registered between steps.
 """
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,7 +42,7 @@ def _forward(
         out = model(
             input_ids=ids, attention_mask=rows.mask, position_ids=positions, cache=rows.cache, use_cache=True, **kw
         )
-    return out.logits[:, -1]
+    return out.logits
 
 
 @torch.no_grad()
@@ -55,16 +56,29 @@ def prefill(
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     positions = position_ids(mask)
     rows = Rows(DynamicCache(), mask, positions[:, -1:], torch.empty(0), deltas)
-    rows.logits = _forward(model, layers, rows, ids, positions, logits_to_keep=1)
+    rows.logits = _forward(model, layers, rows, ids, positions, logits_to_keep=1)[:, -1]
     return rows
 
 
 @torch.no_grad()
-def decode(model: PreTrainedModel, layers: DecoderLayers, rows: Rows, tokens: torch.Tensor) -> None:
-    """Feed one token per row ([rows]); updates the cache, mask, positions and logits."""
-    rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), 1)], dim=-1)
-    rows.positions = rows.positions + 1
-    rows.logits = _forward(model, layers, rows, tokens[:, None], rows.positions)
+def decode(model: PreTrainedModel, layers: DecoderLayers, rows: Rows, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed one token per row ([rows]) or a chunk of k per row ([rows, k]); updates the cache,
+    mask, positions and next-token logits, and returns the logits at every fed position."""
+    chunk = tokens if tokens.dim() == 2 else tokens[:, None]
+    k = chunk.shape[1]
+    rows.mask = torch.cat([rows.mask, rows.mask.new_ones(len(rows), k)], dim=-1)
+    positions = rows.positions + torch.arange(1, k + 1, device=rows.positions.device)
+    rows.positions = positions[:, -1:]
+    logits = _forward(model, layers, rows, chunk, positions)
+    rows.logits = logits[:, -1]
+    return logits
+
+
+def split_off(rows: Rows, index: int) -> Rows:
+    """A batch of its own holding a copy of one row (the original batch is unchanged)."""
+    one = Rows(copy.deepcopy(rows.cache), rows.mask, rows.positions, rows.logits,
+               {layer: d.clone() for layer, d in rows.deltas.items()})
+    return select(one, [index])
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:

@@ -7,10 +7,11 @@ its own steering additions, so requests with different concepts and alphas, or n
 decode together without seeing each other's vectors.
 
 A steered request's prompt is prefilled as two rows: unsteered and steered. The unsteered
-row's next-token distribution feeds the top-3 skip gate; then the request keeps what it
-needs: only the unsteered row (gate skip), only the steered one, or both when KL
-monitoring is on. The unsteered shadow row is fed the steered row's tokens, so
-KL(steered || unsteered) compares the two distributions over the same text.
+row's next-token distribution feeds the top-3 skip gate; then the request decodes with one
+of them (unsteered when the gate skips). With KL monitoring on, the unsteered row is split
+off as the stream's shadow: it is fed the steered row's tokens a few at a time, so
+KL(steered || unsteered) compares the two distributions over the same text at every
+position while costing a fraction of a second decoding row.
 
 Everything a request needs lives in its `_Stream`; nothing per request is kept on the engine.
 """
@@ -32,7 +33,7 @@ from steering.generate import eos_ids, sample
 from steering.hooks import stack_rows
 from steering.loading import LoadedModel
 
-from .batch import Rows, decode, merge, prefill, select
+from .batch import Rows, decode, merge, prefill, select, split_off
 from .events import Event, Failed, Finished, Gate, KlSample, Reinjection, Started, TextDelta
 from .metrics import GeneratorMetrics
 
@@ -134,27 +135,45 @@ class TextStream:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    max_batch: int = 8  # streams decoded together; a KL shadow row does not count
+    max_batch: int = 8  # streams decoded together
     max_queue: int = 16  # requests waiting to join beyond that
+
+
+# The KL shadow catches up on the steered row's tokens this many at a time: one forward of a
+# few tokens costs about what one forward of one token costs on a CPU, so monitoring costs a
+# fraction of a second row; the price is that a re-injection reacts up to this many tokens late.
+SHADOW_CHUNK = 4
 
 
 class StepResult(NamedTuple):
     token: int | None  # None: the stream has ended
     alpha_changed: bool = False
-    reinjected: bool = False
+    reinjections: int = 0
     first_text: bool = False
 
 
+@dataclass
+class _Pending:
+    """A generated position whose KL against the unsteered shadow is not computed yet."""
+
+    index: int
+    logits: torch.Tensor  # the steered row's next-token logits at this position
+    alpha: float
+    token: int | None = None  # None for a final end-of-text, which the shadow never needs
+
+
 class _Stream:
-    """One request in the running batch: its rows, text, sampler and KL state."""
+    """One request in the running batch (one row): its text, sampler and KL shadow."""
 
     def __init__(self, loaded: LoadedModel, job: Job, eos: set[int]) -> None:
         self.loaded, self.job, self.eos = loaded, job, eos
         st = job.steering
         self.base_alpha = self.alpha = st.alpha if st else 0.0
-        self.roles: tuple[str, ...] = ()  # this stream's rows, "main" and maybe "shadow"
         self.main_steered = False
         self.gate = ""  # the gate's decision, once prefilled
+        self.shadow: Rows | None = None  # the unsteered row, in a batch of its own, when KL is on
+        self.shadow_next: torch.Tensor | None = None  # its logits for the first pending position
+        self.pending: list[_Pending] = []
         self.text = TextStream(loaded.tokenizer, job.stop)
         self.generated: list[int] = []
         self.window: deque[float] = deque(maxlen=max(1, job.kl.window))
@@ -181,8 +200,9 @@ class _Stream:
             return [self.additions(True)]
         return [None, self.additions(True)]
 
-    def choose_rows(self, logits: torch.Tensor) -> list[int]:
-        """After prefill: which prefilled rows to keep, main row first (indices into prefill_rows)."""
+    def choose_rows(self, logits: torch.Tensor) -> tuple[int, int | None]:
+        """After prefill: (the prefilled row that decodes, the unsteered row to keep as the KL
+        shadow or None), as indices into prefill_rows."""
         job, st = self.job, self.job.steering
         if st is None:
             decision, steered = Gate("no_steering"), False
@@ -191,24 +211,21 @@ class _Stream:
         else:
             g = decide(logits[0], st.word_ids, self.loaded.tokenizer, job.gate.threshold)
             decision, steered = Gate("skip" if g.skip else "steer", g.token, g.probability, g.top3), not g.skip
-        if len(logits) == 1 or not steered:
-            keep = [0]
-        else:
-            keep = [1, 0] if job.kl.enabled else [1]  # the unsteered row stays as the KL shadow
         self.main_steered = steered
-        self.roles = ("main", "shadow")[: len(keep)]
         self.gate = decision.decision
         job.emit(decision)
-        return keep
+        if len(logits) == 1 or not steered:
+            return 0, None
+        return 1, (0 if job.kl.enabled else None)
 
-    def _monitor(self, index: int, main: torch.Tensor, shadow: torch.Tensor) -> bool:
-        """KL of this step; re-injects at a higher alpha when the steering has faded."""
+    def _monitor(self, index: int, main: torch.Tensor, shadow: torch.Tensor, alpha: float) -> bool:
+        """KL at one position; re-injects at a higher alpha when the steering has faded."""
         kl_cfg, st = self.job.kl, self.job.steering
         kl = kl_divergence(main, shadow)
         self.window.append(kl)
         mean = sum(self.window) / len(self.window)
         if index % max(1, kl_cfg.every) == 0:
-            self.job.emit(KlSample(index, kl, mean, self.alpha))
+            self.job.emit(KlSample(index, kl, mean, alpha))
         if index >= self.reinject_until and self.alpha != self.base_alpha:
             self.alpha = self.base_alpha  # the re-injection window is over
         faded = len(self.window) == self.window.maxlen and mean < kl_cfg.threshold
@@ -220,15 +237,30 @@ class _Stream:
             return True
         return False
 
-    def advance(self, main: torch.Tensor, shadow: torch.Tensor | None) -> StepResult:
-        """Take this step's token from the main row's logits and send what text it completes."""
+    def _catch_up(self) -> int:
+        """Feed the shadow the pending tokens in one forward and take the KL at each pending
+        position. Returns the number of re-injections."""
+        tokens = [p.token for p in self.pending if p.token is not None]
+        shadow_logits = [self.shadow_next]
+        if tokens:
+            chunk = torch.tensor([tokens], device=self.loaded.device)
+            fed = decode(self.loaded.model, self.loaded.layers, self.shadow, chunk)[0]
+            shadow_logits += list(fed)
+            self.shadow_next = fed[-1]
+        reinjections = sum(self._monitor(p.index, p.logits, s, p.alpha) for p, s in zip(self.pending, shadow_logits))
+        self.pending.clear()
+        return reinjections
+
+    def advance(self, main: torch.Tensor) -> StepResult:
+        """Take this step's token from the row's logits and send what text it completes."""
         job = self.job
         if job.cancelled.is_set():
             return self.end("cancelled")
         if job.deadline is not None and time.monotonic() >= job.deadline:
             return self.end("deadline")
         alpha = self.alpha
-        reinjected = self._monitor(len(self.generated), main, shadow) if shadow is not None else False
+        if self.shadow is not None:
+            self.pending.append(_Pending(len(self.generated), main, alpha))
         if len(self.generated) < job.min_tokens and self.eos:
             main = main.clone()
             main[list(self.eos)] = -torch.inf
@@ -236,6 +268,8 @@ class _Stream:
         if token in self.eos:
             return self.end("end_of_text")
         self.generated.append(token)
+        if self.pending:
+            self.pending[-1].token = token
         delta, stopped = self.text.push(self.generated)
         first = bool(delta) and not self.first_token_ms
         if first:
@@ -246,17 +280,20 @@ class _Stream:
             return self.end("stop_sequence", first)
         if len(self.generated) >= job.max_tokens:
             return self.end("length", first)
-        return StepResult(token, self.alpha != alpha, reinjected, first)
+        reinjections = self._catch_up() if len(self.pending) >= SHADOW_CHUNK else 0
+        return StepResult(token, self.alpha != alpha, reinjections, first)
 
     def end(self, reason: str, first_text: bool = False) -> StepResult:
         self.reason = reason
+        reinjections = self._catch_up() if self.pending and reason != "cancelled" else 0  # the last KL samples
+        self.shadow = None
         if reason != "stop_sequence":
             tail = self.text.flush(self.generated)
             if tail and reason != "cancelled":
                 self.job.emit(TextDelta(tail))
         self.job.emit(Finished(reason, len(self.job.prompt_ids), len(self.generated),
                                time.perf_counter() - self.started, self.first_token_ms))
-        return StepResult(None, first_text=first_text)
+        return StepResult(None, reinjections=reinjections, first_text=first_text)
 
 
 class Engine:
@@ -304,96 +341,93 @@ class Engine:
         self.metrics.queue_depth.labels(self.loaded.name).set(self._jobs.qsize())
         return jobs
 
-    def _admit(self, jobs: list[Job], eos: set[int]) -> tuple[Rows, list[tuple[_Stream, str]]]:
-        """Prefill the joiners together, let each one's gate pick its rows, keep those."""
+    def _admit(self, jobs: list[Job], eos: set[int]) -> tuple[Rows, list[_Stream]]:
+        """Prefill the joiners together; each one's gate picks the row it decodes with, and a
+        stream monitoring KL splits its unsteered row off as its shadow."""
         streams = [_Stream(self.loaded, job, eos) for job in jobs]
-        prompts, additions, spans = [], [], []
+        prompts, additions, starts = [], [], []
         for s in streams:
             rows = s.prefill_rows()
-            spans.append(range(len(prompts), len(prompts) + len(rows)))
+            starts.append(len(prompts))
             prompts += [s.job.prompt_ids] * len(rows)
             additions += rows
         lm = self.loaded
         deltas = stack_rows(additions, lm.hidden_size, lm.model.dtype, lm.device)
         rows = prefill(lm.model, lm.layers, prompts, deltas, lm.tokenizer.pad_token_id or 0)
-        keep, owners = [], []
-        for s, span in zip(streams, spans):
-            chosen = s.choose_rows(rows.logits[span.start : span.stop])
-            self.metrics.gate_decisions.labels(self.loaded.name, s.gate).inc()
-            keep += [span.start + i for i in chosen]
-            owners += [(s, role) for role in s.roles]
-        return select(rows, keep), owners
+        keep = []
+        for s, start, end in zip(streams, starts, [*starts[1:], len(prompts)]):
+            main, shadow = s.choose_rows(rows.logits[start:end])
+            self.metrics.gate_decisions.labels(lm.name, s.gate).inc()
+            keep.append(start + main)
+            if shadow is not None:
+                s.shadow = split_off(rows, start + shadow)
+                s.shadow_next = s.shadow.logits[0]
+        return select(rows, keep), streams
 
     def _set_row(self, rows: Rows, row: int, additions: dict[int, torch.Tensor] | None) -> None:
         for layer, d in rows.deltas.items():
             d[row] = additions[layer].to(d.dtype) if additions and layer in additions else 0
 
-    def _step(self, batch: Rows, owners: list[tuple[_Stream, str]]) -> tuple[list[int], torch.Tensor]:
-        """Sample every stream's token. Returns the rows still live and each row's token."""
+    def _step(self, batch: Rows, streams: list[_Stream]) -> tuple[list[int], torch.Tensor, int]:
+        """Sample every stream's token (row i is stream i). Returns the rows still live, the
+        token of each row and how many tokens were generated."""
         name, m = self.loaded.name, self.metrics
-        tokens = torch.zeros(len(owners), dtype=torch.long, device=self.loaded.device)
-        index = {(s, role): i for i, (s, role) in enumerate(owners)}
+        tokens = torch.zeros(len(streams), dtype=torch.long, device=self.loaded.device)
         produced = 0
-        for s in dict.fromkeys(s for s, _ in owners):
-            main, shadow = index[(s, "main")], index.get((s, "shadow"))
+        for row, s in enumerate(streams):
             before = len(s.generated)
-            r = s.advance(batch.logits[main], batch.logits[shadow] if shadow is not None else None)
+            r = s.advance(batch.logits[row])
             produced += len(s.generated) - before
             if r.first_text:
                 m.time_to_first_token.labels(name).observe(s.first_token_ms / 1000)
+            if r.reinjections:
+                m.reinjections.labels(name).inc(r.reinjections)
             if r.token is None:
                 m.finished.labels(name, s.reason).inc()
                 continue
-            tokens[main] = r.token
-            if shadow is not None:
-                tokens[shadow] = r.token
-            if r.reinjected:
-                m.reinjections.labels(name).inc()
+            tokens[row] = r.token
             if r.alpha_changed:
-                self._set_row(batch, main, s.additions(True))
+                self._set_row(batch, row, s.additions(True))
         m.tokens.labels(name).inc(produced)
-        return [i for i, (s, _) in enumerate(owners) if s.reason is None], tokens
+        return [i for i, s in enumerate(streams) if s.reason is None], tokens, produced
 
     def _run(self) -> None:
         name, m = self.loaded.name, self.metrics
         eos = set(eos_ids(self.loaded))
         batch: Rows | None = None
-        owners: list[tuple[_Stream, str]] = []  # one per batch row
-        recent: deque[tuple[float, int]] = deque()  # (time, streams stepped) over the last 10 s
+        streams: list[_Stream] = []  # one per batch row
+        recent: deque[tuple[float, int]] = deque()  # (time, tokens) over the last 10 s
         while not self._closing.is_set():
-            streams = len({s for s, _ in owners})
-            jobs = self._take(self.settings.max_batch - streams, wait=batch is None)
+            jobs = self._take(self.settings.max_batch - len(streams), wait=batch is None)
             try:
                 with torch.no_grad():
                     if jobs:
                         joined, new = self._admit(jobs, eos)
                         batch = joined if batch is None else merge(batch, joined)
-                        owners += new
+                        streams += new
                         jobs = []
                     if batch is not None:
-                        live, tokens = self._step(batch, owners)
-                        recent.append((time.monotonic(), len({owners[i][0] for i in live})))
-                        if len(live) < len(owners):
-                            owners = [owners[i] for i in live]
+                        live, tokens, produced = self._step(batch, streams)
+                        recent.append((time.monotonic(), produced))
+                        if len(live) < len(streams):
+                            streams = [streams[i] for i in live]
                             batch = select(batch, live) if live else None
                         if batch is not None:
                             decode(self.loaded.model, self.loaded.layers, batch, tokens[live])
             except Exception as exc:  # a failed step fails the streams in it; the engine keeps serving
                 log.exception("generation failed")
-                running = [s.job for s in dict.fromkeys(s for s, _ in owners) if s.reason is None]
+                running = [s.job for s in streams if s.reason is None]
                 for job in dict.fromkeys(running + jobs):
                     try:
                         job.emit(Failed(exc))
                     except Exception:  # the caller is gone; nothing more to tell it
                         log.debug("could not report a failed job", exc_info=True)
-                batch, owners = None, []
+                batch, streams = None, []
             while recent and recent[0][0] < time.monotonic() - 10:
                 recent.popleft()
-            streams = len({s for s, _ in owners})
             m.tokens_per_second.labels(name).set(sum(n for _, n in recent) / 10)
-            m.batch_streams.labels(name).set(streams)
-            m.batch_rows.labels(name).set(len(owners))
-            m.batch_occupancy.labels(name).set(streams / self.settings.max_batch)
-        for s in dict.fromkeys(s for s, _ in owners):  # shutting down: end what is still running
+            m.batch_streams.labels(name).set(len(streams))
+            m.batch_occupancy.labels(name).set(len(streams) / self.settings.max_batch)
+        for s in streams:  # shutting down: end what is still running
             if s.reason is None:
                 s.end("cancelled")

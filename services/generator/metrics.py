@@ -32,9 +32,6 @@ class GeneratorMetrics:
             "steer_tokens_per_second", "Tokens generated per second over the last 10 seconds", ["model"], registry=r
         )
         self.batch_streams = Gauge("steer_batch_streams", "Streams in the running batch", ["model"], registry=r)
-        self.batch_rows = Gauge(
-            "steer_batch_rows", "Rows in the running batch, KL shadow rows included", ["model"], registry=r
-        )
         self.batch_occupancy = Gauge(
             "steer_batch_occupancy", "Running streams as a fraction of the batch limit", ["model"], registry=r
         )
