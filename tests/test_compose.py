@@ -1,6 +1,5 @@
 """docker-compose.yml is valid and describes the stack we promise (no Docker engine runs here)."""
 
-import json
 import shutil
 import subprocess
 from pathlib import Path

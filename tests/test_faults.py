@@ -23,7 +23,6 @@ from generator.client import BlipClient, RetryPolicy
 from generator.server import GeneratorConfig, build_service
 from protos.steering.v1 import generator_pb2 as pb
 from protos.steering.v1 import generator_pb2_grpc
-from steering.errors import SteeringError
 from steering.profiles import Profile
 from steering.record import assess
 from steering.settings import REPO_ROOT, paths_from_env

@@ -4,7 +4,6 @@ with a KV cache on the real SmolLM2."""
 import pytest
 import torch
 
-from steering.derive import position_ids
 from steering.hooks import stack_rows, steer
 from steering.layers import layer_output_tensor, resolve_layers
 from tiny_models import ARCHITECTURES, tiny_model

@@ -1,7 +1,5 @@
 """The vector store refuses every kind of bad file, names the reason, and keeps serving the rest."""
 
-import json
-import struct
 from pathlib import Path
 
 import pytest
@@ -9,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from steering.errors import VectorError
-from steering.store import load_store, load_vector, read_vector, save_vector, stored_concepts, vector_path
+from steering.store import load_store, load_vector, save_vector, stored_concepts, vector_path
 from steering.vector import ConceptVector
 
 FP = "a" * 64

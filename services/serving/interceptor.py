@@ -20,7 +20,6 @@ from steering.errors import (
     NotFoundError,
     PermissionDenied,
     ResourceExhausted,
-    SteeringError,
     Unavailable,
     VectorError,
 )
