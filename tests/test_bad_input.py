@@ -39,8 +39,7 @@ def stack(figures):
     s = StackInThread(service)
     yield s
     s.stop()
-    for slot in service.slots.values():
-        slot.engine.close()
+    service.close()
     for rpc, counts in OUTCOMES.items():
         print(f"\n{rpc}: {sum(counts.values())} cases: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
     figures["bad_input"] = {rpc: dict(counts.most_common()) for rpc, counts in OUTCOMES.items()}
@@ -213,8 +212,13 @@ def _unary(rpc: str, fn, request) -> None:
         _check_error(rpc, err)
 
 
+def _serializer(request: object):
+    """Raw bytes go on the wire as they are; messages are serialised."""
+    return (lambda b: b) if isinstance(request, bytes) else type(request).SerializeToString
+
+
 def _generate(channel, request) -> object:
-    serialize = (lambda b: b) if isinstance(request, bytes) else pb.GenerateRequest.SerializeToString
+    serialize = _serializer(request)
     method = channel.unary_stream("/steering.v1.Generator/Generate", request_serializer=serialize,
                                   response_deserializer=pb.GenerateEvent.FromString)
     return method(request, timeout=120)
@@ -229,7 +233,7 @@ def test_generate(channel, req) -> None:
 @SETTINGS
 @given(turns=chat_turns() | raw_bytes().map(lambda b: [b]))
 def test_chat(channel, turns) -> None:
-    serialize = (lambda b: b) if isinstance(turns[0], bytes) else pb.ChatTurn.SerializeToString
+    serialize = _serializer(turns[0])
     method = channel["generator"].stream_stream("/steering.v1.Generator/Chat", request_serializer=serialize,
                                                 response_deserializer=pb.ChatEvent.FromString)
     _first_event("Chat", method(iter(turns), timeout=120))
@@ -238,7 +242,7 @@ def test_chat(channel, turns) -> None:
 @SETTINGS
 @given(req=st.just(pb.ListModelsRequest()) | raw_bytes())
 def test_list_models(channel, req) -> None:
-    serialize = (lambda b: b) if isinstance(req, bytes) else pb.ListModelsRequest.SerializeToString
+    serialize = _serializer(req)
     method = channel["generator"].unary_unary("/steering.v1.Generator/ListModels", request_serializer=serialize,
                                               response_deserializer=pb.ListModelsResponse.FromString)
     _unary("ListModels", method, req)
@@ -247,7 +251,7 @@ def test_list_models(channel, req) -> None:
 @SETTINGS
 @given(req=tag_requests() | raw_bytes())
 def test_tag(channel, req) -> None:
-    serialize = (lambda b: b) if isinstance(req, bytes) else tagger_pb2.TagRequest.SerializeToString
+    serialize = _serializer(req)
     method = channel["tagger"].unary_unary("/steering.v1.Tagger/Tag", request_serializer=serialize,
                                            response_deserializer=tagger_pb2.TagResponse.FromString)
     _unary("Tag", method, req)
@@ -257,7 +261,7 @@ def test_tag(channel, req) -> None:
 @given(reqs=st.lists(tag_requests() | raw_bytes(), min_size=1, max_size=3))
 def test_tag_conversation(channel, reqs) -> None:
     def serialize(r):
-        return r if isinstance(r, bytes) else r.SerializeToString()
+        return _serializer(r)(r)
 
     method = channel["tagger"].stream_stream("/steering.v1.Tagger/TagConversation", request_serializer=serialize,
                                              response_deserializer=tagger_pb2.TagResponse.FromString)

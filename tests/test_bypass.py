@@ -80,11 +80,6 @@ def _codes(service, requests: list[pb.GenerateRequest]) -> list[tuple[grpc.Statu
     return run(with_generator(service, body))
 
 
-def _close(service) -> None:
-    for slot in service.slots.values():
-        slot.engine.close()
-
-
 def test_name_variants_paths_and_negative_alphas_are_refused_and_never_opened(store, opened, figures) -> None:
     service = build_service(GeneratorConfig(models=(MODEL,), profile=Profile.BLIP))
     try:
@@ -93,7 +88,7 @@ def test_name_variants_paths_and_negative_alphas_are_refused_and_never_opened(st
                      for name in BLOCKED for a in (-8.0, -1.0, 0.0)]
         answers = _codes(service, requests)
     finally:
-        _close(service)
+        service.close()
     for req, (code, details) in zip(requests, answers):
         assert code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT), (req.concept, code, details)
     blocked_files = [p for p in opened if Path(p).stem in BLOCKED or "hostile" in Path(p).name]
@@ -116,7 +111,7 @@ def test_a_blocked_vector_renamed_to_an_allowed_name_is_refused(store) -> None:
         [(code, _)] = _codes(service, [pb.GenerateRequest(prompt="hi", concept="sad", max_tokens=2)])
         assert code == grpc.StatusCode.OK  # the others are still served
     finally:
-        _close(service)
+        service.close()
 
 
 def test_a_policy_mapping_a_tag_to_a_blocked_concept_stops_start_up(tmp_path: Path) -> None:
@@ -136,7 +131,7 @@ def test_a_tampered_validation_record_makes_nothing_servable(store) -> None:
     try:
         answers = _codes(service, [pb.GenerateRequest(prompt="hi", concept=c, max_tokens=2) for c in ("calm", "happy")])
     finally:
-        _close(service)
+        service.close()
     assert all(code == grpc.StatusCode.FAILED_PRECONDITION and "altered" in details for code, details in answers)
 
 

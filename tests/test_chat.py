@@ -18,8 +18,7 @@ from tagger.server import serve as serve_tagger
 def service():
     svc = build_service(GeneratorConfig(profile=Profile.BLIP))
     yield svc
-    for slot in svc.slots.values():
-        slot.engine.close()
+    svc.close()
 
 
 async def _chat(service, turns: list[str], tagger_address: str | None, fail_fast: bool = False) -> list[pb.ChatEvent]:

@@ -180,8 +180,7 @@ def test_damaged_vector_files_refuse_only_their_concepts(tmp_path: Path, monkeyp
 
         codes = run(with_generator(service, body))
     finally:
-        for slot in service.slots.values():
-            slot.engine.close()
+        service.close()
     for concept in words:
         assert codes[concept][0] == "FAILED_PRECONDITION" and concept in codes[concept][1]
     assert codes["empathy"] == ("OK", "empathy") and codes["enthusiasm"] == ("OK", "enthusiasm")

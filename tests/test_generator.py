@@ -21,8 +21,7 @@ BLOCKED = ("hostile", "mean", "angry", "dominant", "anxious", "urgency")
 def service():
     svc = build_service(GeneratorConfig(profile=Profile.BLIP, engine=EngineSettings(max_batch=2, max_queue=2)))
     yield svc
-    for slot in svc.slots.values():
-        slot.engine.close()
+    svc.close()
 
 
 def _no_hooks(service) -> bool:

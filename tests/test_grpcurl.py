@@ -19,8 +19,7 @@ GRPCURL = Path(sys.executable).parent / "grpcurl"
 def service():
     svc = build_service(GeneratorConfig())
     yield svc
-    for slot in svc.slots.values():
-        slot.engine.close()
+    svc.close()
 
 
 async def _grpcurl(*args: str) -> tuple[int, str]:

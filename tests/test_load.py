@@ -35,8 +35,7 @@ def stack():
     s = StackInThread(service)
     yield s
     s.stop()
-    for slot in service.slots.values():
-        slot.engine.close()
+    service.close()
 
 
 def _request(rng: random.Random) -> pb.GenerateRequest:

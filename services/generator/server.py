@@ -52,8 +52,7 @@ class RunningGenerator:
         if self.metrics:
             self.metrics.stop()
         if self.owns_service:
-            for slot in self.service.slots.values():
-                await asyncio.to_thread(slot.engine.close)
+            await asyncio.to_thread(self.service.close)
         if self.tagger:
             await self.tagger.close()
 

@@ -120,6 +120,11 @@ class GeneratorService:
         self.profile = profile
         self.policy = policy
 
+    def close(self) -> None:
+        """Stop every model's engine (their running streams end as cancelled)."""
+        for slot in self.slots.values():
+            slot.engine.close()
+
     def slot(self, name: str) -> ModelSlot:
         name = name or self.default
         if name not in self.slots:
