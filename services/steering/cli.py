@@ -59,15 +59,22 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _concept_vector(loaded, concept: str):
+def _concept_vector(loaded, concept: str, args: argparse.Namespace | None = None):
     from .store import load_vector, vector_path
 
-    return load_vector(
-        vector_path(_paths().model_vectors(loaded.name), concept),
+    source = getattr(args, "vectors_from", None) or loaded.name
+    force = bool(getattr(args, "force", False))
+    cv = load_vector(
+        vector_path(_paths().model_vectors(_registry().get(source).name), concept),
         fingerprint=loaded.fingerprint,
         hidden_size=loaded.hidden_size,
         layers=loaded.steering_layers,
+        force=force,
     )
+    if "forced_onto" in cv.metadata:
+        print(f"FORCED: {concept} vector derived on {cv.model} ({cv.fingerprint[:16]}) is applied to "
+              f"{loaded.name} ({loaded.fingerprint[:16]})", file=sys.stderr)
+    return cv
 
 
 def _settings(args: argparse.Namespace):
@@ -205,7 +212,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
 def _rows(loaded, args: argparse.Namespace, n: int):
     if not args.concept:
         return [None] * n
-    cv = _concept_vector(loaded, args.concept)
+    cv = _concept_vector(loaded, args.concept, args)
     additions = cv.additions(_check_alpha(args.alpha), loaded.steering_layers)
     return [additions] * n
 
@@ -229,6 +236,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "model": loaded.name,
                 "concept": args.concept,
                 "alpha": args.alpha if args.concept else None,
+                "vectors_from": args.vectors_from or loaded.name,
+                "forced": bool(args.concept and args.vectors_from and args.force),
                 "new_tokens": res.new_tokens,
             }, ensure_ascii=False))
         else:
@@ -263,7 +272,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
     concepts = args.concept.split(",")
     print(f"model {loaded.name}, layers {list(loaded.steering_layers)}, alpha {args.alpha}\n")
     for concept in concepts:
-        cv = _concept_vector(loaded, concept.strip())
+        cv = _concept_vector(loaded, concept.strip(), args)
         additions = cv.additions(_check_alpha(args.alpha), loaded.steering_layers)
         # One batch: unsteered rows and steered rows side by side.
         results = generate(loaded, prompts + prompts, [None] * len(prompts) + [additions] * len(prompts), settings)
@@ -374,6 +383,45 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare_twin(args: argparse.Namespace) -> int:
+    from .atomic import write_text_atomic
+    from .scoring import load_scorer
+    from .store import load_store, stored_concepts
+    from .twin import compare_twin, twin_markdown
+    from .validate import SweepSettings, load_eval_prompts
+
+    paths = _paths()
+    reference = _registry().get(args.reference)
+    twin = _load(args)
+    if reference.name == twin.name:
+        raise ConfigError("--reference must name another model than --model")
+    ref_dir, own_dir = paths.model_vectors(reference.name), paths.model_vectors(twin.name)
+    names = [c for c in stored_concepts(own_dir) if c in set(stored_concepts(ref_dir))]
+    if not names:
+        raise NotFoundError(f"no concept has vectors for both {twin.name} and {reference.name}; run `steer derive` for each")
+    common = dict(fingerprint=twin.fingerprint, hidden_size=twin.hidden_size, layers=twin.steering_layers)
+    own, refused = load_store(own_dir, names, **common)
+    forced = {}
+    for name in names:  # the force is the point here; each vector records it in its metadata
+        forced[name] = _concept_vector(twin, name, argparse.Namespace(vectors_from=reference.name, force=True))
+    for name, reason in refused.items():
+        print(f"  refused {name}: {reason}", file=sys.stderr)
+    effect = [c.strip() for c in (args.effect_concepts or "").split(",") if c.strip()]
+    missing = [c for c in effect if c not in own]
+    if missing:
+        raise NotFoundError(f"no usable twin vector for {', '.join(missing)}")
+    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(args.seeds)))
+    start = time.perf_counter()
+    result = compare_twin(twin, reference.name, own, forced, load_scorer(paths.eval), settings, effect,
+                          on_concept=lambda c: print(f"  effect size: {c}", file=sys.stderr))
+    result["duration_s"] = round(time.perf_counter() - start, 1)
+    write_text_atomic(own_dir / "twin.json", json.dumps(result, indent=2) + "\n")
+    write_text_atomic(own_dir / "twin.md", twin_markdown(result))
+    print(twin_markdown(result))
+    print(f"wrote {own_dir / 'twin.json'} and {own_dir / 'twin.md'}")
+    return 0
+
+
 def _print_check(check) -> None:
     mark = "pass" if check.passed else "FAIL"
     print(f"  check {check.name:<12} {mark}  {check.figure:g}  {check.detail}")
@@ -460,6 +508,9 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--concept", required=True, help="concept(s), comma-separated")
         p.add_argument("--alpha", type=float, default=6.0, help="strength per layer (default 6)")
+        p.add_argument("--vectors-from", help="use the vectors stored for this other registered model")
+        p.add_argument("--force", action="store_true",
+                       help="apply vectors derived under another fingerprint (recorded as FORCED); for measurements only")
         _add_generation(p)
         p.set_defaults(func=func)
 
@@ -471,6 +522,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("compare-twin", help="a quantised twin's own vectors against its reference model's, forced onto it")
+    _add_model(p)
+    p.add_argument("--reference", required=True, help="the full-precision model the twin was made from")
+    p.add_argument("--effect-concepts", help="comma-separated concepts to measure d for (default: cosines only)")
+    p.add_argument("--seeds", type=int, default=2, help="sampling seeds per evaluation prompt (default 2)")
+    p.set_defaults(func=cmd_compare_twin)
 
     p = sub.add_parser("report", help="rewrite the validation report and plots from the stored record")
     p.add_argument("--model", help="registered model name (default: the registry's default)")

@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +119,10 @@ def fingerprint(entry: ModelEntry) -> str:
             while block := f.read(_HASH_BLOCK):
                 digest.update(block)
     weights = digest.hexdigest()
-    return hashlib.sha256(f"{weights}|dtype={entry.dtype}|quant={entry.quantization}".encode()).hexdigest()
+    key = f"{weights}|dtype={entry.dtype}|quant={entry.quantization}"
+    if entry.quantize:  # appended only when set, so unquantised models keep their fingerprints
+        key += f"|runtime={entry.quantize}"
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def cache_dir_for(entry: ModelEntry, fp: str, cache_root: Path) -> Path:
@@ -189,6 +193,18 @@ def resolve_device(entry: ModelEntry, device: str | None = None) -> torch.device
     return dev
 
 
+def quantize_dynamic_int8(layers: DecoderLayers) -> None:
+    """Swap every Linear in the decoder blocks for torch's dynamically quantised int8 Linear
+    (int8 weights, activations quantised per call). Embeddings and the tied head stay float32;
+    the blocks' outputs, where the hooks add vectors, stay float32 tensors."""
+    from torch.ao.quantization import quantize_dynamic
+
+    with warnings.catch_warnings():  # torch's notice that eager quantisation moves to torchao
+        warnings.simplefilter("ignore")
+        for block in layers:
+            quantize_dynamic(block, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+
+
 def load_model(entry: ModelEntry, cache_root: Path, device: str | None = None) -> LoadedModel:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dev = resolve_device(entry, device)
@@ -208,4 +224,8 @@ def load_model(entry: ModelEntry, cache_root: Path, device: str | None = None) -
         layers = resolve_layers(model, entry.layer_template)
     except LayerPathError as exc:
         raise ModelLoadError(f"model {entry.name!r}: {exc}") from None
+    if entry.quantize == "dynamic-int8":
+        if dev.type != "cpu":
+            raise ModelLoadError(f"model {entry.name!r} is quantised dynamically to int8, which torch runs on the CPU only; use --device cpu")
+        quantize_dynamic_int8(layers)
     return LoadedModel(entry=entry, model=model, tokenizer=tokenizer, fingerprint=fp, layers=layers, device=dev)

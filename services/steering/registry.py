@@ -9,6 +9,8 @@ from .errors import ConfigError, NotFoundError
 
 DTYPES = ("float32", "float16", "bfloat16")
 SOURCE_KINDS = ("gguf-package", "local", "hub-cache")
+# Quantisations applied when the model loads (the converted weights stay as they are).
+RUNTIME_QUANTIZATIONS = ("dynamic-int8",)
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class ModelEntry:
     dtype: str = "float32"
     device: str = "cpu"
     quantization: str = "none"
+    quantize: str | None = None  # one of RUNTIME_QUANTIZATIONS, applied after loading
     layer_template: str | None = None
     layers: tuple[int, ...] | None = None
     description: str = ""
@@ -67,13 +70,18 @@ def _source(name: str, raw: Any, base: Path) -> Source:
 
 
 def _entry(name: str, raw: dict[str, Any], base: Path) -> ModelEntry:
-    known = {"source", "dtype", "device", "quantization", "layer_template", "layers", "description"}
+    known = {"source", "dtype", "device", "quantization", "quantize", "layer_template", "layers", "description"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"model {name!r}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     dtype = raw.get("dtype", "float32")
     if dtype not in DTYPES:
         raise ConfigError(f"model {name!r}: dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    quantize = raw.get("quantize")
+    if quantize is not None and quantize not in RUNTIME_QUANTIZATIONS:
+        raise ConfigError(f"model {name!r}: quantize {quantize!r} is not one of {', '.join(RUNTIME_QUANTIZATIONS)}")
+    if quantize is not None and dtype != "float32":
+        raise ConfigError(f"model {name!r}: quantize {quantize!r} needs dtype float32 (torch quantises float32 Linear layers)")
     template = raw.get("layer_template")
     if template is not None and "{num}" not in template:
         raise ConfigError(f"model {name!r}: layer_template {template!r} must contain '{{num}}'")
@@ -86,6 +94,7 @@ def _entry(name: str, raw: dict[str, Any], base: Path) -> ModelEntry:
         dtype=dtype,
         device=raw.get("device", "cpu"),
         quantization=raw.get("quantization", "none"),
+        quantize=quantize,
         layer_template=template,
         layers=tuple(layers) if layers is not None else None,
         description=raw.get("description", ""),

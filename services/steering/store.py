@@ -8,6 +8,7 @@ does not parse; one bad file never stops the others from loading.
 """
 
 import json
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from safetensors.torch import save_file
 from .atomic import atomic_path
 from .errors import VectorError
 from .vector import ConceptVector
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = "1"
 SUFFIX = ".safetensors"
@@ -100,17 +103,28 @@ def read_vector(path: Path) -> ConceptVector:
     return cv
 
 
-def load_vector(path: Path, *, fingerprint: str, hidden_size: int, layers: Iterable[int] = ()) -> ConceptVector:
-    """Read a vector for a loaded model: it must match the model's fingerprint, width and layers."""
+def load_vector(
+    path: Path, *, fingerprint: str, hidden_size: int, layers: Iterable[int] = (), force: bool = False
+) -> ConceptVector:
+    """Read a vector for a loaded model: it must match the model's fingerprint, width and layers.
+
+    `force` accepts a vector from another fingerprint (a quantised twin's fp32 vectors, to
+    measure what that does); the vector then carries `forced_onto` in its metadata and a
+    warning is logged, so whatever reports on it says it was forced. Services never force.
+    """
     path = Path(path)
     cv = read_vector(path)
     if cv.concept != path.stem:
         raise VectorError(f"{path}: file is named {path.stem!r} but holds concept {cv.concept!r}")
-    if cv.fingerprint != fingerprint:
+    if cv.fingerprint != fingerprint and force:
+        log.warning("FORCED: %s derived on %s (fingerprint %s) is used on fingerprint %s",
+                    path, cv.model, cv.fingerprint[:16], fingerprint[:16])
+        cv.metadata["forced_onto"] = fingerprint
+    elif cv.fingerprint != fingerprint:
         raise VectorError(
             f"{path}: derived for model {cv.model!r} with fingerprint {cv.fingerprint[:16]}, "
             f"but the loaded model's fingerprint is {fingerprint[:16]}; vectors only work on the exact "
-            f"model and quantisation they came from: re-derive with `steer derive`"
+            f"model and quantisation they came from: re-derive with `steer derive` (or force it, recorded, where a command offers --force)"
         )
     if cv.hidden_size != hidden_size:
         raise VectorError(f"{path}: hidden size {cv.hidden_size} does not match the model's {hidden_size}")
