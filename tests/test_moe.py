@@ -332,6 +332,14 @@ def test_checkpoint_missing_a_weight_is_refused(mixtral: torch.nn.Module, tmp_pa
         assert deleted in message
 
 
+def test_checkpoint_with_a_wrongly_shaped_weight_is_refused(mixtral: torch.nn.Module, tmp_path: Path) -> None:
+    weights = legacy_state_dict(mixtral)
+    weights["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(HIDDEN_SIZE, HIDDEN_SIZE // 2)
+    directory = write_checkpoint(tmp_path / "ckpt", mixtral, weights)
+    with pytest.raises(ModelLoadError, match=r"(?s)could not load the weights of 'misshapen'.*LOAD REPORT.*Fix:"):
+        load_model(local_entry(tmp_path, "misshapen", directory), tmp_path / "cache")
+
+
 def test_bad_cached_copy_is_refused_at_load(mixtral: torch.nn.Module, tmp_path: Path) -> None:
     """A cache filled before the check existed is checked again when loaded."""
     source = write_checkpoint(tmp_path / "ckpt", mixtral, legacy_state_dict(mixtral))
