@@ -43,7 +43,8 @@ KNOWN_TEMPLATES: tuple[str, ...] = (
 # Name fragments (lower case) that identify a block's sub-parts. A decoder block
 # needs a token mixer and a channel mixer; "mamba"/"mixer" admit hybrid SSM blocks.
 _ATTENTION_MARKERS: tuple[str, ...] = ("attn", "attention", "mamba", "mixer")
-# OPT keeps fc1/fc2 directly on the block instead of an mlp child.
+# OPT keeps fc1/fc2 directly on the block instead of an mlp child. "moe" admits blocks whose
+# experts sit under `block_sparse_moe` (Granite MoE); transformers 5 Mixtral names it `mlp`.
 _MLP_MARKERS: tuple[str, ...] = ("mlp", "moe", "feed_forward", "ffn", "fc1")
 # A module or ModuleList whose path passes through one of these is a sub-part of a block.
 _SUBBLOCK_MARKERS: tuple[str, ...] = ("expert", "attn", "attention", "mlp", "moe", "ffn", "feed_forward")

@@ -17,8 +17,10 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import atomic_path, write_dir_atomic
@@ -31,6 +33,13 @@ log = logging.getLogger(__name__)
 
 CACHE_MARKER = "steer-cache.json"
 _HASH_BLOCK = 8 * 1024 * 1024
+_KEYS_SHOWN = 3
+_WEIGHTS_FIX = (
+    "Fix: if the checkpoint was saved by another transformers version, its layout needs that "
+    "version: load it in an environment with that transformers, or re-export it there with "
+    "save_pretrained and register the re-exported directory; if files are missing or truncated, "
+    "restore the complete checkpoint."
+)
 
 
 @dataclass
@@ -145,7 +154,7 @@ def _gguf_file(entry: ModelEntry, cache_root: Path) -> Path:
 def _convert(entry: ModelEntry, fp: str, cache_root: Path) -> Path:
     """Load the source once and save it as safetensors under the cache, atomically."""
     target = cache_dir_for(entry, fp, cache_root)
-    dtype = getattr(torch, entry.dtype)
+    dtype: torch.dtype = getattr(torch, entry.dtype)
 
     def fill(tmp: Path) -> None:
         if entry.source.kind == "gguf-package":
@@ -156,7 +165,7 @@ def _convert(entry: ModelEntry, fp: str, cache_root: Path) -> Path:
             kwargs = {}
             directory = _model_dir(entry)
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+        model = _load_weights(entry, directory, dtype, **kwargs)
         # The weights are already dequantised; without this, save_pretrained refuses or
         # writes a config that asks for the GGUF quantizer again on reload.
         model.hf_quantizer = None
@@ -169,6 +178,66 @@ def _convert(entry: ModelEntry, fp: str, cache_root: Path) -> Path:
     log.info("converting %s into %s (once)", entry.name, target)
     write_dir_atomic(target, fill)
     return target
+
+
+def _load_weights(entry: ModelEntry, directory: Path, dtype: torch.dtype, **kwargs: Any) -> PreTrainedModel:
+    """from_pretrained, refusing a checkpoint any of whose weights did not load as saved.
+
+    transformers only warns when it drops checkpoint keys it cannot place or randomly
+    initialises weights the checkpoint lacks; a model like that would run and steer noise.
+    """
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load {entry.name!r} from {directory}: {exc}") from None
+    except RuntimeError as exc:  # weight conversion failed or shapes do not match the model
+        # transformers logs the offending keys in a LOAD REPORT and raises with a pointer to it.
+        raise ModelLoadError(
+            f"could not load the weights of {entry.name!r} from {directory}: {exc} (the LOAD REPORT "
+            f"transformers logged just before this names the keys)\n{_WEIGHTS_FIX}"
+        ) from None
+    problems = _unloaded_weights(info, type(model).__name__)
+    if problems:
+        saved_by = getattr(model.config, "transformers_version", None) or "unknown"
+        raise ModelLoadError(
+            f"model {entry.name!r}: not every weight in {directory} loaded into {type(model).__name__}:\n"
+            + "\n".join(f"  - {problem}" for problem in problems)
+            + f"\nThe checkpoint was saved by transformers {saved_by}; this is transformers "
+            f"{transformers.__version__}.\n{_WEIGHTS_FIX}"
+        )
+    return model
+
+
+def _unloaded_weights(info: dict[str, Any], model_class: str) -> list[str]:
+    """One line per kind of weight in from_pretrained's loading info that did not load as saved.
+
+    transformers already leaves out what may legitimately differ (tied weights, non-persistent
+    buffers, keys a model class declares ignorable), so anything left here is a real loss.
+    """
+    kinds = (
+        ("missing_keys", "model weight(s) missing from the checkpoint, which would be randomly initialised"),
+        ("unexpected_keys", f"checkpoint key(s) with no place in {model_class}, which would be dropped"),
+        ("mismatched_keys", "checkpoint weight(s) whose shape does not match the model"),
+    )
+    problems = []
+    for field, what in kinds:
+        keys = sorted(_key_name(item) for item in info.get(field) or ())
+        if keys:
+            problems.append(f"{len(keys)} {what}: {_some(keys)}")
+    errors = [str(message) for message in info.get("error_msgs") or ()]
+    if errors:
+        problems.append(f"{len(errors)} loading error(s): {_some(errors)}")
+    return problems
+
+
+def _key_name(item: object) -> str:
+    # mismatched_keys holds (key, checkpoint shape, model shape) tuples.
+    return str(item[0]) if isinstance(item, tuple) and item else str(item)
+
+
+def _some(items: list[str]) -> str:
+    shown = ", ".join(items[:_KEYS_SHOWN])
+    return shown + (f", ... ({len(items) - _KEYS_SHOWN} more)" if len(items) > _KEYS_SHOWN else "")
 
 
 def prepare(entry: ModelEntry, cache_root: Path) -> tuple[Path, str]:
@@ -211,9 +280,9 @@ def load_model(entry: ModelEntry, cache_root: Path, device: str | None = None) -
     directory, fp = prepare(entry, cache_root)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, entry.dtype))
     except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"could not load {entry.name!r} from {directory}: {exc}") from None
+        raise ModelLoadError(f"could not load the tokenizer of {entry.name!r} from {directory}: {exc}") from None
+    model = _load_weights(entry, directory, getattr(torch, entry.dtype))
     model.to(dev).eval()
     # Left padding keeps every row's last real token at position -1, which derivation and
     # batched generation rely on.
