@@ -21,10 +21,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import atomic_path, write_dir_atomic
+from .compat import TRANSFORMERS_VERSION, dtype_kwargs
 from .errors import ModelLoadError, NotFoundError
 from .layers import DecoderLayers, LayerPathError, resolve_layers
-from .registry import ModelEntry
-from .settings import device_override
+from .registry import ModelEntry, with_dtype
+from .settings import device_override, dtype_override
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,10 @@ def fingerprint(entry: ModelEntry) -> str:
 
 
 def cache_dir_for(entry: ModelEntry, fp: str, cache_root: Path) -> Path:
-    return cache_root / "models" / entry.name / fp[:16]
+    # A conversion saved by transformers 5 does not load in 4.x (the AWQ environment: its
+    # tokenizer class is unknown there), so 4.x keeps its own copy beside it.
+    major = TRANSFORMERS_VERSION.major
+    return cache_root / "models" / entry.name / (fp[:16] if major >= 5 else f"{fp[:16]}-transformers{major}")
 
 
 def _gguf_file(entry: ModelEntry, cache_root: Path) -> Path:
@@ -152,7 +156,7 @@ def _convert(entry: ModelEntry, fp: str, cache_root: Path) -> Path:
             kwargs = {}
             directory = _model_dir(entry)
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, **dtype_kwargs(dtype), **kwargs)
         # The weights are already dequantised; without this, save_pretrained refuses or
         # writes a config that asks for the GGUF quantizer again on reload.
         model.hf_quantizer = None
@@ -170,6 +174,8 @@ def _convert(entry: ModelEntry, fp: str, cache_root: Path) -> Path:
 def prepare(entry: ModelEntry, cache_root: Path) -> tuple[Path, str]:
     """Return the cached safetensors directory for `entry` and its fingerprint, converting if needed."""
     fp = fingerprint(entry)
+    if entry.is_awq:  # already quantised: loaded as it is, never converted into the cache
+        return _model_dir(entry), fp
     target = cache_dir_for(entry, fp, cache_root)
     marker = target / CACHE_MARKER
     try:
@@ -189,16 +195,23 @@ def resolve_device(entry: ModelEntry, device: str | None = None) -> torch.device
     return dev
 
 
-def load_model(entry: ModelEntry, cache_root: Path, device: str | None = None) -> LoadedModel:
+def load_model(entry: ModelEntry, cache_root: Path, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """`entry` on `device` in `dtype` (each: argument, then STEER_DEVICE/STEER_DTYPE, then the registry)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    entry = with_dtype(entry, dtype or dtype_override())
     dev = resolve_device(entry, device)
     directory, fp = prepare(entry, cache_root)
     try:
+        if entry.is_awq:
+            from .awq import load_awq
+
+            model = load_awq(entry, directory, dev)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(directory, **dtype_kwargs(getattr(torch, entry.dtype))).to(dev)
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, entry.dtype))
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {entry.name!r} from {directory}: {exc}") from None
-    model.to(dev).eval()
+    model.eval()
     # Left padding keeps every row's last real token at position -1, which derivation and
     # batched generation rely on.
     tokenizer.padding_side = "left"
