@@ -58,9 +58,10 @@ def test_the_commented_example_in_models_toml_parses(tmp_path: Path) -> None:
     [
         ('quantization = "awq-4bit-gemm"\nloader = "vllm"', "loader 'vllm' is not one of transformers, autoawq"),
         ('quantization = "awq-3bit"\nloader = "autoawq"', "quantization 'awq-3bit' is not one of"),
+        ('quantization = "awq-4bit-gemv"\nloader = "autoawq"', "quantization 'awq-4bit-gemv' is not one of"),
         ('loader = "autoawq"', "loader 'autoawq' loads AWQ checkpoints only"),
         ('quantization = "awq-4bit-gemm"\nloader = "autoawq"\n[models.n]\nsource = { kind = "local", path = "m" }\n'
-         'quantization = "awq-4bit-gemv"', "AWQ kernels compute in float16"),  # n: float32 by default
+         'quantization = "awq-4bit-gemm"', "AWQ kernels compute in float16"),  # n: float32 by default
         ('quantization = ""', "quantization must be a non-empty string"),
     ],
 )

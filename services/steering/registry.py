@@ -12,7 +12,8 @@ SOURCE_KINDS = ("gguf-package", "local", "hub-cache")
 # How a checkpoint is loaded. AWQ checkpoints load directly (no conversion cache), through
 # AutoAWQ or through transformers' own AWQ backend; everything else through transformers.
 LOADERS = ("transformers", "autoawq")
-AWQ_QUANTIZATIONS = ("awq-4bit-gemm", "awq-4bit-gemv")
+# GEMM only: its kernels run through triton; GEMV needs autoawq-kernels, built for older torch.
+AWQ_QUANTIZATIONS = ("awq-4bit-gemm",)
 
 
 @dataclass(frozen=True)
