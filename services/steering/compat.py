@@ -28,3 +28,35 @@ def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
     """The KV cache keyword of `model.forward`: `cache` in transformers 5 (which still takes
     `past_key_values` with a deprecation warning), `past_key_values` in 4.x."""
     return {_cache_keyword(type(model)): cache}
+
+
+class _LegacyLayer:
+    """One layer of a transformers 4.x DynamicCache (parallel key_cache/value_cache lists),
+    seen through transformers 5's per-layer `.keys` / `.values`."""
+
+    def __init__(self, cache: Any, index: int) -> None:
+        self._cache, self._index = cache, index
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._cache.key_cache[self._index]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor) -> None:
+        self._cache.key_cache[self._index] = value
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._cache.value_cache[self._index]
+
+    @values.setter
+    def values(self, value: torch.Tensor) -> None:
+        self._cache.value_cache[self._index] = value
+
+
+def cache_layers(cache: Any) -> list[Any]:
+    """The cache's layers, each with settable `.keys` and `.values` `[batch, heads, seq, dim]`
+    (and `.cumulative_length` on transformers 5's sliding-window layers)."""
+    if hasattr(cache, "layers"):
+        return list(cache.layers)
+    return [_LegacyLayer(cache, i) for i in range(len(cache.key_cache))]
