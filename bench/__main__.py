@@ -20,7 +20,7 @@ from generator.server import GeneratorConfig, build_service
 from steering.atomic import write_text_atomic
 from steering.loading import load_model
 from steering.profiles import Profile
-from steering.registry import load_registry
+from steering.registry import DTYPES, load_registry
 from steering.settings import paths_from_env
 from steering.store import read_vector
 
@@ -45,16 +45,23 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--concept", default="happy", help="the single-stream concept")
     p.add_argument("--alpha", type=float, default=6.0)
     p.add_argument("--one-layer", type=int, default=15, help="the layer of the one-layer case")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: in process and for the services")
+    p.add_argument("--dtype", choices=DTYPES, help="override the registry's dtype (its vectors must match)")
     return p.parse_args()
 
 
-def _derive_seconds(model: str, concepts: list[str] | None) -> dict:
+def _model_args(a: argparse.Namespace) -> list[str]:
+    """--device/--dtype for the processes the bench starts, so they run where it does."""
+    return ["--device", a.device] + (["--dtype", a.dtype] if a.dtype else [])
+
+
+def _derive_seconds(model: str, concepts: list[str] | None, model_args: list[str]) -> dict:
     """Time `steer derive` for the concepts into a scratch copy of the store."""
     paths = paths_from_env()
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(paths.pairs, Path(tmp) / "pairs")
         cmd = [service_load.service_python(), "-c", "import steercli; raise SystemExit(steercli.main())",
-               "derive", "--model", model]
+               "derive", "--model", model, *model_args]
         if concepts:
             cmd += ["--concepts", ",".join(concepts)]
         start = time.perf_counter()
@@ -71,9 +78,10 @@ def main() -> int:
     prompts = PROMPTS[:1] if smoke else PROMPTS[:3]
     levels = (1, 2) if smoke else (1, 2, 4, 8, 16)
     paths = paths_from_env()
-    loaded = load_model(load_registry(paths.registry).get(a.model), paths.cache, device="cpu")
+    loaded = load_model(load_registry(paths.registry).get(a.model), paths.cache, device=a.device, dtype=a.dtype)
     cv = read_vector(paths.vectors / loaded.name / f"{a.concept}.safetensors")
-    results: dict = {"machine": system.machine(), "model": loaded.name, "started": time.strftime("%Y-%m-%d %H:%M"),
+    results: dict = {"machine": system.machine(), "model": loaded.name, "device": str(loaded.device),
+                     "dtype": str(loaded.model.dtype).removeprefix("torch."), "started": time.strftime("%Y-%m-%d %H:%M"),
                      "smoke": smoke, "settings": {"tokens": tokens, "runs": runs, "prompts": prompts,
                                                   "concept": a.concept, "alpha": a.alpha, "one_layer": a.one_layer,
                                                   "band": list(loaded.steering_layers)}}
@@ -94,19 +102,20 @@ def main() -> int:
     results["peers_missing"] = missing
 
     log("derivation")
-    results["derivation"] = _derive_seconds(loaded.name, ["happy"] if smoke else None)
+    results["derivation"] = _derive_seconds(loaded.name, ["happy"] if smoke else None, _model_args(a))
 
     log("services: tagger and generator processes")
     tagger = service_load.start("tagger.server", [])
     generator = service_load.start("generator.server", ["--models", loaded.name, "--profile", "personal",
-                                                        "--max-batch", "16", "--max-queue", "32"])
+                                                        "--max-batch", "16", "--max-queue", "32", *_model_args(a)])
     try:
         servable = [c for c in CONCEPTS if (paths.vectors / loaded.name / f"{c}.safetensors").exists()]
         log("concurrency through gRPC")
         results["concurrency"] = asyncio.run(
             service_load.concurrency(generator.address, PROMPTS, servable, levels, tokens, runs))
         log("time to first token: in process and through gRPC")
-        service = build_service(GeneratorConfig(models=(loaded.name,), profile=Profile.PERSONAL))
+        service = build_service(GeneratorConfig(models=(loaded.name,), profile=Profile.PERSONAL,
+                                                device=a.device, dtype=a.dtype))
         try:
             results["grpc_ttft"] = asyncio.run(
                 service_load.grpc_vs_in_process(service, generator.address, PROMPTS[0], a.concept, 3 if smoke else 9))
@@ -121,7 +130,7 @@ def main() -> int:
         tagger.stop()
 
     log("memory bandwidth")
-    bandwidth = system.memory_bandwidth_gb_s(64 if smoke else 512)
+    bandwidth = system.memory_bandwidth_gb_s(64 if smoke else 512, device=loaded.device)
     weights = system.weight_bytes(loaded.model)
     roofline = bandwidth * 1e9 / weights
     achieved = results["single_stream"]["unsteered"]["tokens_per_s"]

@@ -26,15 +26,19 @@ def machine() -> dict:
     }
 
 
-def memory_bandwidth_gb_s(megabytes: int = 512, repeats: int = 5) -> float:
-    """Copy a buffer far larger than the caches; each copy reads and writes it once."""
-    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+def memory_bandwidth_gb_s(megabytes: int = 512, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    """Copy a buffer far larger than the caches, where the weights live; each copy reads and writes it once."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # GPU copies are asynchronous
+    src = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # touch the pages first
+    sync()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         dst.copy_(src)
+        sync()
         times.append(time.perf_counter() - start)
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 

@@ -43,3 +43,19 @@ def test_generators_sit_behind_profiles() -> None:
     assert "profiles" not in services["tagger"]  # the tagger always runs
     assert services["generator-gpu0"]["profiles"] == ["gpu"] and services["generator-gpu1"]["profiles"] == ["gpu"]
     assert services["generator-cpu"]["profiles"] == ["cpu"]
+
+
+def test_awq_generator_is_its_own_environment_behind_a_profile() -> None:
+    cfg = _config("gpu", "cpu", "awq")
+    awq = cfg["services"]["generator-awq"]
+    assert awq["profiles"] == ["awq"]
+    assert awq["build"]["dockerfile"] == "services/generator/Dockerfile.awq"
+    assert "requirements-awq.txt" in (ROOT / "services/generator/Dockerfile.awq").read_text()
+    assert awq["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["0"]
+    assert "--device" in awq["command"] and "cuda:0" in awq["command"]
+    assert "serving.healthcheck" in " ".join(awq["healthcheck"]["test"])
+    assert awq["ports"], "generator-awq publishes its port"
+    for port in awq["ports"]:
+        host = port.get("host_ip", "") if isinstance(port, dict) else str(port)
+        assert host.startswith("127.0.0.1"), "generator-awq publishes beyond loopback"
+    assert any("/cache" in str(v) for v in awq["volumes"])

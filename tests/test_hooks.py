@@ -125,6 +125,46 @@ def test_batch_mismatch_is_an_error_not_a_broadcast() -> None:
             model(input_ids=_input_ids(model, batch=3))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_stays_in_its_dtype(dtype: torch.dtype) -> None:
+    """What a GPU runs (fp16/bf16), checked on the CPU: float32 additions are cast to the
+    model's dtype, the residual stream keeps that dtype, and the delta added is exactly alpha * v."""
+    model, _ = tiny_model("llama")
+    model = model.to(dtype)
+    layers = resolve_layers(model)
+    ids = _input_ids(model, batch=2)
+    base = _layer_outputs(model, layers, ids)
+    hidden = base[0].shape[-1]
+    delta = torch.zeros(2, hidden)  # float32, as vectors are stored
+    delta[0] = 4.0 * torch.nn.functional.normalize(torch.randn(hidden), dim=0)
+    with steer(layers, {1: delta}) as active:
+        assert active.deltas[1].dtype == dtype
+        patched = _layer_outputs(model, layers, ids)
+    assert all(t.dtype == dtype for t in patched[:-1]), [t.dtype for t in patched]
+    assert patched[-1].dtype == dtype  # logits too: nothing was promoted to float32
+    assert torch.equal(patched[0], base[0])
+    assert torch.equal(patched[1], base[1] + delta.to(dtype)[:, None, :])
+    assert torch.equal(patched[1][1], base[1][1])  # the row without a vector is untouched
+    assert not torch.equal(patched[1][0], base[1][0])
+
+
+def test_addition_never_promotes_the_residual_stream() -> None:
+    """Additions swapped in mid-stream in float32 (as the engine's re-injection may do) are
+    added in the layer output's dtype, so a bfloat16 model stays bfloat16."""
+    model, _ = tiny_model("llama")
+    model = model.to(torch.bfloat16)
+    layers = resolve_layers(model)
+    ids = _input_ids(model, batch=1)
+    base = _layer_outputs(model, layers, ids)
+    delta = torch.ones(1, base[1].shape[-1])
+    with steer(layers, {1: delta.to(torch.bfloat16)}) as active:
+        active.deltas[1] = delta  # float32
+        patched = _layer_outputs(model, layers, ids)
+        assert active.deltas[1].dtype == torch.bfloat16  # cast once, then reused
+    assert patched[1].dtype == patched[-1].dtype == torch.bfloat16
+    assert torch.equal(patched[1], base[1] + delta.to(torch.bfloat16)[:, None, :])
+
+
 def test_stack_rows() -> None:
     v = torch.arange(4.0)
     deltas = stack_rows([{1: v}, None, {1: 2 * v, 3: v}], 4, torch.float32, torch.device("cpu"))

@@ -6,7 +6,12 @@ from collections.abc import Callable
 
 import torch
 import transformers
-from transformers import PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
+
+try:
+    from transformers import PreTrainedConfig
+except ImportError:  # transformers 4.x (the AWQ environment) spells it PretrainedConfig
+    from transformers import PretrainedConfig as PreTrainedConfig
 
 ARCHITECTURES: tuple[str, ...] = (
     "llama",

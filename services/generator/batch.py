@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
+from steering.compat import cache_kwargs, cache_layers
 from steering.derive import position_ids
 from steering.hooks import steer
 from steering.layers import DecoderLayers
@@ -40,7 +41,8 @@ def _forward(
     deltas = {layer: d for layer, d in rows.deltas.items() if bool(d.any())}
     with steer(layers, deltas):
         out = model(
-            input_ids=ids, attention_mask=rows.mask, position_ids=positions, cache=rows.cache, use_cache=True, **kw
+            input_ids=ids, attention_mask=rows.mask, position_ids=positions, **cache_kwargs(model, rows.cache),
+            use_cache=True, **kw,
         )
     return out.logits
 
@@ -92,7 +94,7 @@ def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
 def merge(a: Rows, b: Rows) -> Rows:
     """Stack b's rows under a's: the shorter side is left-padded (masked) to the longer."""
     width = max(a.mask.shape[1], b.mask.shape[1])
-    for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
+    for la, lb in zip(cache_layers(a.cache), cache_layers(b.cache), strict=True):
         length = max(la.keys.shape[-2], lb.keys.shape[-2])
         la.keys = torch.cat([_left_pad(la.keys, length, -2), _left_pad(lb.keys, length, -2)])
         la.values = torch.cat([_left_pad(la.values, length, -2), _left_pad(lb.values, length, -2)])
@@ -117,7 +119,7 @@ def select(rows: Rows, keep: Sequence[int]) -> Rows:
     if trim:
         mask = mask[:, trim:]
         width = mask.shape[1]
-        for layer in rows.cache.layers:
+        for layer in cache_layers(rows.cache):
             if layer.keys.shape[-2] > width:
                 layer.keys, layer.values = layer.keys[..., -width:, :], layer.values[..., -width:, :]
             if hasattr(layer, "cumulative_length"):

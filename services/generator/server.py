@@ -12,7 +12,7 @@ from protos.steering.v1 import generator_pb2, generator_pb2_grpc
 from serving.server import RunningServer, ServerSettings, start_server
 from steering.loading import load_model
 from steering.profiles import Profile
-from steering.registry import load_registry
+from steering.registry import DTYPES, load_registry
 from steering.settings import paths_from_env
 
 from .engine import EngineSettings
@@ -35,6 +35,7 @@ class GeneratorConfig:
     tagger_token: str | None = None
     fail_fast: bool = False  # Chat fails when the tagger is down instead of replying unsteered
     device: str | None = None
+    dtype: str | None = None  # overrides the registry's (a different fingerprint: its own vectors and record)
     engine: EngineSettings = EngineSettings()
     metrics_port: int | None = None  # serve Prometheus /metrics here (0 = any free port)
 
@@ -65,7 +66,7 @@ def build_service(config: GeneratorConfig) -> GeneratorService:
     slots = {}
     metrics = GeneratorMetrics()
     for name in names:
-        loaded = load_model(registry.get(name), paths.cache, device=config.device)
+        loaded = load_model(registry.get(name), paths.cache, device=config.device, dtype=config.dtype)
         slots[loaded.name] = open_slot(loaded, config.profile, paths.vectors, paths.pairs, config.engine, metrics)
         log.info("model %s: %s; servable: %s", loaded.name, slots[loaded.name].steerability.reason,
                  ", ".join(slots[loaded.name].steerability.servable) or "none")
@@ -99,7 +100,8 @@ def _parse(argv: list[str] | None) -> tuple[ServerSettings, GeneratorConfig, str
     p.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="tag -> concept policy file")
     p.add_argument("--tagger", help="tagger address, e.g. 127.0.0.1:50051")
     p.add_argument("--tagger-fail-fast", action="store_true", help="fail Chat when the tagger is down")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: the registry's)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: STEER_DEVICE, then the registry's)")
+    p.add_argument("--dtype", choices=DTYPES, help="float32, float16 or bfloat16 (default: STEER_DTYPE, then the registry's)")
     p.add_argument("--max-batch", type=int, default=8, help="streams decoded together in one running batch")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting to join the batch")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (same host)")
@@ -116,7 +118,7 @@ def _parse(argv: list[str] | None) -> tuple[ServerSettings, GeneratorConfig, str
     settings = ServerSettings(host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, token=token)
     config = GeneratorConfig(
         models=tuple(m for m in (a.models or "").split(",") if m), profile=Profile(a.profile), policy=a.policy,
-        tagger=a.tagger, tagger_token=token, fail_fast=a.tagger_fail_fast, device=a.device,
+        tagger=a.tagger, tagger_token=token, fail_fast=a.tagger_fail_fast, device=a.device, dtype=a.dtype,
         engine=EngineSettings(a.max_batch, a.max_queue), metrics_port=a.metrics_port,
     )
     return settings, config, a.log_level

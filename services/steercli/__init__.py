@@ -14,6 +14,8 @@ from steering import cli as core
 def cmd_tag(args: argparse.Namespace) -> int:
     from tagger.classifier import tag_jsonl
 
+    if args.device:
+        os.environ["STEER_EMBED_DEVICE"] = args.device
     tag_jsonl(Path(args.jsonl), sys.stdout)
     return 0
 
@@ -60,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     p = sub.add_parser("tag", help="tag child turns with the tagger's classifier, one JSON line each")
     p.add_argument("--jsonl", required=True, help='input file, one {"text": ..., "context": [...]} per line')
+    p.add_argument("--device", help="the sentence embedder's device (default cpu, or STEER_EMBED_DEVICE)")
     p.set_defaults(func=cmd_tag)
     p = sub.add_parser("chat", help="talk to Blip through a running generator (interactive)")
     p.add_argument("--address", default="127.0.0.1:50052", help="generator address (default 127.0.0.1:50052)")

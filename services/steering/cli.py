@@ -15,6 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from .errors import ConfigError, NotFoundError, SteeringError, VectorError
+from .registry import DTYPES
 
 DEMO_PROMPTS = files("steering") / "data" / "demo_prompts.jsonl"
 
@@ -31,11 +32,18 @@ def _registry():
     return load_registry(_paths().registry)
 
 
+def _entry(args: argparse.Namespace):
+    """The registry entry, in --dtype (then STEER_DTYPE) when given: its own fingerprint."""
+    from .registry import with_dtype
+    from .settings import dtype_override
+
+    return with_dtype(_registry().get(args.model), getattr(args, "dtype", None) or dtype_override())
+
+
 def _load(args: argparse.Namespace):
     from .loading import load_model
 
-    entry = _registry().get(args.model)
-    return load_model(entry, _paths().cache, device=getattr(args, "device", None))
+    return load_model(_entry(args), _paths().cache, device=getattr(args, "device", None))
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -108,9 +116,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .record import assess
     from .store import read_vector, stored_concepts
 
+    from .registry import with_dtype
+    from .settings import dtype_override
+
     reg = _registry()
     rows = []
     for name, entry in reg.models.items():
+        entry = with_dtype(entry, dtype_override())  # the fingerprint that would load here
         try:
             fp, note = fingerprint(entry), ""
         except SteeringError as exc:
@@ -338,7 +350,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .validate import SweepSettings, baseline, check_load, load_eval_prompts, model_record, run_model_checks, sweep_concept
 
     paths = _paths()
-    entry = _registry().get(args.model)
+    entry = _entry(args)
     start = time.perf_counter()
     load, loaded = check_load(entry, paths.cache, args.device)
     _print_check(load)
@@ -460,7 +472,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="registered model name (default: the registry's default)")
-    p.add_argument("--device", help="override the registry's device, e.g. cpu or cuda:0")
+    p.add_argument("--device", help="override the registry's device, e.g. cpu or cuda:0 (or set STEER_DEVICE)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="override the registry's dtype (or set STEER_DTYPE); the fingerprint includes it, "
+                        "so vectors derived in another dtype are refused")
 
 
 def _add_generation(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from .compat import cache_kwargs
 from .derive import position_ids
 from .hooks import stack_rows, steer
 from .loading import LoadedModel
@@ -94,8 +95,9 @@ def generate(
     replies: list[list[int]] = [[] for _ in prompts]
     start = time.perf_counter()
     cache = DynamicCache()
+    kv = cache_kwargs(model, cache)
     with steer(loaded.layers, deltas, steer_prompt=settings.steer_prompt) as active:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv, use_cache=True, logits_to_keep=1)
         positions = positions[:, -1:]
         for step in range(settings.max_new_tokens):
             nxt = sample(out.logits[:, -1], settings.temperature, settings.top_p, generator)  # [live]
@@ -114,7 +116,7 @@ def generate(
                 active.deltas = {layer: d[keep] for layer, d in active.deltas.items()}
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
             positions = positions + 1
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, **kv, use_cache=True)
     seconds = time.perf_counter() - start
     eos_set = set(eos.tolist())
     results = []

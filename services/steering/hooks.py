@@ -37,6 +37,10 @@ def _make_hook(active: ActiveSteering, layer: int):
     def hook(_module: torch.nn.Module, _inputs: tuple, output: object) -> object:
         hidden = layer_output_tensor(output)  # [batch, seq, hidden]
         delta = active.deltas[layer]  # [batch, hidden]
+        if delta.dtype != hidden.dtype or delta.device != hidden.device:
+            # Never let the addition promote the residual stream (bf16 + fp32 -> fp32): add in the
+            # layer output's own dtype. Cast once; later steps reuse it.
+            delta = active.deltas[layer] = delta.to(dtype=hidden.dtype, device=hidden.device)
         if hidden.shape[0] != delta.shape[0]:
             raise ValueError(
                 f"steering for layer {layer} has {delta.shape[0]} rows but the batch has {hidden.shape[0]}"
@@ -66,6 +70,15 @@ def stack_rows(rows: list[Mapping[int, torch.Tensor] | None], hidden_size: int, 
     return deltas
 
 
+def _float_parameter(module: torch.nn.Module) -> torch.Tensor | None:
+    """The block's first floating-point parameter: its compute dtype. Quantised blocks (AWQ)
+    hold packed int32 weights, but their norms and scales still carry the activation dtype."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        if tensor.is_floating_point():
+            return tensor
+    return None
+
+
 @contextmanager
 def steer(layers: DecoderLayers, deltas: Mapping[int, torch.Tensor], *, steer_prompt: bool = True) -> Iterator[ActiveSteering]:
     """Add `deltas[layer][row]` to the output of each decoder layer for the duration of the block."""
@@ -78,8 +91,8 @@ def steer(layers: DecoderLayers, deltas: Mapping[int, torch.Tensor], *, steer_pr
     try:
         for layer in active.deltas:
             module = layers[layer]
-            param = next(module.parameters(), None)
-            if param is not None:  # add in the layer's own dtype and device
+            param = _float_parameter(module)
+            if param is not None:  # add in the layer's own dtype and device (fp16/bf16 on a GPU)
                 active.deltas[layer] = active.deltas[layer].to(dtype=param.dtype, device=param.device)
             active.handles.append(module.register_forward_hook(_make_hook(active, layer)))
         yield active

@@ -89,7 +89,7 @@ def resolve_layers(model: torch.nn.Module, template: str | None = None) -> Decod
         if not modules:
             raise LayerPathError(
                 f"Layer template {template!r} matched no module in {type(model).__name__} "
-                f"(nothing at {_format_template(template, 0)!r}).\n"
+                f"(nothing at {_format_template(template, 0)!r}).{_fused_hint(model)}\n"
                 f"{_describe_candidates(model)}\n{_FIX_HINT}"
             )
         problem = _validation_problem(model, template, modules)
@@ -217,8 +217,32 @@ def _has_part(module: torch.nn.Module, markers: tuple[str, ...]) -> bool:
     return False
 
 
+def _fused_classes(module: torch.nn.Module) -> list[str]:
+    return sorted({type(m).__name__ for _, m in module.named_modules() if "fused" in type(m).__name__.lower()})
+
+
+def _fused_hint(model: torch.nn.Module) -> str:
+    """AutoAWQ's fusing replaces `model.model` wholesale, so the layers vanish from their path."""
+    fused = _fused_classes(model)
+    if not fused:
+        return ""
+    return (
+        f" The model holds fused modules ({', '.join(fused)}): it was loaded with fused layers, which "
+        "remove the per-block outputs steering hooks need; load with fuse_layers=False."
+    )
+
+
 def _block_problem(module: torch.nn.Module, path: str) -> str | None:
     """Why ``module`` (found at ``path``) is not a decoder block, or None if it looks like one."""
+    # AutoAWQ's fused blocks (LlamaLikeBlock, MixtralBlock) keep attn/mlp children, so the
+    # marker test below would pass them; their fused modules give them away.
+    fused = _fused_classes(module)
+    if fused:
+        return (
+            f"it looks like a fused block (it holds {', '.join(fused)}): fused layers remove the per-block "
+            "outputs steering hooks need and ignore our padding masks and position ids. If the model was "
+            "loaded with fused layers (e.g. AWQ with fuse_layers=True), load with fuse_layers=False"
+        )
     has_attention = _has_part(module, _ATTENTION_MARKERS)
     has_mlp = _has_part(module, _MLP_MARKERS)
     if has_attention and has_mlp:

@@ -24,10 +24,11 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import atomic_path, write_dir_atomic
+from .compat import TRANSFORMERS_VERSION, dtype_kwargs
 from .errors import ModelLoadError, NotFoundError
 from .layers import DecoderLayers, LayerPathError, resolve_layers
-from .registry import ModelEntry
-from .settings import device_override
+from .registry import ModelEntry, with_dtype
+from .settings import device_override, dtype_override
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,10 @@ def fingerprint(entry: ModelEntry) -> str:
 
 
 def cache_dir_for(entry: ModelEntry, fp: str, cache_root: Path) -> Path:
-    return cache_root / "models" / entry.name / fp[:16]
+    # A conversion saved by transformers 5 does not load in 4.x (the AWQ environment: its
+    # tokenizer class is unknown there), so 4.x keeps its own copy beside it.
+    major = TRANSFORMERS_VERSION.major
+    return cache_root / "models" / entry.name / (fp[:16] if major >= 5 else f"{fp[:16]}-transformers{major}")
 
 
 def _gguf_file(entry: ModelEntry, cache_root: Path) -> Path:
@@ -187,7 +191,7 @@ def _load_weights(entry: ModelEntry, directory: Path, dtype: torch.dtype, **kwar
     initialises weights the checkpoint lacks; a model like that would run and steer noise.
     """
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, output_loading_info=True, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(directory, **dtype_kwargs(dtype), output_loading_info=True, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {entry.name!r} from {directory}: {exc}") from None
     except RuntimeError as exc:  # weight conversion failed or shapes do not match the model
@@ -243,6 +247,8 @@ def _some(items: list[str]) -> str:
 def prepare(entry: ModelEntry, cache_root: Path) -> tuple[Path, str]:
     """Return the cached safetensors directory for `entry` and its fingerprint, converting if needed."""
     fp = fingerprint(entry)
+    if entry.is_awq:  # already quantised: loaded as it is, never converted into the cache
+        return _model_dir(entry), fp
     target = cache_dir_for(entry, fp, cache_root)
     marker = target / CACHE_MARKER
     try:
@@ -274,16 +280,23 @@ def quantize_dynamic_int8(layers: DecoderLayers) -> None:
             quantize_dynamic(block, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
-def load_model(entry: ModelEntry, cache_root: Path, device: str | None = None) -> LoadedModel:
+def load_model(entry: ModelEntry, cache_root: Path, device: str | None = None, dtype: str | None = None) -> LoadedModel:
+    """`entry` on `device` in `dtype` (each: argument, then STEER_DEVICE/STEER_DTYPE, then the registry)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    entry = with_dtype(entry, dtype or dtype_override())
     dev = resolve_device(entry, device)
     directory, fp = prepare(entry, cache_root)
+    if entry.is_awq:
+        from .awq import load_awq
+
+        model = load_awq(entry, directory, dev)
+    else:
+        model = _load_weights(entry, directory, getattr(torch, entry.dtype)).to(dev)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load the tokenizer of {entry.name!r} from {directory}: {exc}") from None
-    model = _load_weights(entry, directory, getattr(torch, entry.dtype))
-    model.to(dev).eval()
+    model.eval()
     # Left padding keeps every row's last real token at position -1, which derivation and
     # batched generation rely on.
     tokenizer.padding_side = "left"

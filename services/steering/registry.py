@@ -1,7 +1,7 @@
 """The model registry: a checked-in TOML file naming every model we can load."""
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,11 @@ DTYPES = ("float32", "float16", "bfloat16")
 SOURCE_KINDS = ("gguf-package", "local", "hub-cache")
 # Quantisations applied when the model loads (the converted weights stay as they are).
 RUNTIME_QUANTIZATIONS = ("dynamic-int8",)
+# How a checkpoint is loaded. AWQ checkpoints load directly (no conversion cache), through
+# AutoAWQ or through transformers' own AWQ backend; everything else through transformers.
+LOADERS = ("transformers", "autoawq")
+# GEMM only: its kernels run through triton; GEMV needs autoawq-kernels, built for older torch.
+AWQ_QUANTIZATIONS = ("awq-4bit-gemm",)
 
 
 @dataclass(frozen=True)
@@ -34,6 +39,11 @@ class ModelEntry:
     layer_template: str | None = None
     layers: tuple[int, ...] | None = None
     description: str = ""
+    loader: str = "transformers"
+
+    @property
+    def is_awq(self) -> bool:
+        return self.quantization in AWQ_QUANTIZATIONS
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,7 @@ def _source(name: str, raw: Any, base: Path) -> Source:
 
 
 def _entry(name: str, raw: dict[str, Any], base: Path) -> ModelEntry:
-    known = {"source", "dtype", "device", "quantization", "quantize", "layer_template", "layers", "description"}
+    known = {"source", "dtype", "device", "quantization", "quantize", "layer_template", "layers", "description", "loader"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"model {name!r}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -88,9 +98,11 @@ def _entry(name: str, raw: dict[str, Any], base: Path) -> ModelEntry:
     layers = raw.get("layers")
     if layers is not None and (not layers or not all(isinstance(i, int) and i >= 0 for i in layers)):
         raise ConfigError(f"model {name!r}: layers must be a non-empty list of layer indices")
+    source = _source(name, raw.get("source"), base)
+    _check_quantization(name, raw.get("loader", "transformers"), raw.get("quantization", "none"), dtype, source)
     return ModelEntry(
         name=name,
-        source=_source(name, raw.get("source"), base),
+        source=source,
         dtype=dtype,
         device=raw.get("device", "cpu"),
         quantization=raw.get("quantization", "none"),
@@ -98,7 +110,42 @@ def _entry(name: str, raw: dict[str, Any], base: Path) -> ModelEntry:
         layer_template=template,
         layers=tuple(layers) if layers is not None else None,
         description=raw.get("description", ""),
+        loader=raw.get("loader", "transformers"),
     )
+
+
+def _check_quantization(name: str, loader: object, quantization: object, dtype: str, source: Source) -> None:
+    """AWQ entries must say a quantisation we know how to load, from a checkpoint directory."""
+    if loader not in LOADERS:
+        raise ConfigError(f"model {name!r}: loader {loader!r} is not one of {', '.join(LOADERS)}")
+    if not isinstance(quantization, str) or not quantization:
+        raise ConfigError(f"model {name!r}: quantization must be a non-empty string")
+    awq = quantization in AWQ_QUANTIZATIONS
+    if quantization.startswith("awq") and not awq:
+        raise ConfigError(f"model {name!r}: quantization {quantization!r} is not one of {', '.join(AWQ_QUANTIZATIONS)}")
+    if loader == "autoawq" and not awq:
+        raise ConfigError(
+            f"model {name!r}: loader 'autoawq' loads AWQ checkpoints only; "
+            f"set quantization to one of {', '.join(AWQ_QUANTIZATIONS)}"
+        )
+    if awq and source.kind == "gguf-package":
+        raise ConfigError(f"model {name!r}: an AWQ checkpoint loads from a local directory or the hub cache, not a GGUF package")
+    if awq and dtype == "float32":
+        raise ConfigError(f"model {name!r}: AWQ kernels compute in float16 (or bfloat16); set dtype accordingly")
+
+
+def with_dtype(entry: ModelEntry, dtype: str | None) -> ModelEntry:
+    """`entry` run in another dtype (--dtype, STEER_DTYPE). The fingerprint includes the dtype,
+    so the result has its own vectors and validation record: float32 vectors are refused on it."""
+    if dtype is None or dtype == entry.dtype:
+        return entry
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        _check_quantization(entry.name, entry.loader, entry.quantization, dtype, entry.source)
+    except ConfigError as exc:
+        raise ConfigError(f"cannot run {entry.name!r} in {dtype}: {exc}") from None
+    return replace(entry, dtype=dtype)
 
 
 def load_registry(path: Path) -> Registry:

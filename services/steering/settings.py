@@ -4,6 +4,8 @@ STEER_REGISTRY     the model registry (default: models.toml at the repository ro
 STEER_VECTORS_DIR  the vector store and concept pairs (default: vectors/)
 STEER_CACHE_DIR    converted models (default: .cache/ at the repository root)
 STEER_DEVICE       overrides every registry entry's device
+STEER_DTYPE        overrides every registry entry's dtype (a different fingerprint: its own vectors)
+STEER_EMBED_DEVICE the sentence embedder's device (tagger, scorer); default cpu
 """
 
 import os
@@ -43,3 +45,11 @@ def paths_from_env() -> Paths:
 
 def device_override() -> str | None:
     return os.environ.get("STEER_DEVICE") or None
+
+
+def dtype_override() -> str | None:
+    return os.environ.get("STEER_DTYPE") or None
+
+
+def embed_device() -> str:
+    return os.environ.get("STEER_EMBED_DEVICE") or "cpu"

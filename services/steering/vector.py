@@ -32,7 +32,8 @@ class ConceptVector:
         digest = hashlib.sha256()
         for layer in self.layers:
             digest.update(f"{layer}:".encode())
-            digest.update(self.directions[layer].to(torch.float32).contiguous().numpy().tobytes())
+            # On the CPU whatever device the direction was built on: numpy reads host memory only.
+            digest.update(self.directions[layer].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
         return digest.hexdigest()
 
     def additions(self, alpha: float, layers: tuple[int, ...] | list[int]) -> dict[int, torch.Tensor]:

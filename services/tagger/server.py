@@ -62,6 +62,7 @@ def _parse(argv: Sequence[str] | None) -> tuple[ServerSettings, argparse.Namespa
     p.add_argument(
         "--token-env", metavar="NAME", help="environment variable holding the shared token (never on the command line)"
     )
+    p.add_argument("--device", help="the sentence embedder's device: cpu (default, or STEER_EMBED_DEVICE), cuda or cuda:N")
     p.add_argument("--threads", type=int, default=INFERENCE_THREADS, help="torch threads for tagging (default %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     a = p.parse_args(argv)
@@ -96,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch  # thread counts are process-wide: only the serving process sets them, never serve()
 
     torch.set_num_threads(max(1, args.threads))
+    if args.device:  # process-wide like the threads: the classifier and the scorer read it
+        os.environ["STEER_EMBED_DEVICE"] = args.device
     try:
         asyncio.run(_run_until_signal(settings, args.model))
     except (SteeringError, OSError, ValueError) as exc:  # start-up errors are one line, not a traceback
