@@ -11,7 +11,7 @@ import torch
 from steering.errors import ConfigError, ModelLoadError
 from steering.layers import LayerPathError, resolve_layers
 from steering.loading import LoadedModel, fingerprint, load_model, prepare
-from steering.registry import AWQ_QUANTIZATIONS, load_registry, with_dtype
+from steering.registry import load_registry, with_dtype
 from steering.validate import check_hook_path
 from tiny_models import HIDDEN_SIZE, NUM_LAYERS, tiny_model
 

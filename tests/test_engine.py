@@ -3,18 +3,18 @@
 Structural checks run on tiny random models (one with sliding-window attention); the
 isolation check that matters runs the real SmolLM2 with nine different concepts at once."""
 
-import threading
 
 import pytest
 import torch
 
 from generator.batch import Rows, decode, merge, prefill, select
 from generator.engine import Engine, EngineSettings, GateConfig, Job, Steering
-from generator.events import Event, Finished, Started, TextDelta
+from generator.events import Started
 from steering.generate import render_prompt
 from steering.layers import resolve_layers
 from steering.loading import LoadedModel
 from steering.store import read_vector
+from collector import Collector
 from tiny_models import HIDDEN_SIZE, tiny_model
 
 # The tiny gemma3 has a sliding window of 8: prompts and decoding run past it.
@@ -75,28 +75,6 @@ CHILD_PROMPTS = (
 def _steering(smollm: LoadedModel, paths, concept: str, alpha: float = 6.0) -> Steering:
     cv = read_vector(paths.vectors / smollm.name / f"{concept}.safetensors")
     return Steering(concept, {layer: cv.directions[layer] for layer in smollm.steering_layers}, alpha, 8.0, frozenset())
-
-
-class Collector:
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.done = threading.Event()
-        self.first_text = threading.Event()
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-        if isinstance(event, TextDelta):
-            self.first_text.set()
-        if isinstance(event, Finished):
-            self.done.set()
-
-    @property
-    def text(self) -> str:
-        return "".join(e.text for e in self.events if isinstance(e, TextDelta))
-
-    @property
-    def finished(self) -> Finished:
-        return next(e for e in self.events if isinstance(e, Finished))
 
 
 def _job(smollm: LoadedModel, paths, prompt: str, concept: str | None, max_tokens: int = 20) -> tuple[Job, Collector]:

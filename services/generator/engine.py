@@ -30,11 +30,12 @@ import torch
 from steering.errors import ResourceExhausted, Unavailable
 from steering.gate import DEFAULT_THRESHOLD, decide
 from steering.generate import eos_ids, sample
+from steering.guard import ThemeGuard, ends_sentence
 from steering.hooks import stack_rows
 from steering.loading import LoadedModel
 
 from .batch import Rows, decode, merge, prefill, select, split_off
-from .events import Event, Failed, Finished, Gate, KlSample, Reinjection, Started, TextDelta
+from .events import Event, Failed, Finished, Gate, Guarded, KlSample, Reinjection, Started, TextDelta
 from .metrics import GeneratorMetrics
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class Job:
     gate: GateConfig = GateConfig()
     kl: KlConfig = KlConfig()
     min_tokens: int = 0  # end-of-text is suppressed until this many tokens (benchmarks use it)
+    guard: ThemeGuard | None = None  # checks the reply at sentence boundaries before text is sent
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None  # time.monotonic() by which to stop
     submitted: float = field(default_factory=time.perf_counter)
@@ -143,13 +145,16 @@ class EngineSettings:
 # few tokens costs about what one forward of one token costs on a CPU, so monitoring costs a
 # fraction of a second row; the price is that a re-injection reacts up to this many tokens late.
 SHADOW_CHUNK = 4
+# With the guard on, text waits for the end of its sentence; a run-on is checked and sent at this length.
+GUARD_MAX_HELD = 240
 
 
 class StepResult(NamedTuple):
-    token: int | None  # None: the stream has ended
+    token: int | None  # None: the stream has ended, or leaves the batch to restart
     alpha_changed: bool = False
     reinjections: int = 0
     first_text: bool = False
+    guard_action: str = ""  # regenerated_unsteered (the stream restarts) or cut
 
 
 @dataclass
@@ -180,6 +185,11 @@ class _Stream:
         self.reinject_until = -1
         self.first_token_ms = 0.0
         self.reason: str | None = None  # set when the stream has ended
+        # The guard: text already sent, the tokens behind it, text waiting for its sentence to end.
+        self.sent = ""
+        self.sent_tokens = 0
+        self.held = ""
+        self.restarting = False  # set when a guarded reply goes on unsteered from what was sent
         self.generator = torch.Generator(device=loaded.device)
         seed = job.sampling.seed if job.sampling.seed is not None else time.time_ns() % (2**63)
         self.generator.manual_seed(seed)
@@ -189,9 +199,16 @@ class _Stream:
         st = self.job.steering
         return {layer: self.alpha * d for layer, d in st.directions.items()} if steered and st else None
 
+    @property
+    def prompt_ids(self) -> list[int]:
+        """What to prefill: the prompt, and after a guard restart also the reply sent so far."""
+        return self.job.prompt_ids + self.generated if self.restarting else self.job.prompt_ids
+
     def prefill_rows(self) -> list[dict[int, torch.Tensor] | None]:
         """The rows to prefill: the unsteered one when the gate or KL needs it, then the steered one."""
         job, st = self.job, self.job.steering
+        if self.restarting:
+            return [None]
         job.emit(Started(self.loaded.name, st.concept if st else "", self.alpha,
                          tuple(sorted(st.directions)) if st else (), len(job.prompt_ids)))
         if st is None:
@@ -204,6 +221,9 @@ class _Stream:
         """After prefill: (the prefilled row that decodes, the unsteered row to keep as the KL
         shadow or None), as indices into prefill_rows."""
         job, st = self.job, self.job.steering
+        if self.restarting:
+            self.restarting = False
+            return 0, None
         if st is None:
             decision, steered = Gate("no_steering"), False
         elif not job.gate.enabled:
@@ -266,30 +286,77 @@ class _Stream:
             main[list(self.eos)] = -torch.inf
         token = int(sample(main[None], job.sampling.temperature, job.sampling.top_p, self.generator)[0])
         if token in self.eos:
-            return self.end("end_of_text")
+            return self.finish("end_of_text")
         self.generated.append(token)
         if self.pending:
             self.pending[-1].token = token
         delta, stopped = self.text.push(self.generated)
-        first = bool(delta) and not self.first_token_ms
-        if first:
-            self.first_token_ms = (time.perf_counter() - job.submitted) * 1000
-        if delta:
-            job.emit(TextDelta(delta))
+        first = self._send(delta, final=stopped) if delta or stopped else False
+        if isinstance(first, StepResult):  # the guard withheld the text
+            return first
         if stopped:
             return self.end("stop_sequence", first)
         if len(self.generated) >= job.max_tokens:
-            return self.end("length", first)
+            return self.finish("length", first)
         reinjections = self._catch_up() if len(self.pending) >= SHADOW_CHUNK else 0
         return StepResult(token, self.alpha != alpha, reinjections, first)
+
+    def _emit_text(self, text: str) -> bool:
+        """Send text to the client; True when it is the reply's first."""
+        first = not self.first_token_ms
+        if first:
+            self.first_token_ms = (time.perf_counter() - self.job.submitted) * 1000
+        self.job.emit(TextDelta(text))
+        return first
+
+    def _send(self, delta: str, final: bool = False) -> "bool | StepResult":
+        """Without a guard, send the text now. With one, hold it until its sentence ends (or the
+        reply does), then check it: clean text goes out, flagged text is withheld."""
+        guard = self.job.guard
+        if guard is None:
+            return self._emit_text(delta) if delta else False
+        self.held += delta
+        if not self.held.strip() or not (final or ends_sentence(self.held) or len(self.held) >= GUARD_MAX_HELD):
+            return False
+        verdict = guard.check_reply(self.sent, self.held)
+        if verdict.flagged:
+            return self._withhold(verdict.reason, verdict.themes)
+        first = self._emit_text(self.held)
+        self.sent, self.sent_tokens, self.held = self.sent + self.held, len(self.generated), ""
+        return first
+
+    def _withhold(self, reason: str, themes: tuple[str, ...]) -> StepResult:
+        """Drop the held text. A steered reply goes on without steering from what was already
+        sent (the stream re-joins the batch with that as its prompt); any other reply ends."""
+        withheld = len(self.held)
+        self.held = ""
+        if self.main_steered:
+            self.job.emit(Guarded(reason, themes, "regenerated_unsteered", withheld))
+            self.main_steered, self.alpha, self.restarting = False, 0.0, True
+            self.shadow, self.pending = None, []
+            self.generated = self.generated[: self.sent_tokens]
+            self.text.emitted = self.sent
+            return StepResult(None, guard_action="regenerated_unsteered")
+        self.job.emit(Guarded(reason, themes, "cut", withheld))
+        result = self.end("guard")
+        return result._replace(guard_action="cut")
+
+    def finish(self, reason: str, first_text: bool = False) -> StepResult:
+        """End-of-text or length: the guard checks the last words before the stream ends."""
+        if self.job.guard is not None:
+            sent = self._send(self.text.flush(self.generated), final=True)
+            if isinstance(sent, StepResult):
+                return sent
+            first_text = first_text or sent
+        return self.end(reason, first_text)
 
     def end(self, reason: str, first_text: bool = False) -> StepResult:
         self.reason = reason
         reinjections = self._catch_up() if self.pending and reason != "cancelled" else 0  # the last KL samples
         self.shadow = None
-        if reason != "stop_sequence":
+        if reason not in ("stop_sequence", "guard", "cancelled") and self.job.guard is None:
             tail = self.text.flush(self.generated)
-            if tail and reason != "cancelled":
+            if tail:
                 self.job.emit(TextDelta(tail))
         self.job.emit(Finished(reason, len(self.job.prompt_ids), len(self.generated),
                                time.perf_counter() - self.started, self.first_token_ms))
@@ -341,28 +408,30 @@ class Engine:
         self.metrics.queue_depth.labels(self.loaded.name).set(self._jobs.qsize())
         return jobs
 
-    def _admit(self, jobs: list[Job], eos: set[int]) -> tuple[Rows, list[_Stream]]:
-        """Prefill the joiners together; each one's gate picks the row it decodes with, and a
-        stream monitoring KL splits its unsteered row off as its shadow."""
-        streams = [_Stream(self.loaded, job, eos) for job in jobs]
+    def _admit(self, streams: list[_Stream]) -> Rows:
+        """Prefill the joiners (new streams, and guarded ones going on unsteered) together; each
+        one's gate picks the row it decodes with, and a stream monitoring KL splits its
+        unsteered row off as its shadow."""
         prompts, additions, starts = [], [], []
         for s in streams:
             rows = s.prefill_rows()
             starts.append(len(prompts))
-            prompts += [s.job.prompt_ids] * len(rows)
+            prompts += [s.prompt_ids] * len(rows)
             additions += rows
         lm = self.loaded
         deltas = stack_rows(additions, lm.hidden_size, lm.model.dtype, lm.device)
         rows = prefill(lm.model, lm.layers, prompts, deltas, lm.tokenizer.pad_token_id or 0)
         keep = []
         for s, start, end in zip(streams, starts, [*starts[1:], len(prompts)]):
+            restarting = s.restarting
             main, shadow = s.choose_rows(rows.logits[start:end])
-            self.metrics.gate_decisions.labels(lm.name, s.gate).inc()
+            if not restarting:
+                self.metrics.gate_decisions.labels(lm.name, s.gate).inc()
             keep.append(start + main)
             if shadow is not None:
                 s.shadow = split_off(rows, start + shadow)
                 s.shadow_next = s.shadow.logits[0]
-        return select(rows, keep), streams
+        return select(rows, keep)
 
     def _set_row(self, rows: Rows, row: int, additions: dict[int, torch.Tensor] | None) -> None:
         for layer, d in rows.deltas.items():
@@ -370,18 +439,23 @@ class Engine:
 
     def _step(self, batch: Rows, streams: list[_Stream]) -> tuple[list[int], torch.Tensor, int]:
         """Sample every stream's token (row i is stream i). Returns the rows still live, the
-        token of each row and how many tokens were generated."""
+        token of each row and how many tokens were generated. A stream the guard restarts is
+        not live: it leaves the batch and joins again."""
         name, m = self.loaded.name, self.metrics
         tokens = torch.zeros(len(streams), dtype=torch.long, device=self.loaded.device)
         produced = 0
         for row, s in enumerate(streams):
             before = len(s.generated)
             r = s.advance(batch.logits[row])
-            produced += len(s.generated) - before
+            produced += max(0, len(s.generated) - before)  # a guard restart shortens the reply
             if r.first_text:
                 m.time_to_first_token.labels(name).observe(s.first_token_ms / 1000)
             if r.reinjections:
                 m.reinjections.labels(name).inc(r.reinjections)
+            if r.guard_action:
+                m.guard_actions.labels(name, r.guard_action).inc()
+            if r.token is None and s.reason is None:  # restarting
+                continue
             if r.token is None:
                 m.finished.labels(name, s.reason).inc()
                 continue
@@ -389,26 +463,30 @@ class Engine:
             if r.alpha_changed:
                 self._set_row(batch, row, s.additions(True))
         m.tokens.labels(name).inc(produced)
-        return [i for i, s in enumerate(streams) if s.reason is None], tokens, produced
+        return [i for i, s in enumerate(streams) if s.reason is None and not s.restarting], tokens, produced
 
     def _run(self) -> None:
         name, m = self.loaded.name, self.metrics
         eos = set(eos_ids(self.loaded))
         batch: Rows | None = None
         streams: list[_Stream] = []  # one per batch row
+        restarts: list[_Stream] = []  # guarded streams waiting to join again, unsteered
         recent: deque[tuple[float, int]] = deque()  # (time, tokens) over the last 10 s
         while not self._closing.is_set():
-            jobs = self._take(self.settings.max_batch - len(streams), wait=batch is None)
+            room = self.settings.max_batch - len(streams) - len(restarts)
+            jobs = self._take(room, wait=batch is None and not restarts)
             try:
                 with torch.no_grad():
-                    if jobs:
-                        joined, new = self._admit(jobs, eos)
+                    joining = restarts + [_Stream(self.loaded, job, eos) for job in jobs]
+                    if joining:
+                        joined = self._admit(joining)
                         batch = joined if batch is None else merge(batch, joined)
-                        streams += new
-                        jobs = []
+                        streams += joining
+                        jobs, restarts = [], []
                     if batch is not None:
                         live, tokens, produced = self._step(batch, streams)
                         recent.append((time.monotonic(), produced))
+                        restarts = [s for s in streams if s.restarting]
                         if len(live) < len(streams):
                             streams = [streams[i] for i in live]
                             batch = select(batch, live) if live else None
@@ -416,18 +494,18 @@ class Engine:
                             decode(self.loaded.model, self.loaded.layers, batch, tokens[live])
             except Exception as exc:  # a failed step fails the streams in it; the engine keeps serving
                 log.exception("generation failed")
-                running = [s.job for s in streams if s.reason is None]
-                for job in dict.fromkeys(running + jobs):
+                running = [s.job for s in streams + restarts if s.reason is None]
+                for job in {id(j): j for j in running + jobs}.values():  # a Job is not hashable
                     try:
                         job.emit(Failed(exc))
                     except Exception:  # the caller is gone; nothing more to tell it
                         log.debug("could not report a failed job", exc_info=True)
-                batch, streams = None, []
+                batch, streams, restarts = None, [], []
             while recent and recent[0][0] < time.monotonic() - 10:
                 recent.popleft()
             m.tokens_per_second.labels(name).set(sum(n for _, n in recent) / 10)
             m.batch_streams.labels(name).set(len(streams))
             m.batch_occupancy.labels(name).set(len(streams) / self.settings.max_batch)
-        for s in streams:  # shutting down: end what is still running
+        for s in streams + restarts:  # shutting down: end what is still running
             if s.reason is None:
                 s.end("cancelled")

@@ -47,8 +47,18 @@ class Notice:
 
 
 @dataclass(frozen=True)
+class Guarded:
+    """The content guard withheld text: the reply goes on unsteered, or it is cut."""
+
+    reason: str  # themes, repetition
+    themes: tuple[str, ...]
+    action: str  # regenerated_unsteered, cut
+    withheld_chars: int
+
+
+@dataclass(frozen=True)
 class Finished:
-    reason: str  # length, stop_sequence, end_of_text, cancelled, deadline
+    reason: str  # length, stop_sequence, end_of_text, cancelled, deadline, guard
     prompt_tokens: int
     completion_tokens: int
     seconds: float
@@ -62,4 +72,4 @@ class Failed:
     error: Exception
 
 
-Event = Started | TextDelta | Gate | KlSample | Reinjection | Notice | Finished | Failed
+Event = Started | TextDelta | Gate | KlSample | Reinjection | Notice | Guarded | Finished | Failed

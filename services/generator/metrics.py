@@ -45,6 +45,8 @@ class GeneratorMetrics:
             registry=r,
         )
         self.reinjections = Counter("steer_reinjections", "KL-triggered re-injections", ["model"], registry=r)
+        self.guard_actions = Counter("steer_guard_actions", "replies the content guard withheld text from, by what it did then",
+                                     ["model", "action"], registry=r)
         self.finished = Counter("steer_streams_finished", "Streams ended, by reason", ["model", "reason"], registry=r)
         self.refusals = Counter("steer_refusals", "Requests refused before generating, by reason", ["reason"], registry=r)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from protos.steering.v1 import generator_pb2, generator_pb2_grpc
 from serving.server import RunningServer, ServerSettings, start_server
+from steering.errors import ConfigError
+from steering.guard import load_guard
 from steering.loading import load_model
 from steering.profiles import Profile
 from steering.registry import DTYPES, load_registry
@@ -38,6 +40,7 @@ class GeneratorConfig:
     dtype: str | None = None  # overrides the registry's (a different fingerprint: its own vectors and record)
     engine: EngineSettings = EngineSettings()
     metrics_port: int | None = None  # serve Prometheus /metrics here (0 = any free port)
+    guard: bool = True  # the content guard; only the personal profile may switch it off
 
 
 @dataclass
@@ -62,6 +65,9 @@ def build_service(config: GeneratorConfig) -> GeneratorService:
     paths = paths_from_env()
     registry = load_registry(paths.registry)
     policy = load_policy(config.policy, config.profile)  # a blocked concept in the policy stops start-up here
+    if config.profile is Profile.BLIP and not config.guard:
+        raise ConfigError("the Blip profile always runs the content guard; --no-guard is for the personal profile only")
+    guard = load_guard(paths.guard) if config.guard else None
     names = config.models or (registry.default,)
     slots = {}
     metrics = GeneratorMetrics()
@@ -70,7 +76,7 @@ def build_service(config: GeneratorConfig) -> GeneratorService:
         slots[loaded.name] = open_slot(loaded, config.profile, paths.vectors, paths.pairs, config.engine, metrics)
         log.info("model %s: %s; servable: %s", loaded.name, slots[loaded.name].steerability.reason,
                  ", ".join(slots[loaded.name].steerability.servable) or "none")
-    return GeneratorService(slots, names[0] if config.models else registry.default, config.profile, policy, metrics)
+    return GeneratorService(slots, names[0] if config.models else registry.default, config.profile, policy, metrics, guard)
 
 
 async def serve(settings: ServerSettings, config: GeneratorConfig, service: GeneratorService | None = None) -> RunningGenerator:
@@ -105,6 +111,7 @@ def _parse(argv: list[str] | None) -> tuple[ServerSettings, GeneratorConfig, str
     p.add_argument("--max-batch", type=int, default=8, help="streams decoded together in one running batch")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting to join the batch")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (same host)")
+    p.add_argument("--no-guard", action="store_true", help="switch the content guard off (personal profile only)")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--token-env", help="environment variable holding the shared token (never on the command line)")
@@ -115,11 +122,13 @@ def _parse(argv: list[str] | None) -> tuple[ServerSettings, GeneratorConfig, str
         p.error(f"environment variable {a.token_env} is empty")
     if a.max_batch < 1 or a.max_queue < 1:
         p.error("--max-batch and --max-queue must be at least 1")
+    if a.no_guard and a.profile == Profile.BLIP.value:
+        p.error("the Blip profile always runs the content guard; --no-guard is for --profile personal only")
     settings = ServerSettings(host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, token=token)
     config = GeneratorConfig(
         models=tuple(m for m in (a.models or "").split(",") if m), profile=Profile(a.profile), policy=a.policy,
         tagger=a.tagger, tagger_token=token, fail_fast=a.tagger_fail_fast, device=a.device, dtype=a.dtype,
-        engine=EngineSettings(a.max_batch, a.max_queue), metrics_port=a.metrics_port,
+        engine=EngineSettings(a.max_batch, a.max_queue), metrics_port=a.metrics_port, guard=not a.no_guard,
     )
     return settings, config, a.log_level
 

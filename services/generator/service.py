@@ -10,12 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from steering.errors import FailedPrecondition, InvalidArgument, NotFoundError, SteeringError, Unavailable
+from steering.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFoundError, SteeringError, Unavailable
 from steering.gate import DEFAULT_THRESHOLD, concept_token_ids
 from steering.generate import render_prompt
+from steering.guard import ThemeGuard
 from steering.loading import LoadedModel
 from steering.pairs import load_concept
-from steering.profiles import Profile, check_concept_name, load_profile_vectors
+from steering.profiles import Profile, alpha_ceiling, check_concept_name, load_profile_vectors
 from steering.record import ConceptState, Steerability, assess
 from steering.vector import ConceptVector
 
@@ -112,8 +113,12 @@ def _reason(exc: SteeringError) -> str:
 
 class GeneratorService:
     def __init__(
-        self, slots: dict[str, ModelSlot], default: str, profile: Profile, policy: Policy, metrics: GeneratorMetrics
+        self, slots: dict[str, ModelSlot], default: str, profile: Profile, policy: Policy, metrics: GeneratorMetrics,
+        guard: ThemeGuard | None,
     ) -> None:
+        if profile is Profile.BLIP and guard is None:
+            raise ConfigError("the Blip profile always runs the content guard; it cannot be switched off")
+        self.guard = guard  # checks every reply at sentence boundaries; None only in the personal profile
         self.slots = slots
         self.metrics = metrics
         self.default = default
@@ -180,16 +185,29 @@ class GeneratorService:
             raise NotFoundError(f"no vector for concept {concept!r} on {slot.loaded.name}")
         if not state.servable:
             raise FailedPrecondition(f"concept {concept!r} is not servable on {slot.loaded.name}: {state.reason}")
+        if self.profile is Profile.BLIP and state.child_safe_alpha is None:
+            raise FailedPrecondition(
+                f"concept {concept!r} has no child-safe alpha on {slot.loaded.name}: steered replies raised more guard "
+                "flags or repeats than unsteered ones at every swept alpha, or the record predates the guard; "
+                "re-run `steer validate`"
+            )
         return state
+
+    def ceiling(self, state: ConceptState) -> float:
+        """The largest |alpha| served for a concept here; 0 when it is not served at all."""
+        if not state.servable or (self.profile is Profile.BLIP and state.child_safe_alpha is None):
+            return 0.0
+        return alpha_ceiling(state, self.profile)
 
     def _steering(self, slot: ModelSlot, concept: str, alpha: float | None) -> Steering:
         state = self.concept_state(slot, concept)
-        max_alpha = float(state.max_alpha)
+        max_alpha = alpha_ceiling(state, self.profile)
         if alpha is None:
-            alpha = float(state.recommended_alpha)
+            alpha = min(float(state.recommended_alpha), max_alpha)
         _finite("alpha", alpha, -math.inf, math.inf)
         if abs(alpha) > max_alpha:
-            raise InvalidArgument(f"alpha {alpha:g} is beyond concept {concept!r}'s validated max_alpha {max_alpha:g}")
+            what = "child-safe ceiling" if max_alpha != state.max_alpha else "validated max_alpha"
+            raise InvalidArgument(f"alpha {alpha:g} is beyond concept {concept!r}'s {what} {max_alpha:g}")
         cv = slot.vectors[concept]
         layers = slot.loaded.steering_layers
         return Steering(concept, {layer: cv.directions[layer] for layer in layers}, alpha, max_alpha, slot.concept_words(concept))
@@ -216,7 +234,7 @@ class GeneratorService:
             raise InvalidArgument(f"prompt ({len(prompt_ids)} tokens) plus max_tokens exceeds the model's {limit}")
         concept = self._concept(spec)
         steering = self._steering(slot, concept, spec.alpha) if concept else None
-        job = Job(prompt_ids, emit, steering, sampling, max_tokens, spec.stop, gate, kl, deadline=deadline)
+        job = Job(prompt_ids, emit, steering, sampling, max_tokens, spec.stop, gate, kl, deadline=deadline, guard=self.guard)
         return slot, job
 
     # streaming -----------------------------------------------------------------------

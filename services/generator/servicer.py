@@ -23,6 +23,7 @@ _STOP = {
     "end_of_text": pb.STOP_REASON_END_OF_TEXT,
     "cancelled": pb.STOP_REASON_CANCELLED,
     "deadline": pb.STOP_REASON_DEADLINE,
+    "guard": pb.STOP_REASON_GUARD,
 }
 _GATE = {
     "steer": pb.GATE_DECISION_STEER,
@@ -86,6 +87,9 @@ def event_to_pb(event: ev.Event) -> pb.GenerateEvent:
                                                                alpha_before=event.alpha_before, alpha_after=event.alpha_after))
         case ev.Notice():
             return pb.GenerateEvent(notice=pb.Notice(message=event.message))
+        case ev.Guarded():
+            return pb.GenerateEvent(guard=pb.GuardEvent(reason=event.reason, themes=list(event.themes), action=event.action,
+                                                        withheld_chars=event.withheld_chars))
         case ev.Finished():
             return pb.GenerateEvent(finished=pb.Finished(
                 reason=_STOP[event.reason], prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
@@ -152,7 +156,9 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             for concept, state in sorted(st.concepts.items()):
                 concepts.append(pb.ConceptInfo(name=concept, status=state.status, servable=state.servable,
                                                recommended_alpha=state.recommended_alpha or 0.0,
-                                               max_alpha=state.max_alpha or 0.0, reason=state.reason))
+                                               max_alpha=state.max_alpha or 0.0, reason=state.reason,
+                                               child_safe_alpha=state.child_safe_alpha or 0.0,
+                                               alpha_ceiling=self.service.ceiling(state)))
             for concept, reason in sorted(slot.refused.items()):
                 concepts.append(pb.ConceptInfo(name=concept, status="refused", servable=False, reason=reason))
             models.append(pb.ModelInfo(name=name, fingerprint=slot.loaded.fingerprint, loaded=True, steerable=st.steerable,

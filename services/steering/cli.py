@@ -344,6 +344,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .atomic import remove_orphans
+    from .guard import load_guard
     from .record import write_record
     from .report import write_report
     from .scoring import load_scorer
@@ -373,19 +374,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
     base = None
     if all(c.passed for c in checks):
         scorer = load_scorer(paths.eval)
+        guard = load_guard(paths.guard)
         with tqdm(total=len(names) + 1, unit="concept", desc=f"validate {loaded.name}", disable=args.quiet) as bar:
             bar.set_postfix_str("unsteered baseline")
-            base = baseline(loaded, settings)
+            base = baseline(loaded, settings, guard)
             bar.update()
             for name in names:
                 bar.set_postfix_str(name)
-                results[name] = sweep_concept(loaded, vectors[name], scorer, settings, base)
+                results[name] = sweep_concept(loaded, vectors[name], scorer, settings, base, guard)
                 bar.update()
     record = model_record(loaded, checks, results, settings, base, time.perf_counter() - start)
+    if args.concepts:
+        kept = _earlier_concepts(model_dir, record, set(results))
+        if kept:
+            print(f"  kept {len(kept)} concept(s) from the earlier record of this fingerprint and settings: {', '.join(sorted(kept))}")
+            record["concepts"] = dict(sorted({**kept, **results}.items()))
     path = write_record(model_dir, record)
     report = write_report(model_dir, record)
     for name, c in sorted(results.items()):
-        print(f"  {name:<12} {c['status']:<9} d={c['d']:+.2f}  recommended={c['recommended_alpha']}  max={c['max_alpha']}")
+        print(f"  {name:<12} {c['status']:<9} d={c['d']:+.2f}  recommended={c['recommended_alpha']}  max={c['max_alpha']}  "
+              f"child-safe={c['child_safe_alpha']} (d {c['child_safe_d']})")
     print(f"wrote {path} and {report} in {record['duration_s']:.0f}s")
     if not all(c.passed for c in checks):
         failed = next(c for c in checks if not c.passed)
@@ -399,6 +407,7 @@ def cmd_compare_twin(args: argparse.Namespace) -> int:
     from .atomic import write_text_atomic
     from .scoring import load_scorer
     from .store import load_store, stored_concepts
+    from .guard import load_guard
     from .twin import compare_twin, twin_markdown
     from .validate import SweepSettings, load_eval_prompts
 
@@ -424,7 +433,7 @@ def cmd_compare_twin(args: argparse.Namespace) -> int:
         raise NotFoundError(f"no usable twin vector for {', '.join(missing)}")
     settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(args.seeds)))
     start = time.perf_counter()
-    result = compare_twin(twin, reference.name, own, forced, load_scorer(paths.eval), settings, effect,
+    result = compare_twin(twin, reference.name, own, forced, load_scorer(paths.eval), load_guard(paths.guard), settings, effect,
                           on_concept=lambda c: print(f"  effect size: {c}", file=sys.stderr))
     result["duration_s"] = round(time.perf_counter() - start, 1)
     write_text_atomic(own_dir / "twin.json", json.dumps(result, indent=2) + "\n")
@@ -432,6 +441,21 @@ def cmd_compare_twin(args: argparse.Namespace) -> int:
     print(twin_markdown(result))
     print(f"wrote {own_dir / 'twin.json'} and {own_dir / 'twin.md'}")
     return 0
+
+
+def _earlier_concepts(model_dir: Path, record: dict, remeasured: set[str]) -> dict:
+    """Concept entries of the stored record that a partial re-validation keeps: only from a record
+    of the same fingerprint, sweep settings and baseline, so every entry is measured alike."""
+    from .record import record_path
+
+    try:
+        old = json.loads(record_path(model_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    same = all(old.get(k) == record.get(k) for k in ("fingerprint", "settings", "layers"))
+    base_old, base_new = old.get("baseline") or {}, record.get("baseline") or {}
+    same = same and all(base_old.get(k) == base_new.get(k) for k in ("ppl_median", "degenerate"))
+    return {c: e for c, e in old.get("concepts", {}).items() if c not in remeasured} if same else {}
 
 
 def _print_check(check) -> None:

@@ -8,6 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from .errors import InvalidArgument, PermissionDenied
+from .record import ConceptState
 from .store import load_store, stored_concepts
 from .vector import ConceptVector
 
@@ -30,6 +31,16 @@ def check_concept_name(name: str, profile: Profile) -> str:
     if profile is Profile.BLIP and name not in BLIP_ALLOWLIST:
         raise PermissionDenied(f"concept {name!r} is not allowed in the Blip profile")
     return name
+
+
+def alpha_ceiling(state: ConceptState, profile: Profile) -> float:
+    """The largest |alpha| this profile serves for a servable concept: its validated max_alpha,
+    and in the Blip profile no more than its child-safe alpha (callers refuse a concept
+    without one before asking)."""
+    ceiling = float(state.max_alpha)
+    if profile is Profile.BLIP:
+        ceiling = min(ceiling, float(state.child_safe_alpha))
+    return ceiling
 
 
 def profile_concepts(profile: Profile, model_dir: Path) -> list[str]:

@@ -67,6 +67,18 @@ def decide(sweep: list[dict[str, Any]]) -> tuple[str, float | None, float | None
     return "failed", None, max_alpha
 
 
+def child_safe_alpha(sweep: list[dict[str, Any]]) -> float | None:
+    """The largest swept alpha up to which steered replies raised no more guard flags and no
+    more degenerate repeats than unsteered ones; None when even the smallest did, or when the
+    sweep predates the guard (no flag figures)."""
+    safe = None
+    for point in sorted(sweep, key=lambda p: p["alpha"]):
+        if "flag_excess" not in point or point["flag_excess"] > 0 or point["degenerate_excess"] > 0:
+            break
+        safe = point["alpha"]
+    return safe
+
+
 @dataclass(frozen=True)
 class ConceptState:
     concept: str
@@ -75,6 +87,7 @@ class ConceptState:
     reason: str
     recommended_alpha: float | None = None
     max_alpha: float | None = None
+    child_safe_alpha: float | None = None  # None: not calibrated for children, or unsafe at every swept alpha
 
 
 @dataclass(frozen=True)
@@ -117,13 +130,15 @@ def assess(model: str, model_dir: Path, fingerprint: str, vectors: dict[str, Con
             states[concept] = ConceptState(concept, "unvalidated", False, "not in the validation record")
             continue
         status, recommended, max_alpha = decide(entry.get("sweep", []))
-        if status != entry.get("status"):
-            reason = f"recorded status {entry.get('status')!r} disagrees with its own figures ({status})"
+        child_safe = child_safe_alpha(entry.get("sweep", []))
+        if status != entry.get("status") or child_safe != entry.get("child_safe_alpha"):
+            reason = (f"recorded status {entry.get('status')!r} or child_safe_alpha {entry.get('child_safe_alpha')!r} "
+                      f"disagrees with its own figures ({status}, {child_safe!r})")
             states[concept] = ConceptState(concept, status, False, reason)
         elif entry.get("vector_sha256") != cv.content_sha256:
             states[concept] = ConceptState(concept, status, False, "vector changed since validation; re-run `steer validate`")
         elif status != "passed":
-            states[concept] = ConceptState(concept, status, False, f"effect-size gate: {status}", recommended, max_alpha)
+            states[concept] = ConceptState(concept, status, False, f"effect-size gate: {status}", recommended, max_alpha, child_safe)
         else:
-            states[concept] = ConceptState(concept, status, True, "passed", recommended, max_alpha)
+            states[concept] = ConceptState(concept, status, True, "passed", recommended, max_alpha, child_safe)
     return Steerability(model, True, "validated", states)

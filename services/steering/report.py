@@ -18,6 +18,10 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:g}"
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
 def markdown(record: dict[str, Any]) -> str:
     lines = [
         f"# Validation: {record['model']}",
@@ -43,18 +47,27 @@ def markdown(record: dict[str, Any]) -> str:
         f"Coherence holds while the median perplexity ratio (steered / unsteered, under the unsteered model) "
         f"is at most {PPL_RATIO_MAX:g} and looping replies exceed unsteered by at most {DEGENERATE_EXCESS_MAX:g}.",
         "",
-        "| concept | status | d | recommended alpha | max alpha | alpha/norm at max |",
-        "| --- | --- | --- | --- | --- | --- |",
+        f"Child-safe alpha: the largest swept alpha up to which steered replies raise no more content-guard flags "
+        f"and no more looping replies than unsteered ones (unsteered: {_pct((record.get('baseline') or {}).get('flags'))} "
+        f"flagged, {_pct((record.get('baseline') or {}).get('degenerate'))} looping); the Blip profile serves at most "
+        "the lower of it and max alpha. `-` where the record predates the guard or no swept alpha is child-safe.",
+        "",
+        "| concept | status | d | recommended alpha | max alpha | alpha/norm at max | child-safe alpha | d there |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, c in sorted(record["concepts"].items()):
         rel = next((p["alpha_rel"] for p in c["sweep"] if p["alpha"] == c["max_alpha"]), None)
-        lines.append(f"| {name} | {c['status']} | {c['d']:.2f} | {_fmt(c['recommended_alpha'])} | {_fmt(c['max_alpha'])} | {_fmt(rel)} |")
+        lines.append(f"| {name} | {c['status']} | {c['d']:.2f} | {_fmt(c['recommended_alpha'])} | {_fmt(c['max_alpha'])} | {_fmt(rel)} "
+                     f"| {_fmt(c.get('child_safe_alpha'))} | {_fmt(c.get('child_safe_d'))} |")
     lines += ["", "## Sweeps", ""]
     for name, c in sorted(record["concepts"].items()):
-        lines += [f"### {name}", "", "| alpha | alpha/norm | d | ppl ratio | looping | example reply |", "| --- | --- | --- | --- | --- | --- |"]
+        lines += [f"### {name}", "", "| alpha | alpha/norm | d | ppl ratio | looping | flagged | flagged themes | example reply |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for p in c["sweep"]:
             example = c.get("examples", {}).get(str(p["alpha"]), "").replace("|", "/").replace("\n", " ")[:120]
-            lines.append(f"| {p['alpha']:g} | {p['alpha_rel']:g} | {p['d']:.2f} | {p['ppl_ratio']:.2f} | {p['degenerate']:.2f} | {example} |")
+            themes = ", ".join(f"{t} {n}" for t, n in p.get("flag_themes", {}).items()) or "-"
+            lines.append(f"| {p['alpha']:g} | {p['alpha_rel']:g} | {p['d']:.2f} | {p['ppl_ratio']:.2f} | {p['degenerate']:.2f} "
+                         f"| {_pct(p.get('flags'))} | {themes} | {example} |")
         lines.append("")
     return "\n".join(lines)
 

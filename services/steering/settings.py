@@ -30,6 +30,10 @@ class Paths:
     def eval(self) -> Path:
         return self.vectors / "eval"
 
+    @property
+    def guard(self) -> Path:
+        return self.vectors / "guard"
+
     def model_vectors(self, model_name: str) -> Path:
         return self.vectors / model_name
 

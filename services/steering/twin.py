@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .guard import ThemeGuard
 from .loading import LoadedModel
 from .scoring import ConceptScorer
 from .validate import SweepSettings, baseline, sweep_concept
@@ -32,6 +33,7 @@ def compare_twin(
     own: dict[str, ConceptVector],
     forced: dict[str, ConceptVector],
     scorer: ConceptScorer,
+    guard: ThemeGuard,
     settings: SweepSettings,
     effect_concepts: Sequence[str],
     on_concept: Callable[[str], None] | None = None,
@@ -45,12 +47,12 @@ def compare_twin(
     }
     effects: dict[str, Any] = {}
     if effect_concepts:
-        base = baseline(twin, settings)
+        base = baseline(twin, settings, guard)
         for concept in effect_concepts:
             if on_concept:
                 on_concept(concept)
-            mine = sweep_concept(twin, own[concept], scorer, settings, base)
-            theirs = sweep_concept(twin, forced[concept], scorer, settings, base)
+            mine = sweep_concept(twin, own[concept], scorer, settings, base, guard)
+            theirs = sweep_concept(twin, forced[concept], scorer, settings, base, guard)
             effects[concept] = {
                 "own": [{"alpha": p["alpha"], "d": p["d"], "ppl_ratio": p["ppl_ratio"]} for p in mine["sweep"]],
                 "forced": [{"alpha": p["alpha"], "d": p["d"], "ppl_ratio": p["ppl_ratio"]} for p in theirs["sweep"]],

@@ -17,11 +17,12 @@ from typing import Any
 import torch
 
 from .coherence import is_degenerate, perplexities
+from .guard import ThemeGuard
 from .derive import layer_activations, position_ids
 from .generate import Generation, GenerationSettings, generate
 from .layers import layer_output_tensor, resolve_layers
 from .loading import LoadedModel, load_model
-from .record import decide
+from .record import child_safe_alpha, decide
 from .registry import ModelEntry
 from .scoring import ConceptScorer
 from .vector import ConceptVector
@@ -207,6 +208,7 @@ class Baseline:
     replies: list[Generation]
     ppl: list[float]
     degenerate: float
+    flags: float  # fraction of replies the theme guard flags
     scores: dict[str, list[float]] = field(default_factory=dict)
 
     def scores_for(self, scorer: ConceptScorer, concept: str) -> list[float]:
@@ -223,11 +225,21 @@ def _sample(loaded: LoadedModel, settings: SweepSettings, prompts: list[str], ro
     return out
 
 
-def baseline(loaded: LoadedModel, settings: SweepSettings) -> Baseline:
+def flag_rate(guard: ThemeGuard, replies: Sequence[Generation]) -> tuple[float, dict[str, int]]:
+    """Fraction of replies the guard flags, and how many replies each theme flagged."""
+    verdicts = guard.check_many([g.text for g in replies])
+    themes: dict[str, int] = {}
+    for v in verdicts:
+        for theme in v.themes:
+            themes[theme] = themes.get(theme, 0) + 1
+    return statistics.fmean(v.flagged for v in verdicts), dict(sorted(themes.items()))
+
+
+def baseline(loaded: LoadedModel, settings: SweepSettings, guard: ThemeGuard) -> Baseline:
     prompts = list(settings.prompts)
     replies = [g for seed in settings.seeds for g in _sample(loaded, settings, prompts, [None] * len(prompts), seed)]
     degenerate = statistics.fmean(is_degenerate(g.text) for g in replies)
-    return Baseline(replies, perplexities(loaded, replies), degenerate)
+    return Baseline(replies, perplexities(loaded, replies), degenerate, flag_rate(guard, replies)[0])
 
 
 def sweep_concept(
@@ -236,6 +248,7 @@ def sweep_concept(
     scorer: ConceptScorer,
     settings: SweepSettings,
     base: Baseline,
+    guard: ThemeGuard,
 ) -> dict[str, Any]:
     grid = alpha_grid(loaded, cv, settings.alpha_grid_rel)
     prompts = list(settings.prompts)
@@ -251,6 +264,7 @@ def sweep_concept(
         ppl = perplexities(loaded, replies)
         ratios = [s / b for s, b in zip(ppl, base.ppl)]
         degenerate = statistics.fmean(is_degenerate(g.text) for g in replies)
+        flags, themes = flag_rate(guard, replies)
         sweep.append({
             "alpha": alpha,
             "alpha_rel": rel,
@@ -260,13 +274,19 @@ def sweep_concept(
             "ppl_ratio": round(statistics.median(ratios), 4),
             "degenerate": round(degenerate, 4),
             "degenerate_excess": round(degenerate - base.degenerate, 4),
+            "flags": round(flags, 4),
+            "flag_excess": round(flags - base.flags, 4),
+            "flag_themes": themes,
         })
         examples[str(alpha)] = replies[0].text
     status, recommended, max_alpha = decide(sweep)
+    child_safe = child_safe_alpha(sweep)
     return {
         "status": status,
         "recommended_alpha": recommended,
         "max_alpha": max_alpha,
+        "child_safe_alpha": child_safe,
+        "child_safe_d": next((p["d"] for p in sweep if p["alpha"] == child_safe), None),
         "d": max(p["d"] for p in sweep) if status == "passed" else min(p["d"] for p in sweep),
         "vector_sha256": cv.content_sha256,
         "activation_scale": round(activation_scale(loaded, cv), 3),
@@ -296,6 +316,7 @@ def model_record(loaded: LoadedModel, checks: list[Check], concepts: dict[str, d
         "baseline": None if base is None else {
             "ppl_median": round(statistics.median(base.ppl), 3),
             "degenerate": round(base.degenerate, 4),
+            "flags": round(base.flags, 4),
         },
         "concepts": concepts,
     }

@@ -16,6 +16,7 @@ class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOP_REASON_END_OF_TEXT: _ClassVar[StopReason]
     STOP_REASON_CANCELLED: _ClassVar[StopReason]
     STOP_REASON_DEADLINE: _ClassVar[StopReason]
+    STOP_REASON_GUARD: _ClassVar[StopReason]
 
 class GateDecision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -30,6 +31,7 @@ STOP_REASON_STOP_SEQUENCE: StopReason
 STOP_REASON_END_OF_TEXT: StopReason
 STOP_REASON_CANCELLED: StopReason
 STOP_REASON_DEADLINE: StopReason
+STOP_REASON_GUARD: StopReason
 GATE_DECISION_UNSPECIFIED: GateDecision
 GATE_DECISION_STEER: GateDecision
 GATE_DECISION_SKIP: GateDecision
@@ -178,8 +180,20 @@ class Notice(_message.Message):
     message: str
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
+class GuardEvent(_message.Message):
+    __slots__ = ("reason", "themes", "action", "withheld_chars")
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    THEMES_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    WITHHELD_CHARS_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    themes: _containers.RepeatedScalarFieldContainer[str]
+    action: str
+    withheld_chars: int
+    def __init__(self, reason: _Optional[str] = ..., themes: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., withheld_chars: _Optional[int] = ...) -> None: ...
+
 class GenerateEvent(_message.Message):
-    __slots__ = ("started", "text", "gate", "kl", "reinjection", "finished", "notice")
+    __slots__ = ("started", "text", "gate", "kl", "reinjection", "finished", "notice", "guard")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +201,7 @@ class GenerateEvent(_message.Message):
     REINJECTION_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
+    GUARD_FIELD_NUMBER: _ClassVar[int]
     started: Started
     text: str
     gate: GateEvent
@@ -194,7 +209,8 @@ class GenerateEvent(_message.Message):
     reinjection: Reinjection
     finished: Finished
     notice: Notice
-    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., text: _Optional[str] = ..., gate: _Optional[_Union[GateEvent, _Mapping]] = ..., kl: _Optional[_Union[KlSample, _Mapping]] = ..., reinjection: _Optional[_Union[Reinjection, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ...) -> None: ...
+    guard: GuardEvent
+    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., text: _Optional[str] = ..., gate: _Optional[_Union[GateEvent, _Mapping]] = ..., kl: _Optional[_Union[KlSample, _Mapping]] = ..., reinjection: _Optional[_Union[Reinjection, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., guard: _Optional[_Union[GuardEvent, _Mapping]] = ...) -> None: ...
 
 class ChatTurn(_message.Message):
     __slots__ = ("text", "model", "max_tokens", "sampling", "gate", "kl")
@@ -227,20 +243,24 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ConceptInfo(_message.Message):
-    __slots__ = ("name", "status", "servable", "recommended_alpha", "max_alpha", "reason")
+    __slots__ = ("name", "status", "servable", "recommended_alpha", "max_alpha", "reason", "child_safe_alpha", "alpha_ceiling")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SERVABLE_FIELD_NUMBER: _ClassVar[int]
     RECOMMENDED_ALPHA_FIELD_NUMBER: _ClassVar[int]
     MAX_ALPHA_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    CHILD_SAFE_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_CEILING_FIELD_NUMBER: _ClassVar[int]
     name: str
     status: str
     servable: bool
     recommended_alpha: float
     max_alpha: float
     reason: str
-    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., servable: _Optional[bool] = ..., recommended_alpha: _Optional[float] = ..., max_alpha: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+    child_safe_alpha: float
+    alpha_ceiling: float
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., servable: _Optional[bool] = ..., recommended_alpha: _Optional[float] = ..., max_alpha: _Optional[float] = ..., reason: _Optional[str] = ..., child_safe_alpha: _Optional[float] = ..., alpha_ceiling: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "fingerprint", "loaded", "steerable", "reason", "concepts", "is_default")

@@ -1,0 +1,106 @@
+"""Child-safe ceilings: measured per concept by `steer validate`, kept honest by the record's
+hash and figures, and enforced by the Blip profile, whose content guard cannot be switched off."""
+
+import json
+import shutil
+
+import pytest
+
+from generator.server import GeneratorConfig, build_service, main as generator_main
+from generator.service import GenerateSpec
+from steering.errors import ConfigError, FailedPrecondition, InvalidArgument
+from steering.profiles import BLIP_ALLOWLIST, Profile, alpha_ceiling
+from steering.record import assess, child_safe_alpha, record_path, write_record
+from steering.store import load_store
+
+
+def _point(alpha: float, flag_excess: float = 0.0, degenerate_excess: float = 0.0) -> dict:
+    return {"alpha": alpha, "d": 1.0, "ppl_ratio": 1.0, "degenerate_excess": degenerate_excess, "flag_excess": flag_excess}
+
+
+def test_child_safe_alpha_is_the_last_alpha_before_the_first_excess() -> None:
+    assert child_safe_alpha([_point(4), _point(6), _point(8, flag_excess=0.03), _point(12)]) == 6
+    assert child_safe_alpha([_point(4, degenerate_excess=0.03), _point(6)]) is None
+    assert child_safe_alpha([_point(6), _point(4)]) == 6  # ordered by alpha, not by position
+    old = {k: v for k, v in _point(4).items() if k != "flag_excess"}
+    assert child_safe_alpha([old]) is None  # a record from before the guard is not child-safe
+
+
+@pytest.fixture(scope="module")
+def blip():
+    service = build_service(GeneratorConfig(profile=Profile.BLIP))
+    yield service
+    service.close()
+
+
+@pytest.fixture(scope="module")
+def personal():
+    service = build_service(GeneratorConfig(profile=Profile.PERSONAL, guard=False))
+    yield service
+    service.close()
+
+
+def _states(service):
+    slot = service.slot("")
+    return slot, {c: s for c, s in slot.steerability.concepts.items() if s.servable}
+
+
+def test_the_record_names_a_ceiling_for_every_blip_concept_it_serves(blip) -> None:
+    slot, states = _states(blip)
+    with_ceiling = {c: s for c, s in states.items() if s.child_safe_alpha is not None}
+    print("\n" + "\n".join(f"{c}: max {s.max_alpha} child-safe {s.child_safe_alpha} ceiling {blip.ceiling(s)}"
+                           for c, s in sorted(states.items())))
+    assert with_ceiling, "no Blip concept has a child-safe alpha: re-run `steer validate`"
+    for concept, state in with_ceiling.items():
+        assert blip.ceiling(state) == min(state.max_alpha, state.child_safe_alpha)
+
+
+def test_blip_refuses_alphas_above_the_ceiling_and_defaults_below_it(blip, personal) -> None:
+    slot, states = _states(blip)
+    for concept, state in states.items():
+        if state.child_safe_alpha is None:
+            with pytest.raises(FailedPrecondition, match="child-safe"):
+                blip.concept_state(slot, concept)
+            continue
+        ceiling = blip.ceiling(state)
+        steering = blip._steering(slot, concept, None)  # the default alpha
+        assert steering.alpha <= ceiling and steering.max_alpha == ceiling
+        with pytest.raises(InvalidArgument, match="child-safe ceiling|max_alpha"):
+            blip._steering(slot, concept, ceiling + 0.5)
+        # The personal profile serves up to the validated max_alpha.
+        pslot = personal.slot("")
+        assert personal._steering(pslot, concept, state.max_alpha).alpha == state.max_alpha
+
+
+def test_every_blip_job_carries_the_guard(blip) -> None:
+    slot, job = blip.build_job(GenerateSpec(prompt="Hello!"), lambda _e: None, None)
+    assert job.guard is blip.guard and job.guard is not None
+
+
+def test_the_guard_cannot_be_switched_off_in_blip(personal, capsys) -> None:
+    with pytest.raises(ConfigError, match="always runs the content guard"):
+        build_service(GeneratorConfig(profile=Profile.BLIP, guard=False))
+    with pytest.raises(SystemExit) as exc:
+        generator_main(["--profile", "blip", "--no-guard"])
+    assert exc.value.code == 2 and "--no-guard is for --profile personal only" in capsys.readouterr().err
+    assert personal.guard is None
+
+
+def test_a_tampered_child_safe_alpha_is_not_served(paths, tmp_path) -> None:
+    model_dir = paths.model_vectors("smollm2-135m-instruct")
+    record = json.loads(record_path(model_dir).read_text())
+    concept = next(c for c, e in record["concepts"].items() if e.get("child_safe_alpha") is not None and c in BLIP_ALLOWLIST)
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy, ignore=shutil.ignore_patterns("plots"))
+    record["concepts"][concept]["child_safe_alpha"] = record["concepts"][concept]["max_alpha"] * 3
+    write_record(copy, {k: v for k, v in record.items() if k != "record_sha256"})  # re-hashed: only the figures disagree
+    vectors, _ = load_store(copy, [concept], fingerprint=record["fingerprint"], hidden_size=576)
+    state = assess("smollm2-135m-instruct", copy, record["fingerprint"], vectors).concepts[concept]
+    assert not state.servable and "child_safe_alpha" in state.reason
+
+
+def test_alpha_ceiling_is_the_lower_of_the_two_in_blip_only(blip) -> None:
+    _, states = _states(blip)
+    state = next(s for s in states.values() if s.child_safe_alpha is not None)
+    assert alpha_ceiling(state, Profile.BLIP) == min(state.max_alpha, state.child_safe_alpha)
+    assert alpha_ceiling(state, Profile.PERSONAL) == state.max_alpha
