@@ -2,10 +2,15 @@
 ceiling is withheld at a sentence boundary and goes on unsteered, a loop is cut the same way,
 and a clean reply comes out exactly as it would without the guard."""
 
+import dataclasses
+
 import pytest
 
 from generator.engine import Engine, EngineSettings, GateConfig, Job, Steering
 from generator.events import TextDelta
+from generator.server import GeneratorConfig, build_service
+from generator.service import GenerateSpec
+from steering.profiles import Profile
 from steering.generate import render_prompt
 from steering.guard import ThemeGuard, load_guard
 from steering.loading import LoadedModel
@@ -78,3 +83,20 @@ def test_a_clean_reply_is_the_same_text_with_and_without_the_guard(smollm, paths
     # With the guard text leaves at sentence ends, so in fewer, longer pieces.
     pieces = [e for e in checked.events if isinstance(e, TextDelta)]
     assert len(pieces) < len([e for e in plain.events if isinstance(e, TextDelta)])
+
+
+def test_in_the_blip_profile_a_forced_sad_reply_never_reaches_the_child(guard) -> None:
+    """The Blip service's own job (its guard, its engine), with the alpha forced past the ceiling
+    the service would refuse: what reaches the client is clean."""
+    service = build_service(GeneratorConfig(profile=Profile.BLIP))
+    try:
+        c = Collector()
+        slot, job = service.build_job(GenerateSpec(prompt=SAD_PROMPT, concept="sad", max_tokens=64), c, None)
+        assert job.guard is service.guard is not None
+        forced = dataclasses.replace(job.steering, alpha=SAD_ALPHA, max_alpha=SAD_ALPHA)
+        slot.engine.submit(dataclasses.replace(job, steering=forced, gate=GateConfig(enabled=False)))
+        assert c.done.wait(300)
+        assert c.guarded and c.guarded[0].action == "regenerated_unsteered"
+        assert c.text.strip() and not guard.check(c.text).flagged
+    finally:
+        service.close()

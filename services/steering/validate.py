@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from .coherence import is_degenerate, perplexities
-from .guard import ThemeGuard
 from .derive import layer_activations, position_ids
 from .generate import Generation, GenerationSettings, generate
+from .guard import ThemeGuard
 from .layers import layer_output_tensor, resolve_layers
 from .loading import LoadedModel, load_model
 from .record import child_safe_alpha, decide
