@@ -37,6 +37,7 @@ def store(tmp_path: Path, monkeypatch) -> Path:
     src = paths_from_env().vectors
     dst = tmp_path / "vectors"
     shutil.copytree(src / "pairs", dst / "pairs")
+    shutil.copytree(src / "guard", dst / "guard")
     shutil.copytree(src / MODEL, dst / MODEL, ignore=shutil.ignore_patterns("plots"))
     monkeypatch.setenv("STEER_VECTORS_DIR", str(dst))
     return dst / MODEL

@@ -41,6 +41,7 @@ def _store(tmp_path: Path, with_model: bool) -> Path:
     src, dst = paths_from_env().vectors, tmp_path / "vectors"
     shutil.copytree(src / "pairs", dst / "pairs")
     shutil.copytree(src / "eval", dst / "eval")
+    shutil.copytree(src / "guard", dst / "guard")
     if with_model:
         shutil.copytree(src / MODEL, dst / MODEL, ignore=shutil.ignore_patterns("plots"))
     return dst

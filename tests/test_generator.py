@@ -58,10 +58,12 @@ def test_stream_order_and_final_event(service) -> None:
     assert _no_hooks(service)
 
 
-def test_greedy_stream_matches_in_process_generation(service) -> None:
-    """The engine's stream is the same text as the core's batched generate for greedy decoding."""
+def test_greedy_stream_matches_in_process_generation() -> None:
+    """The engine's stream is the same text as the core's batched generate for greedy decoding
+    (personal profile without the content guard, which may withhold and regenerate text)."""
     from steering.generate import GenerationSettings, generate
 
+    service = build_service(GeneratorConfig(profile=Profile.PERSONAL, guard=False))
     slot = next(iter(service.slots.values()))
     cv = slot.vectors["happy"]
     alpha = slot.steerability.concepts["happy"].recommended_alpha
@@ -70,6 +72,7 @@ def test_greedy_stream_matches_in_process_generation(service) -> None:
     streamed = "".join(e.text for e in events if e.WhichOneof("event") == "text").strip()
     ref = generate(slot.loaded, ["What is your favourite game?"], [cv.additions(alpha, slot.loaded.steering_layers)],
                    GenerationSettings(max_new_tokens=20))[0].text
+    service.close()
     assert streamed == ref
 
 
@@ -81,7 +84,7 @@ def test_greedy_stream_matches_in_process_generation(service) -> None:
         (pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "either a prompt or chat messages"),
         (pb.GenerateRequest(prompt="x" * 9000), grpc.StatusCode.INVALID_ARGUMENT, "limit is 8000"),
         (pb.GenerateRequest(prompt="hi", concept="happy", alpha=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "alpha"),
-        (pb.GenerateRequest(prompt="hi", concept="happy", alpha=1e6), grpc.StatusCode.INVALID_ARGUMENT, "max_alpha"),
+        (pb.GenerateRequest(prompt="hi", concept="happy", alpha=1e6), grpc.StatusCode.INVALID_ARGUMENT, "beyond concept"),
         (pb.GenerateRequest(prompt="hi", max_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
         (pb.GenerateRequest(prompt="hi", sampling=pb.Sampling(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
         (pb.GenerateRequest(messages=pb.Conversation(messages=[pb.ChatMessage(role="wizard", content="hi")])),
@@ -128,15 +131,16 @@ def test_gate_skips_when_a_concept_word_is_already_likely(service) -> None:
 
 def test_kl_samples_and_forced_reinjection(service) -> None:
     kl = pb.KlSettings(enabled=True, window=4, threshold=1000.0, alpha_step=1.0)  # any KL counts as faded
-    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy",
+    slot = next(iter(service.slots.values()))
+    ceiling = service.ceiling(slot.steerability.concepts["happy"])  # in Blip the child-safe ceiling caps re-injection
+    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy", alpha=ceiling - 2,
                                                    max_tokens=12, kl=kl, gate=pb.GateSettings(disabled=True)))
     samples = [e.kl for e in events if e.WhichOneof("event") == "kl"]
     reinjections = [e.reinjection for e in events if e.WhichOneof("event") == "reinjection"]
-    assert len(samples) >= 11 and all(s.kl >= 0 for s in samples) and samples[0].kl > 0
+    assert len(samples) >= 4 and all(s.kl >= 0 for s in samples) and samples[0].kl > 0  # the reply may end early
     assert reinjections and reinjections[0].token_index == 3
     r = reinjections[0]
-    max_alpha = next(iter(service.slots.values())).steerability.concepts["happy"].max_alpha
-    assert r.alpha_after == pytest.approx(min(r.alpha_before + 1.0, max_alpha))
+    assert r.alpha_after == pytest.approx(min(r.alpha_before + 1.0, ceiling))
     # While re-injected, the samples report the raised alpha.
     assert any(s.alpha == pytest.approx(r.alpha_after) for s in samples if s.token_index > r.token_index)
 
