@@ -67,11 +67,12 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def _concept_vector(loaded, concept: str, args: argparse.Namespace | None = None):
+def _concept_vector(loaded, concept: str, source: str | None = None, force: bool = False):
+    """The stored vector of `concept` for `loaded`, or with `source` another model's (refused
+    unless `force`, which is announced on stderr and recorded in the vector)."""
     from .store import load_vector, vector_path
 
-    source = getattr(args, "vectors_from", None) or loaded.name
-    force = bool(getattr(args, "force", False))
+    source = source or loaded.name
     cv = load_vector(
         vector_path(_paths().model_vectors(_registry().get(source).name), concept),
         fingerprint=loaded.fingerprint,
@@ -224,7 +225,7 @@ def cmd_derive(args: argparse.Namespace) -> int:
 def _rows(loaded, args: argparse.Namespace, n: int):
     if not args.concept:
         return [None] * n
-    cv = _concept_vector(loaded, args.concept, args)
+    cv = _concept_vector(loaded, args.concept, args.vectors_from, args.force)
     additions = cv.additions(_check_alpha(args.alpha), loaded.steering_layers)
     return [additions] * n
 
@@ -284,7 +285,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
     concepts = args.concept.split(",")
     print(f"model {loaded.name}, layers {list(loaded.steering_layers)}, alpha {args.alpha}\n")
     for concept in concepts:
-        cv = _concept_vector(loaded, concept.strip(), args)
+        cv = _concept_vector(loaded, concept.strip(), args.vectors_from, args.force)
         additions = cv.additions(_check_alpha(args.alpha), loaded.steering_layers)
         # One batch: unsteered rows and steered rows side by side.
         results = generate(loaded, prompts + prompts, [None] * len(prompts) + [additions] * len(prompts), settings)
@@ -422,9 +423,8 @@ def cmd_compare_twin(args: argparse.Namespace) -> int:
         raise NotFoundError(f"no concept has vectors for both {twin.name} and {reference.name}; run `steer derive` for each")
     common = dict(fingerprint=twin.fingerprint, hidden_size=twin.hidden_size, layers=twin.steering_layers)
     own, refused = load_store(own_dir, names, **common)
-    forced = {}
-    for name in names:  # the force is the point here; each vector records it in its metadata
-        forced[name] = _concept_vector(twin, name, argparse.Namespace(vectors_from=reference.name, force=True))
+    # The force is the point here; each vector records it in its metadata.
+    forced = {name: _concept_vector(twin, name, reference.name, force=True) for name in names}
     for name, reason in refused.items():
         print(f"  refused {name}: {reason}", file=sys.stderr)
     effect = [c.strip() for c in (args.effect_concepts or "").split(",") if c.strip()]

@@ -80,8 +80,9 @@ class ThemeGuard:
         verdict = self._verdict(reply, sentences, vectors)
         if verdict.flagged:
             return verdict
-        if len(reply.split()) >= LOOP_MIN_WORDS and repeat_rate(reply) > DEGENERATE_REPEAT:
-            return Verdict(True, (), (f"repetition: {repeat_rate(reply):.2f} of word trigrams repeat",), loop=True)
+        rate = repeat_rate(reply) if len(reply.split()) >= LOOP_MIN_WORDS else 0.0
+        if rate > DEGENERATE_REPEAT:
+            return Verdict(True, (), (f"repetition: {rate:.2f} of word trigrams repeat",), loop=True)
         # Short loops ("What's your own?", a line of one emoji) repeat whole sentences.
         seen = Counter(_normalised(x) for x in split_sentences(sent))
         for sentence in sentences:
