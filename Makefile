@@ -59,7 +59,7 @@ bench: prepare $(BENCH_VENV)/.installed
 reliability: prepare
 	rm -f docs/.reliability.json
 	RELIABILITY_OUT=docs/.reliability.json RELIABILITY_EXAMPLES=1000 LOAD_SECONDS=180 CANCELLED_STREAMS=400 \
-		$(PY) -m pytest -q -s --junitxml=docs/.reliability.xml tests/test_bad_input.py tests/test_bypass.py \
+		$(PY) -m pytest -q -s --junitxml=docs/.reliability.xml tests/test_bad_input.py tests/test_isolation.py tests/test_bypass.py \
 		tests/test_faults.py tests/test_chat.py tests/test_load.py tests/test_security.py; \
 		$(PY) scripts/reliability_report.py docs/.reliability.json docs/.reliability.xml docs/RELIABILITY.md
 

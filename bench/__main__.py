@@ -106,7 +106,7 @@ def main() -> int:
 
     log("services: tagger and generator processes")
     tagger = service_load.start("tagger.server", [])
-    generator = service_load.start("generator.server", ["--models", loaded.name, "--profile", "personal",
+    generator = service_load.start("generator.personal", ["--models", loaded.name,
                                                         "--max-batch", "16", "--max-queue", "32", *_model_args(a)])
     try:
         servable = [c for c in CONCEPTS if (paths.vectors / loaded.name / f"{c}.safetensors").exists()]

@@ -11,13 +11,14 @@ from steering.atomic import write_text_atomic
 
 SUITES = {
     "test_bad_input": "Bad input (Hypothesis, every RPC, over real gRPC)",
+    "test_isolation": "Failure isolation (one row fails, the others go on)",
     "test_bypass": "Allowlist bypass attempts",
     "test_faults": "Faults injected",
     "test_chat": "Tagger down, logs",
     "test_load": "Load and cancellation",
     "test_security": "Security",
 }
-FIGURES = (("bypass", "Bypass attempts"), ("derive_kill", "kill -9 during steer derive"),
+FIGURES = (("beside", "Valid streams beside fuzzed requests"), ("bypass", "Bypass attempts"), ("derive_kill", "kill -9 during steer derive"),
            ("validate_kill", "kill -9 during steer validate"), ("damaged_vectors", "Damaged vector files"),
            ("generator_killed", "Generator killed mid-stream"), ("load", "Load"), ("cancellation", "Cancellation"))
 
@@ -46,8 +47,13 @@ def main(figures_path: str, xml_path: str, out: str) -> int:
         lines += ["## Bad input", "", "| RPC | cases | answers |", "| --- | ---: | --- |"]
         for rpc, counts in bad.items():
             lines.append(f"| {rpc} | {sum(counts.values())} | " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " |")
-        lines += ["", "Never INTERNAL or UNKNOWN; afterwards both servers report SERVING and a normal request "
-                  "completes with no hook left on the model.", ""]
+        lines += ["", "Every stream was read to its end: a Generate or Chat stream counts as streamed only when its "
+                  "last event is `finished`, and any status, before or after the first event, must be one of "
+                  "INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, FAILED_PRECONDITION or RESOURCE_EXHAUSTED with a "
+                  "message (never INTERNAL or UNKNOWN). \"Generate beside a valid stream\" sends each fuzzed request "
+                  "while a valid happy-steered greedy stream is running; that stream must finish with exactly the "
+                  "text it has alone. Afterwards both servers report SERVING and a normal request completes with no "
+                  "hook left on the model.", ""]
     for key, title in FIGURES:
         if key in figures:
             lines += [f"## {title}", "", "```json", json.dumps(figures[key], indent=2), "```", ""]

@@ -2,7 +2,7 @@
 
 import threading
 
-from generator.events import Event, Finished, Guarded, TextDelta
+from generator.events import Event, Failed, Finished, Guarded, TextDelta
 
 
 class Collector:
@@ -15,7 +15,7 @@ class Collector:
         self.events.append(event)
         if isinstance(event, TextDelta):
             self.first_text.set()
-        if isinstance(event, Finished):
+        if isinstance(event, (Finished, Failed)):
             self.done.set()
 
     @property
@@ -29,3 +29,7 @@ class Collector:
     @property
     def finished(self) -> Finished:
         return next(e for e in self.events if isinstance(e, Finished))
+
+    @property
+    def failed(self) -> Failed | None:
+        return next((e for e in self.events if isinstance(e, Failed)), None)

@@ -87,11 +87,22 @@ def test_name_variants_paths_and_negative_alphas_are_refused_and_never_opened(st
         requests = [pb.GenerateRequest(prompt="hi", concept=name, max_tokens=2) for name in VARIANTS]
         requests += [pb.GenerateRequest(prompt="hi", concept=name, alpha=a, max_tokens=2)
                      for name in BLOCKED for a in (-8.0, -1.0, 0.0)]
-        answers = _codes(service, requests)
+        # Steering away from an allowed concept is a blocked register too (minus-kind is unkind).
+        servable = set(service.slots[MODEL].steerability.servable)
+        negatives = [pb.GenerateRequest(prompt="hi", concept=name, alpha=a, max_tokens=2)
+                     for name in sorted(BLIP_ALLOWLIST) for a in (-6.0, -1.0, -1e-3)]
+        answers = _codes(service, requests + negatives)
     finally:
         service.close()
     for req, (code, details) in zip(requests, answers):
         assert code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT), (req.concept, code, details)
+    for req, (code, details) in zip(negatives, answers[len(requests):]):
+        if req.concept in servable:
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "only steers toward" in details, (req.concept, code, details)
+        else:  # calm and playfulness are not served at all on SmolLM2 today
+            assert code == grpc.StatusCode.FAILED_PRECONDITION, (req.concept, code, details)
+    requests += negatives
+    assert servable, "no allowed concept is servable: the negative-alpha cases would test nothing"
     blocked_files = [p for p in opened if Path(p).stem in BLOCKED or "hostile" in Path(p).name]
     assert not blocked_files, f"blocked vector files were opened: {blocked_files}"
     assert any(Path(p).stem == "happy" for p in opened)  # the spy saw the allowed ones being read
@@ -138,3 +149,58 @@ def test_a_tampered_validation_record_makes_nothing_servable(store) -> None:
 
 def test_the_allowlist_is_the_constant() -> None:
     assert not set(BLOCKED) & BLIP_ALLOWLIST
+
+
+# What each environment variable the services read can change; none of them names a profile.
+KNOWN_VARIABLES = {
+    "HF_HUB_OFFLINE": "keeps the hub closed",
+    "STEER_REGISTRY": "where models.toml is",
+    "STEER_VECTORS_DIR": "where the vector store is (checked on read, filtered by the allowlist)",
+    "STEER_CACHE_DIR": "where converted models are cached",
+    "STEER_DEVICE": "the torch device",
+    "STEER_DTYPE": "the weights' dtype (its own fingerprint and record)",
+    "STEER_EMBED_DEVICE": "the sentence embedder's device",
+    "STEER_DEBUG": "tracebacks in the steer CLI",
+}
+
+
+def test_blips_entry_point_cannot_become_the_personal_one(store, monkeypatch, tmp_path: Path, capsys) -> None:
+    """No argument, environment variable or file that `python -m generator.server` reads makes it
+    serve a blocked concept: it has no profile switch; the personal profile is another program."""
+    import re
+
+    from generator.server import blip_config, main as blip_main
+
+    for argv in (["--profile", "personal"], ["--profile=personal"], ["--no-guard"], ["--personal"]):
+        with pytest.raises(SystemExit) as exc:
+            blip_main(argv)
+        assert exc.value.code == 2, argv
+    assert "unrecognized arguments" in capsys.readouterr().err
+    # Every option it does have, given a value, still means Blip with the guard on.
+    policy = tmp_path / "policy.toml"
+    policy.write_text('profile = "personal"\n[tags]\nhappy = "happy"\n')
+    values = {"--policy": str(policy), "--dtype": "float32", "--port": "0", "--max-batch": "2", "--max-queue": "2",
+              "--metrics-port": "0", "--tls-cert": "/nonexistent", "--tls-key": "/nonexistent", "--token-env": "HOME"}
+    from generator.server import build_parser
+
+    for action in build_parser("generator", "").__dict__["_actions"]:
+        flag = next((o for o in action.option_strings if o.startswith("--")), None)
+        if flag in (None, "--help"):
+            continue
+        argv = [flag] if action.nargs == 0 else [flag, values.get(flag, "personal")]
+        _, config, _ = blip_config(argv)
+        assert config.profile is Profile.BLIP and config.guard, argv
+    # Every environment variable the services read is a known one, and none selects a profile.
+    root = Path(__file__).resolve().parents[1] / "services"
+    read = {m for f in root.rglob("*.py") for m in re.findall(r'"((?:STEER|HF)_[A-Z_]+)"', f.read_text())}
+    assert read <= set(KNOWN_VARIABLES), f"new environment variables to review for the allowlist: {read - set(KNOWN_VARIABLES)}"
+    for name in ("STEER_PROFILE", "PROFILE", "GENERATOR_PROFILE", "BLIP_PROFILE", "STEER_GUARD", "STEER_ALLOWLIST"):
+        monkeypatch.setenv(name, "personal")
+    _, config, _ = blip_config(["--policy", str(policy)])
+    service = build_service(config)
+    try:
+        assert service.profile is Profile.BLIP and service.guard is not None
+        answers = _codes(service, [pb.GenerateRequest(prompt="hi", concept=c, max_tokens=2) for c in ("hostile", "mean")])
+    finally:
+        service.close()
+    assert all(code == grpc.StatusCode.PERMISSION_DENIED for code, _ in answers), answers

@@ -93,3 +93,29 @@ def test_empty_turn_is_invalid(service) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         asyncio.run(_chat(service, ["   "], "127.0.0.1:1"))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_turn_the_tagger_refuses_is_invalid_argument_not_tagger_unavailable(service) -> None:
+    async def body():
+        tagger = await serve_tagger(ServerSettings())
+        try:
+            return await _chat(service, ["I like trains. " * 200], f"127.0.0.1:{tagger.port}")
+        finally:
+            await tagger.stop()
+
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        asyncio.run(body())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "tagger refused this turn" in info.value.details() and "limit is 2000" in info.value.details()
+
+
+def test_a_label_this_generator_does_not_know_counts_as_no_tagger() -> None:
+    from generator.tagger_client import tag_from_pb
+    from steering.errors import Unavailable
+
+    newer = tagger_pb2.TagResponse(label=99, confidence=0.9, scores=[tagger_pb2.LabelScore(label=99, score=0.9),
+                                                                    tagger_pb2.LabelScore(label=tagger_pb2.EMOTION_HAPPY, score=0.1)])
+    with pytest.raises(Unavailable, match="label value 99"):
+        tag_from_pb(newer)
+    newer.label = tagger_pb2.EMOTION_HAPPY  # a known label with an unknown score beside it: the unknown one is dropped
+    assert tag_from_pb(newer).scores == {"happy": pytest.approx(0.1)}

@@ -10,7 +10,7 @@ from generator.server import GeneratorConfig, build_service, main as generator_m
 from generator.service import GenerateSpec
 from steering.errors import ConfigError, FailedPrecondition, InvalidArgument
 from steering.profiles import BLIP_ALLOWLIST, Profile, alpha_ceiling
-from steering.record import assess, child_safe_alpha, record_path, write_record
+from steering.record import assess, child_safe_alpha, decide, record_path, write_record
 from steering.store import load_store
 
 
@@ -80,9 +80,9 @@ def test_every_blip_job_carries_the_guard(blip) -> None:
 def test_the_guard_cannot_be_switched_off_in_blip(personal, capsys) -> None:
     with pytest.raises(ConfigError, match="always runs the content guard"):
         build_service(GeneratorConfig(profile=Profile.BLIP, guard=False))
-    with pytest.raises(SystemExit) as exc:
-        generator_main(["--profile", "blip", "--no-guard"])
-    assert exc.value.code == 2 and "--no-guard is for --profile personal only" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # Blip's program has no such option; the personal one does
+        generator_main(["--no-guard"])
+    assert exc.value.code == 2 and "unrecognized arguments: --no-guard" in capsys.readouterr().err
     assert personal.guard is None
 
 
@@ -104,3 +104,39 @@ def test_alpha_ceiling_is_the_lower_of_the_two_in_blip_only(blip) -> None:
     state = next(s for s in states.values() if s.child_safe_alpha is not None)
     assert alpha_ceiling(state, Profile.BLIP) == min(state.max_alpha, state.child_safe_alpha)
     assert alpha_ceiling(state, Profile.PERSONAL) == state.max_alpha
+
+
+def test_steering_away_is_decided_on_its_own_sweep() -> None:
+    def point(alpha: float, d: float, ppl: float = 1.0) -> dict:
+        return {"alpha": alpha, "d": d, "ppl_ratio": ppl, "degenerate_excess": 0.0}
+
+    # Away from the concept the score must fall: d of -0.7 passes, and max_alpha is a magnitude.
+    assert decide([point(-4, -0.2), point(-6, -0.7), point(-8, -0.9, ppl=3.0)], sign=-1.0) == ("passed", -6, 6)
+    assert decide([point(-4, 0.8), point(-6, 0.9)], sign=-1.0)[0] == "inverted"  # pushed the other way
+    assert decide([point(-4, -0.2)], sign=-1.0)[0] == "failed"
+    assert decide([point(4, 0.7)]) == ("passed", 4, 4)
+
+
+def test_blip_never_steers_away_from_a_concept(blip) -> None:
+    slot, states = _states(blip)
+    for concept, state in states.items():
+        if state.child_safe_alpha is None:
+            continue
+        for alpha in (-1e-3, -1.0, -state.max_alpha):
+            with pytest.raises(InvalidArgument, match="only steers toward a concept"):
+                blip._steering(slot, concept, alpha)
+
+
+def test_personal_steers_away_only_where_the_record_validated_it(personal) -> None:
+    slot = personal.slot("")
+    servable = {c: s for c, s in slot.steerability.concepts.items() if s.servable}
+    away = {c: s for c, s in servable.items() if s.negative_max_alpha is not None}
+    print("\n" + "\n".join(f"{c}: away from it {s.negative_status}, max {s.negative_max_alpha}" for c, s in sorted(servable.items())))
+    assert away, "no concept's negative direction is validated: run `steer validate --negative --concepts happy`"
+    for concept, state in away.items():
+        assert personal._steering(slot, concept, -state.negative_max_alpha).alpha == -state.negative_max_alpha
+        with pytest.raises(InvalidArgument, match="away from it"):
+            personal._steering(slot, concept, -state.negative_max_alpha - 0.5)
+    for concept in set(servable) - set(away):
+        with pytest.raises(FailedPrecondition, match="negative direction"):
+            personal._steering(slot, concept, -1.0)

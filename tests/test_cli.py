@@ -74,15 +74,24 @@ def test_export_then_import_gguf(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     vectors = tmp_path / "vectors"
     (vectors / "pairs").mkdir(parents=True)
-    env_run = subprocess.run(
-        [STEER, "import-gguf", "--concept", "happy_copy", "--in", str(out)],
-        capture_output=True, text=True, timeout=600,
-        env={**__import__("os").environ, "STEER_VECTORS_DIR": str(vectors)},
-    )
+    def import_(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [STEER, "import-gguf", "--concept", "happy_copy", "--in", str(out), *extra],
+            capture_output=True, text=True, timeout=600,
+            env={**__import__("os").environ, "STEER_VECTORS_DIR": str(vectors)},
+        )
+
+    env_run = import_()
     assert env_run.returncode == 0, env_run.stderr
     from steering.store import read_vector
 
-    imported = read_vector(vectors / "smollm2-135m-instruct" / "happy_copy.safetensors")
+    stored = vectors / "smollm2-135m-instruct" / "happy_copy.safetensors"
+    before = stored.read_bytes()
+    again = import_()  # a second import under the same name never overwrites silently
+    assert again.returncode != 0 and "already holds a vector" in again.stderr and "Traceback" not in again.stderr
+    assert stored.read_bytes() == before
+    assert import_("--replace").returncode == 0
+    imported = read_vector(stored)
     original = read_vector(Path(__file__).parents[1] / "vectors" / "smollm2-135m-instruct" / "happy.safetensors")
     assert imported.method == "gguf-import" and imported.fingerprint == original.fingerprint
     for layer in imported.layers:

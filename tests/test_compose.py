@@ -59,3 +59,16 @@ def test_awq_generator_is_its_own_environment_behind_a_profile() -> None:
         host = port.get("host_ip", "") if isinstance(port, dict) else str(port)
         assert host.startswith("127.0.0.1"), "generator-awq publishes beyond loopback"
     assert any("/cache" in str(v) for v in awq["volumes"])
+
+
+def test_the_personal_profile_is_its_own_program_and_off_by_default() -> None:
+    assert "generator-personal" not in _config("gpu", "cpu", "awq")["services"]
+    services = _config("personal")["services"]
+    personal = services["generator-personal"]
+    assert personal["profiles"] == ["personal"] and personal["command"][:3] == ["python", "-m", "generator.personal"]
+    for name, svc in services.items():  # Blip's generators never name a profile on their command line
+        if name != "generator-personal":
+            assert "--profile" not in " ".join(svc.get("command", [])), name
+    for port in personal["ports"]:
+        host = port.get("host_ip", "") if isinstance(port, dict) else str(port)
+        assert host.startswith("127.0.0.1"), "generator-personal publishes beyond loopback"

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import torch
 
-from steering.errors import ResourceExhausted, Unavailable
+from steering.errors import ResourceExhausted, SteeringError, Unavailable
 from steering.gate import DEFAULT_THRESHOLD, decide
 from steering.generate import eos_ids, sample
 from steering.guard import ThemeGuard, ends_sentence
@@ -67,8 +67,8 @@ class KlConfig:
 class Steering:
     concept: str
     directions: dict[int, torch.Tensor]  # steering layer -> unit vector [hidden]
-    alpha: float
-    max_alpha: float
+    alpha: float  # its sign is the direction; the service only sends a direction the record validated
+    max_alpha: float  # the largest |alpha| served in that direction (re-injection stays at or under it)
     word_ids: frozenset[int]  # the gate's concept tokens
 
 
@@ -249,8 +249,10 @@ class _Stream:
         if index >= self.reinject_until and self.alpha != self.base_alpha:
             self.alpha = self.base_alpha  # the re-injection window is over
         faded = len(self.window) == self.window.maxlen and mean < kl_cfg.threshold
-        if st and faded and index >= self.reinject_until and self.alpha < st.max_alpha:
-            before, self.alpha = self.alpha, min(self.alpha + kl_cfg.alpha_step, st.max_alpha)
+        if st and faded and index >= self.reinject_until and abs(self.alpha) < st.max_alpha:
+            # Away from zero in the direction in force, never past that direction's ceiling.
+            sign = -1.0 if self.base_alpha < 0 else 1.0
+            before, self.alpha = self.alpha, sign * min(abs(self.alpha) + kl_cfg.alpha_step, st.max_alpha)
             self.reinject_until = index + kl_cfg.window
             self.window.clear()
             self.job.emit(Reinjection(index, mean, before, self.alpha))
@@ -350,6 +352,15 @@ class _Stream:
             first_text = first_text or sent
         return self.end(reason, first_text)
 
+    def fail(self, exc: Exception) -> None:
+        """This row alone went wrong: its caller gets the error, the batch goes on without it."""
+        self.reason, self.shadow, self.pending = "failed", None, []
+        self.restarting = False
+        try:
+            self.job.emit(Failed(exc))
+        except Exception:  # the caller is gone; nothing more to tell it
+            log.debug("could not report a failed stream", exc_info=True)
+
     def end(self, reason: str, first_text: bool = False) -> StepResult:
         self.reason = reason
         reinjections = self._catch_up() if self.pending and reason != "cancelled" else 0  # the last KL samples
@@ -389,8 +400,21 @@ class Engine:
         self.metrics.queue_depth.labels(self.loaded.name).set(self._jobs.qsize())
 
     def close(self) -> None:
+        """Stop the worker: running streams and every job still queued end as cancelled."""
         self._closing.set()
         self._thread.join(timeout=30)
+        self._cancel_queued()  # a submit racing the worker's own drain still gets its Finished
+
+    def _cancel_queued(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0.0, 0.0))
+            except Exception:  # the caller is gone
+                log.debug("could not report a cancelled job", exc_info=True)
 
     # the worker thread -------------------------------------------------------------
 
@@ -408,30 +432,54 @@ class Engine:
         self.metrics.queue_depth.labels(self.loaded.name).set(self._jobs.qsize())
         return jobs
 
-    def _admit(self, streams: list[_Stream]) -> Rows:
+    def _fail(self, s: _Stream, exc: Exception) -> None:
+        log.error("stream failed alone (%s: %s); the batch goes on", type(exc).__name__, exc,
+                  exc_info=not isinstance(exc, SteeringError))
+        s.fail(exc)
+        self.metrics.finished.labels(self.loaded.name, "failed").inc()
+
+    def _admit(self, streams: list[_Stream]) -> tuple[Rows | None, list[_Stream]]:
         """Prefill the joiners (new streams, and guarded ones going on unsteered) together; each
         one's gate picks the row it decodes with, and a stream monitoring KL splits its
-        unsteered row off as its shadow."""
-        prompts, additions, starts = [], [], []
+        unsteered row off as its shadow. Returns the joined rows and their streams: a joiner
+        that fails alone (its gate, say) is left out; a failed prefill fails every joiner."""
+        prompts, additions, starts, ready = [], [], [], []
         for s in streams:
-            rows = s.prefill_rows()
+            try:
+                rows = s.prefill_rows()
+            except Exception as exc:
+                self._fail(s, exc)
+                continue
+            ready.append(s)
             starts.append(len(prompts))
             prompts += [s.prompt_ids] * len(rows)
             additions += rows
+        if not ready:
+            return None, []
         lm = self.loaded
-        deltas = stack_rows(additions, lm.hidden_size, lm.model.dtype, lm.device)
-        rows = prefill(lm.model, lm.layers, prompts, deltas, lm.tokenizer.pad_token_id or 0)
-        keep = []
-        for s, start, end in zip(streams, starts, [*starts[1:], len(prompts)]):
+        try:
+            deltas = stack_rows(additions, lm.hidden_size, lm.model.dtype, lm.device)
+            rows = prefill(lm.model, lm.layers, prompts, deltas, lm.tokenizer.pad_token_id or 0)
+        except Exception as exc:  # the joiners' shared forward pass: the running batch is not in it
+            for s in ready:
+                self._fail(s, exc)
+            return None, []
+        keep, joined = [], []
+        for s, start, end in zip(ready, starts, [*starts[1:], len(prompts)]):
             restarting = s.restarting
-            main, shadow = s.choose_rows(rows.logits[start:end])
+            try:
+                main, shadow = s.choose_rows(rows.logits[start:end])
+                if shadow is not None:
+                    s.shadow = split_off(rows, start + shadow)
+                    s.shadow_next = s.shadow.logits[0]
+            except Exception as exc:
+                self._fail(s, exc)
+                continue
             if not restarting:
                 self.metrics.gate_decisions.labels(lm.name, s.gate).inc()
             keep.append(start + main)
-            if shadow is not None:
-                s.shadow = split_off(rows, start + shadow)
-                s.shadow_next = s.shadow.logits[0]
-        return select(rows, keep)
+            joined.append(s)
+        return (select(rows, keep), joined) if keep else (None, [])
 
     def _set_row(self, rows: Rows, row: int, additions: dict[int, torch.Tensor] | None) -> None:
         for layer, d in rows.deltas.items():
@@ -446,7 +494,11 @@ class Engine:
         produced = 0
         for row, s in enumerate(streams):
             before = len(s.generated)
-            r = s.advance(batch.logits[row])
+            try:
+                r = s.advance(batch.logits[row])
+            except Exception as exc:  # sampling, the gate, the KL shadow, the guard, detokenising
+                self._fail(s, exc)
+                continue
             produced += max(0, len(s.generated) - before)  # a guard restart shortens the reply
             if r.first_text:
                 m.time_to_first_token.labels(name).observe(s.first_token_ms / 1000)
@@ -477,12 +529,13 @@ class Engine:
             jobs = self._take(room, wait=batch is None and not restarts)
             try:
                 with torch.no_grad():
-                    joining = restarts + [_Stream(self.loaded, job, eos) for job in jobs]
+                    joining, restarts = restarts + self._streams(jobs, eos), []
+                    jobs = []
                     if joining:
-                        joined = self._admit(joining)
-                        batch = joined if batch is None else merge(batch, joined)
-                        streams += joining
-                        jobs, restarts = [], []
+                        joined, joiners = self._admit(joining)
+                        if joined is not None:
+                            batch = joined if batch is None else merge(batch, joined)
+                            streams += joiners
                     if batch is not None:
                         live, tokens, produced = self._step(batch, streams)
                         recent.append((time.monotonic(), produced))
@@ -492,20 +545,31 @@ class Engine:
                             batch = select(batch, live) if live else None
                         if batch is not None:
                             decode(self.loaded.model, self.loaded.layers, batch, tokens[live])
-            except Exception as exc:  # a failed step fails the streams in it; the engine keeps serving
-                log.exception("generation failed")
-                running = [s.job for s in streams + restarts if s.reason is None]
-                for job in {id(j): j for j in running + jobs}.values():  # a Job is not hashable
-                    try:
-                        job.emit(Failed(exc))
-                    except Exception:  # the caller is gone; nothing more to tell it
-                        log.debug("could not report a failed job", exc_info=True)
+            except Exception as exc:  # the shared forward pass failed: every stream in it fails; the engine goes on
+                log.exception("the batch's forward pass failed")
+                for s in streams + restarts:
+                    if s.reason is None:
+                        self._fail(s, exc)
                 batch, streams, restarts = None, [], []
             while recent and recent[0][0] < time.monotonic() - 10:
                 recent.popleft()
             m.tokens_per_second.labels(name).set(sum(n for _, n in recent) / 10)
             m.batch_streams.labels(name).set(len(streams))
             m.batch_occupancy.labels(name).set(len(streams) / self.settings.max_batch)
-        for s in streams + restarts:  # shutting down: end what is still running
+        for s in streams + restarts:  # shutting down: end what is still running, and what waits
             if s.reason is None:
                 s.end("cancelled")
+        self._cancel_queued()
+
+    def _streams(self, jobs: list[Job], eos: set[int]) -> list[_Stream]:
+        streams = []
+        for job in jobs:
+            try:
+                streams.append(_Stream(self.loaded, job, eos))
+            except Exception as exc:
+                log.error("could not start a stream: %s", exc)
+                try:
+                    job.emit(Failed(exc))
+                except Exception:
+                    log.debug("could not report a failed job", exc_info=True)
+        return streams

@@ -97,12 +97,14 @@ async def serve(settings: ServerSettings, config: GeneratorConfig, service: Gene
     return RunningGenerator(running, service, tagger, owns, metrics)
 
 
-def _parse(argv: list[str] | None) -> tuple[ServerSettings, GeneratorConfig, str]:
-    p = argparse.ArgumentParser(prog="generator", description="Steered streaming generation over gRPC.")
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The options every generator entry point shares. None of them chooses a profile: the
+    Blip entry point (this module) is Blip only, and the personal profile is its own program
+    (`python -m generator.personal`)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     p.add_argument("--port", type=int, default=50052)
     p.add_argument("--models", help="comma-separated registered models (default: the registry's default)")
-    p.add_argument("--profile", choices=[x.value for x in Profile], default=Profile.BLIP.value)
     p.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="tag -> concept policy file")
     p.add_argument("--tagger", help="tagger address, e.g. 127.0.0.1:50051")
     p.add_argument("--tagger-fail-fast", action="store_true", help="fail Chat when the tagger is down")
@@ -111,24 +113,28 @@ def _parse(argv: list[str] | None) -> tuple[ServerSettings, GeneratorConfig, str
     p.add_argument("--max-batch", type=int, default=8, help="streams decoded together in one running batch")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting to join the batch")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (same host)")
-    p.add_argument("--no-guard", action="store_true", help="switch the content guard off (personal profile only)")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
     p.add_argument("--token-env", help="environment variable holding the shared token (never on the command line)")
     p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def parse_config(p: argparse.ArgumentParser, argv: list[str] | None, profile: Profile) -> tuple[ServerSettings, GeneratorConfig, str]:
+    """Parse the shared options into the settings of a generator serving `profile`, which the
+    entry point fixes in code. Only the personal entry point defines --no-guard."""
     a = p.parse_args(argv)
     token = os.environ.get(a.token_env) if a.token_env else None
     if a.token_env and not token:
         p.error(f"environment variable {a.token_env} is empty")
     if a.max_batch < 1 or a.max_queue < 1:
         p.error("--max-batch and --max-queue must be at least 1")
-    if a.no_guard and a.profile == Profile.BLIP.value:
-        p.error("the Blip profile always runs the content guard; --no-guard is for --profile personal only")
     settings = ServerSettings(host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, token=token)
     config = GeneratorConfig(
-        models=tuple(m for m in (a.models or "").split(",") if m), profile=Profile(a.profile), policy=a.policy,
+        models=tuple(m for m in (a.models or "").split(",") if m), profile=profile, policy=a.policy,
         tagger=a.tagger, tagger_token=token, fail_fast=a.tagger_fail_fast, device=a.device, dtype=a.dtype,
-        engine=EngineSettings(a.max_batch, a.max_queue), metrics_port=a.metrics_port, guard=not a.no_guard,
+        engine=EngineSettings(a.max_batch, a.max_queue), metrics_port=a.metrics_port,
+        guard=profile is Profile.BLIP or not getattr(a, "no_guard", False),
     )
     return settings, config, a.log_level
 
@@ -144,9 +150,19 @@ async def _main(settings: ServerSettings, config: GeneratorConfig) -> None:
     await running.stop()
 
 
+def blip_config(argv: list[str] | None) -> tuple[ServerSettings, GeneratorConfig, str]:
+    """What Blip's command line can set: everything but the profile and the guard."""
+    parser = build_parser("generator", "Blip's steered streaming generation over gRPC (Blip profile only).")
+    return parse_config(parser, argv, Profile.BLIP)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Blip's generator: the allowlist, the child-safe ceilings and the content guard, always."""
+    return run(*blip_config(argv))
+
+
+def run(settings: ServerSettings, config: GeneratorConfig, level: str) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    settings, config, level = _parse(argv)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(_main(settings, config))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from steering.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFoundError, SteeringError, Unavailable
 from steering.gate import DEFAULT_THRESHOLD, concept_token_ids
-from steering.generate import render_prompt
+from steering.generate import MIN_TEMPERATURE, render_prompt
 from steering.guard import ThemeGuard
 from steering.loading import LoadedModel
 from steering.pairs import load_concept
@@ -199,14 +199,32 @@ class GeneratorService:
             return 0.0
         return alpha_ceiling(state, self.profile)
 
+    def _negative_ceiling(self, state: ConceptState, alpha: float) -> float:
+        """The largest |alpha| served when steering away from a concept, or a refusal: Blip never
+        steers away (minus-kind is unkind), the personal profile only where the record measured it."""
+        if self.profile is Profile.BLIP:
+            raise InvalidArgument(
+                f"alpha {alpha:g} is negative: the Blip profile only steers toward a concept (alpha > 0), because "
+                f"steering away from {state.concept!r} was never validated for a child; send a positive alpha or none"
+            )
+        if state.negative_max_alpha is None:
+            raise FailedPrecondition(
+                f"alpha {alpha:g} steers away from {state.concept!r}, a direction its validation record has not "
+                f"passed (negative direction: {state.negative_status}); run `steer validate --negative "
+                f"--concepts {state.concept}` or send a positive alpha"
+            )
+        return float(state.negative_max_alpha)
+
     def _steering(self, slot: ModelSlot, concept: str, alpha: float | None) -> Steering:
         state = self.concept_state(slot, concept)
         max_alpha = alpha_ceiling(state, self.profile)
         if alpha is None:
             alpha = min(float(state.recommended_alpha), max_alpha)
         _finite("alpha", alpha, -math.inf, math.inf)
+        what = "child-safe ceiling" if max_alpha != state.max_alpha else "validated max_alpha"
+        if alpha < 0:
+            max_alpha, what = self._negative_ceiling(state, alpha), "validated max_alpha away from it"
         if abs(alpha) > max_alpha:
-            what = "child-safe ceiling" if max_alpha != state.max_alpha else "validated max_alpha"
             raise InvalidArgument(f"alpha {alpha:g} is beyond concept {concept!r}'s {what} {max_alpha:g}")
         cv = slot.vectors[concept]
         layers = slot.loaded.steering_layers
@@ -215,7 +233,12 @@ class GeneratorService:
     def build_job(self, spec: GenerateSpec, emit: Callable[[Event], None], deadline: float | None) -> tuple[ModelSlot, Job]:
         slot = self.slot(spec.model)
         s = spec.sampling
-        sampling = Sampling(_finite("temperature", s.temperature, 0, 5), _finite("top_p", s.top_p or 1.0, 1e-6, 1), s.seed)
+        if not math.isfinite(s.temperature) or not (s.temperature == 0 or MIN_TEMPERATURE <= s.temperature <= 5):
+            raise InvalidArgument(
+                f"temperature must be 0 (greedy) or between {MIN_TEMPERATURE:g} and 5, got {s.temperature!r}: "
+                "a smaller one overflows the logits"
+            )
+        sampling = Sampling(s.temperature, _finite("top_p", s.top_p, 1e-6, 1), s.seed)
         max_tokens = spec.max_tokens or DEFAULT_MAX_TOKENS
         if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
             raise InvalidArgument(f"max_tokens must be between 1 and {MAX_TOKENS_LIMIT}")

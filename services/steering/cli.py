@@ -319,6 +319,10 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
 
     directions, hint, extra = import_control_vector(Path(args.input))
     loaded = _load(args)
+    target = vector_path(_paths().model_vectors(loaded.name), args.concept)
+    if target.exists() and not args.replace:
+        raise ConfigError(f"{target} already holds a vector for {args.concept!r}; pass --replace to overwrite it "
+                          "(its validation no longer applies afterwards) or import under another --concept name")
     model_type = loaded.model.config.model_type
     if hint != model_type and not args.force:
         raise VectorError(f"{args.input} is for model type {hint!r}, not {model_type!r}; pass --force to import anyway")
@@ -328,7 +332,7 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
             "pass --force to import anyway"
         )
     cv = imported_vector(loaded, args.concept, directions, source=Path(args.input).name)
-    save_vector(cv, vector_path(_paths().model_vectors(loaded.name), args.concept))
+    save_vector(cv, target)
     print(f"imported {args.concept} for {loaded.name}: layers {cv.layers}")
     return 0
 
@@ -382,7 +386,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             bar.update()
             for name in names:
                 bar.set_postfix_str(name)
-                results[name] = sweep_concept(loaded, vectors[name], scorer, settings, base, guard)
+                results[name] = sweep_concept(loaded, vectors[name], scorer, settings, base, guard, args.negative)
                 bar.update()
     record = model_record(loaded, checks, results, settings, base, time.perf_counter() - start)
     if args.concepts:
@@ -395,6 +399,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for name, c in sorted(results.items()):
         print(f"  {name:<12} {c['status']:<9} d={c['d']:+.2f}  recommended={c['recommended_alpha']}  max={c['max_alpha']}  "
               f"child-safe={c['child_safe_alpha']} (d {c['child_safe_d']})")
+        if "negative" in c:
+            n = c["negative"]
+            print(f"  {'':<12} away from it: {n['status']:<9} effect={n['effect']:+.2f}  "
+                  f"recommended={n['recommended_alpha']}  max=-{n['max_alpha']}")
     print(f"wrote {path} and {report} in {record['duration_s']:.0f}s")
     if not all(c.passed for c in checks):
         failed = next(c for c in checks if not c.passed)
@@ -559,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=2, help="sampling seeds per evaluation prompt (default 2)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per generation batch (default 64)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--negative", action="store_true",
+                   help="also sweep steering away from each concept (alpha < 0): the personal profile serves a "
+                        "negative alpha only where this passed; Blip never does")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_validate)
 
@@ -586,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", required=True, help="name to store it under")
     p.add_argument("--in", dest="input", required=True, help="input .gguf path")
     p.add_argument("--force", action="store_true", help="import even if the model hint or fingerprint differs")
+    p.add_argument("--replace", action="store_true", help="overwrite a vector already stored under --concept")
     p.set_defaults(func=cmd_import_gguf)
     return parser
 

@@ -47,3 +47,8 @@ class ResourceExhausted(SteeringError):
 
 class Unavailable(SteeringError):
     """A dependency (the tagger, a model) cannot be reached right now."""
+
+
+class SamplingError(SteeringError):
+    """A row's next-token distribution is unusable (non-finite or empty): that row ends, the
+    batch goes on. Its cause is the model or the steering, not the request: an internal error."""

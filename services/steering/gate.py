@@ -66,12 +66,33 @@ def concept_token_ids(loaded: LoadedModel, cv: ConceptVector, words: tuple[str, 
     return frozenset(listed | logit_lens_tokens(loaded, cv))
 
 
+@lru_cache(maxsize=1)
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2 byte-level BPE spells each byte as one printable character; this maps them back."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def readable_token(tokenizer, token_id: int) -> str:
+    """A token as a person can read it: its text, or, for a piece of a multi-byte character
+    (which decodes to U+FFFD alone), its bytes escaped like "\\xe2\\x80"."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    chars = _byte_level_chars()
+    if isinstance(piece, str) and piece and all(c in chars for c in piece):
+        return bytes(chars[c] for c in piece).decode("utf-8", errors="backslashreplace")
+    return str(piece)  # SentencePiece byte tokens already read as "<0xE2>"
+
+
 def decide(logits: torch.Tensor, concept_ids: frozenset[int], tokenizer, threshold: float = DEFAULT_THRESHOLD) -> GateResult:
     """Gate on one row's unsteered next-token logits `[vocab]`."""
     probs = logits.float().softmax(-1)
     top = probs.topk(3)
     ids = top.indices.tolist()
-    texts = tuple(tokenizer.decode([i]) for i in ids)
+    texts = tuple(readable_token(tokenizer, i) for i in ids)
     for i, p, text in zip(ids, top.values.tolist(), texts):
         if i in concept_ids and p >= threshold:
             return GateResult(True, text, p, texts)

@@ -13,6 +13,7 @@ from transformers import DynamicCache
 
 from .compat import cache_kwargs
 from .derive import position_ids
+from .errors import SamplingError
 from .hooks import stack_rows, steer
 from .loading import LoadedModel
 
@@ -52,15 +53,32 @@ def render_prompt(loaded: LoadedModel, prompt: PromptLike) -> str:
     return turns if prefill else f"{turns}\nAssistant:"
 
 
+# The smallest temperature served: logits / temperature stays far from float32 overflow.
+MIN_TEMPERATURE = 1e-2
+
+
+def _refuse_bad_rows(bad: torch.Tensor, what: str) -> None:
+    if bool(bad.any()):
+        rows = bad.nonzero().squeeze(-1).tolist()
+        raise SamplingError(f"row(s) {rows}: {what}; no token can be sampled from them")
+
+
 def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from `[rows, vocab]` logits."""
-    if temperature <= 0:
+    """Next token per row from `[rows, vocab]` logits. Rows whose distribution is unusable
+    (NaN, or nothing finite left) raise SamplingError naming the rows, instead of letting
+    argmax pick garbage or multinomial fail for the whole batch; callers that must isolate
+    rows sample one row at a time."""
+    if temperature < 0 or (0 < temperature < MIN_TEMPERATURE):
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature!r}")
+    _refuse_bad_rows(logits.isnan().any(-1) | ~logits.isfinite().any(-1), "the logits are NaN or nowhere finite")
+    if temperature == 0:
         return logits.argmax(-1)
     probs = (logits.float() / temperature).softmax(-1)
     if top_p < 1.0:
         sorted_p, order = probs.sort(-1, descending=True)
         sorted_p[(sorted_p.cumsum(-1) - sorted_p) >= top_p] = 0  # the first token always stays
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    _refuse_bad_rows(~probs.isfinite().all(-1) | (probs.sum(-1) <= 0), "the probabilities are not finite")
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 

@@ -43,26 +43,28 @@ def coherent(point: dict[str, Any]) -> bool:
     return point["ppl_ratio"] <= PPL_RATIO_MAX and point["degenerate_excess"] <= DEGENERATE_EXCESS_MAX
 
 
-def decide(sweep: list[dict[str, Any]]) -> tuple[str, float | None, float | None]:
-    """(status, recommended_alpha, max_alpha) from a sweep ordered by alpha.
+def decide(sweep: list[dict[str, Any]], sign: float = 1.0) -> tuple[str, float | None, float | None]:
+    """(status, recommended_alpha, max_alpha) from one direction's sweep.
 
-    max_alpha: the largest alpha up to which every swept alpha kept coherence.
-    recommended_alpha: the smallest coherent alpha with d > GATE_D.
-    A concept that never passes but whose d falls below -GATE_D (the steering pushes the
-    other way, as RLHF does to hostile) is `inverted`; otherwise `failed`.
+    `sign` is the direction: +1 steers toward the concept (alphas > 0), -1 away from it
+    (alphas < 0, where the effect that counts is a fall in the concept's score, -d).
+    max_alpha: the largest |alpha| up to which every swept alpha kept coherence.
+    recommended_alpha: the smallest coherent alpha (signed) whose effect exceeds GATE_D.
+    A direction that never passes but whose effect runs the other way beyond GATE_D (as RLHF
+    does to hostile) is `inverted`; otherwise `failed`.
     """
-    points = sorted(sweep, key=lambda p: p["alpha"])
+    points = sorted(sweep, key=lambda p: abs(p["alpha"]))
     usable: list[dict[str, Any]] = []
     for point in points:
         if not coherent(point):
             break
         usable.append(point)
-    max_alpha = usable[-1]["alpha"] if usable else None
-    recommended = next((p["alpha"] for p in usable if p["d"] > GATE_D), None)
+    max_alpha = abs(usable[-1]["alpha"]) if usable else None
+    recommended = next((p["alpha"] for p in usable if sign * p["d"] > GATE_D), None)
     if recommended is not None:
         return "passed", recommended, max_alpha
     judged = usable or points[:1]
-    if any(p["d"] < -GATE_D for p in judged):
+    if any(sign * p["d"] < -GATE_D for p in judged):
         return "inverted", None, max_alpha
     return "failed", None, max_alpha
 
@@ -88,6 +90,10 @@ class ConceptState:
     recommended_alpha: float | None = None
     max_alpha: float | None = None
     child_safe_alpha: float | None = None  # None: not calibrated for children, or unsafe at every swept alpha
+    # Steering away from the concept (alpha < 0) is its own direction with its own sweep; it is
+    # served (personal profile only) up to this |alpha| when that sweep passed, else never.
+    negative_status: str = "unvalidated"
+    negative_max_alpha: float | None = None
 
 
 @dataclass(frozen=True)
@@ -131,14 +137,21 @@ def assess(model: str, model_dir: Path, fingerprint: str, vectors: dict[str, Con
             continue
         status, recommended, max_alpha = decide(entry.get("sweep", []))
         child_safe = child_safe_alpha(entry.get("sweep", []))
+        negative = entry.get("negative")
+        neg_status, _, neg_max = decide(negative.get("sweep", []), sign=-1.0) if negative else ("unvalidated", None, None)
         if status != entry.get("status") or child_safe != entry.get("child_safe_alpha"):
             reason = (f"recorded status {entry.get('status')!r} or child_safe_alpha {entry.get('child_safe_alpha')!r} "
                       f"disagrees with its own figures ({status}, {child_safe!r})")
             states[concept] = ConceptState(concept, status, False, reason)
+        elif negative and neg_status != negative.get("status"):
+            reason = f"recorded negative-direction status {negative.get('status')!r} disagrees with its own figures ({neg_status})"
+            states[concept] = ConceptState(concept, status, False, reason)
         elif entry.get("vector_sha256") != cv.content_sha256:
             states[concept] = ConceptState(concept, status, False, "vector changed since validation; re-run `steer validate`")
-        elif status != "passed":
-            states[concept] = ConceptState(concept, status, False, f"effect-size gate: {status}", recommended, max_alpha, child_safe)
         else:
-            states[concept] = ConceptState(concept, status, True, "passed", recommended, max_alpha, child_safe)
+            passed = status == "passed"
+            states[concept] = ConceptState(
+                concept, status, passed, "passed" if passed else f"effect-size gate: {status}", recommended, max_alpha,
+                child_safe, neg_status, neg_max if passed and neg_status == "passed" else None,
+            )
     return Steerability(model, True, "validated", states)

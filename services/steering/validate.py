@@ -242,15 +242,13 @@ def baseline(loaded: LoadedModel, settings: SweepSettings, guard: ThemeGuard) ->
     return Baseline(replies, perplexities(loaded, replies), degenerate, flag_rate(guard, replies)[0])
 
 
-def sweep_concept(
-    loaded: LoadedModel,
-    cv: ConceptVector,
-    scorer: ConceptScorer,
-    settings: SweepSettings,
-    base: Baseline,
-    guard: ThemeGuard,
-) -> dict[str, Any]:
-    grid = alpha_grid(loaded, cv, settings.alpha_grid_rel)
+def _sweep_direction(
+    loaded: LoadedModel, cv: ConceptVector, scorer: ConceptScorer, settings: SweepSettings, base: Baseline,
+    guard: ThemeGuard, sign: float,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """One direction's sweep (sign +1 toward the concept, -1 away from it): a point per alpha,
+    and an example reply per alpha."""
+    grid = [(sign * alpha, rel) for alpha, rel in alpha_grid(loaded, cv, settings.alpha_grid_rel)]
     prompts = list(settings.prompts)
     n = len(prompts)
     rows = [cv.additions(alpha, loaded.steering_layers) for alpha, _ in grid for _ in prompts]
@@ -279,9 +277,25 @@ def sweep_concept(
             "flag_themes": themes,
         })
         examples[str(alpha)] = replies[0].text
+    return sweep, examples
+
+
+def sweep_concept(
+    loaded: LoadedModel,
+    cv: ConceptVector,
+    scorer: ConceptScorer,
+    settings: SweepSettings,
+    base: Baseline,
+    guard: ThemeGuard,
+    negative: bool = False,
+) -> dict[str, Any]:
+    """The concept's record entry. With `negative`, steering away from the concept (alpha < 0)
+    is swept too, as a direction of its own: only a passed negative sweep lets the personal
+    profile serve a negative alpha, and the Blip profile never does."""
+    sweep, examples = _sweep_direction(loaded, cv, scorer, settings, base, guard, 1.0)
     status, recommended, max_alpha = decide(sweep)
     child_safe = child_safe_alpha(sweep)
-    return {
+    entry = {
         "status": status,
         "recommended_alpha": recommended,
         "max_alpha": max_alpha,
@@ -291,9 +305,22 @@ def sweep_concept(
         "vector_sha256": cv.content_sha256,
         "activation_scale": round(activation_scale(loaded, cv), 3),
         "sweep": sweep,
-        "example_prompt": prompts[0],
+        "example_prompt": settings.prompts[0],
         "examples": examples,
     }
+    if negative:
+        neg_sweep, neg_examples = _sweep_direction(loaded, cv, scorer, settings, base, guard, -1.0)
+        neg_status, neg_recommended, neg_max = decide(neg_sweep, sign=-1.0)
+        effects = [-p["d"] for p in neg_sweep]  # the effect of steering away: how far the score falls
+        entry["negative"] = {
+            "status": neg_status,
+            "recommended_alpha": neg_recommended,
+            "max_alpha": neg_max,
+            "effect": max(effects) if neg_status == "passed" else min(effects),
+            "sweep": neg_sweep,
+            "examples": neg_examples,
+        }
+    return entry
 
 
 def model_record(loaded: LoadedModel, checks: list[Check], concepts: dict[str, dict[str, Any]], settings: SweepSettings,
