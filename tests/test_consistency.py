@@ -9,7 +9,14 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tokenizer_models
 from transformers import PreTrainedTokenizerFast
 
-from steering.consistency import concept_consistency, leave_one_out_cosines, measure, read_record, write_record
+from steering.consistency import (
+    concept_consistency,
+    leave_one_out_cosines,
+    mean_pairwise_cosine,
+    measure,
+    read_record,
+    write_record,
+)
 from steering.derive import pair_activations
 from steering.errors import ConfigError
 from steering.layers import resolve_layers
@@ -29,9 +36,16 @@ def test_leave_one_out_by_hand() -> None:
     assert leave_one_out_cosines(diffs).tolist() == pytest.approx(expected, abs=1e-12)
 
 
-def test_one_pair_is_refused() -> None:
+def test_pairwise_by_hand() -> None:
+    diffs = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    # cos(0,1) = 0, cos(0,2) = cos(1,2) = 1/sqrt(2): the mean of the three is sqrt(2)/3.
+    assert float(mean_pairwise_cosine(diffs)) == pytest.approx(math.sqrt(2) / 3, abs=1e-12)
+
+
+@pytest.mark.parametrize("figure", [leave_one_out_cosines, mean_pairwise_cosine])
+def test_one_pair_is_refused(figure) -> None:
     with pytest.raises(ConfigError):
-        leave_one_out_cosines(torch.ones(1, 4))
+        figure(torch.ones(1, 4))
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +73,19 @@ def test_identical_pairs_agree_completely(tiny) -> None:
     entry = concept_consistency(tiny, _concept(PAIR, PAIR, PAIR))
     assert entry["consistency"] == pytest.approx(1.0, abs=1e-4)
     assert entry["agreeing"] == 1.0
+    assert entry["pairwise"] == pytest.approx(1.0, abs=1e-4)
     assert set(entry["per_layer"]) == {"1", "2"}
 
 
 def test_a_reversed_pair_lowers_it_by_hand(tiny) -> None:
     # Three pairs with difference d and one with -d: each d-pair sees (d + d - d) / 3 = d/3,
     # cosine 1; the reversed pair sees d, cosine -1. Mean (3 - 1) / 4 = 0.5; 3 of 4 agree.
+    # Pairwise: 3 couples of d-pairs at +1, 3 couples with the reversed one at -1: mean 0.
     reversed_pair = Pair(PAIR.context, PAIR.negative, PAIR.positive)
     entry = concept_consistency(tiny, _concept(PAIR, PAIR, PAIR, reversed_pair), batch_size=3)
     assert entry["consistency"] == pytest.approx(0.5, abs=1e-4)
     assert entry["agreeing"] == 0.75
+    assert entry["pairwise"] == pytest.approx(0.0, abs=1e-4)
     assert entry["weakest"][0]["index"] == 3 and entry["weakest"][0]["cosine"] == pytest.approx(-1.0, abs=1e-4)
 
 
@@ -84,6 +101,7 @@ def test_two_different_pairs_each_see_the_other(tiny) -> None:
     entry = concept_consistency(tiny, _concept(PAIR, OTHER))
     assert entry["consistency"] == pytest.approx(sum(cos) / len(cos), abs=1e-4)
     assert [entry["per_layer"][str(layer)] for layer in STEERING_LAYERS] == pytest.approx(cos, abs=1e-4)
+    assert entry["pairwise"] == pytest.approx(entry["consistency"], abs=1e-4)  # with two pairs they coincide
     assert abs(entry["consistency"]) < 0.99  # different pairs: the case is not trivially 1
 
 

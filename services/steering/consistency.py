@@ -34,6 +34,19 @@ def leave_one_out_cosines(diffs: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(diffs, others, dim=-1)
 
 
+def mean_pairwise_cosine(diffs: torch.Tensor) -> torch.Tensor:
+    """`diffs` `[n_pairs, ..., hidden]` -> mean cosine over all pairs i != j `[...]`. Unlike the
+    leave-one-out figure it does not rise with the number of pairs, so pair sets of different
+    sizes compare fairly."""
+    n = diffs.shape[0]
+    if n < 2:
+        raise ConfigError("pair consistency needs at least two pairs")
+    unit = torch.nn.functional.normalize(diffs.double(), dim=-1)
+    total = unit.sum(0)
+    # sum over i != j of u_i.u_j = |sum u|^2 - sum |u_i|^2
+    return ((total * total).sum(-1) - (unit * unit).sum((0, -1))) / (n * (n - 1))
+
+
 def concept_consistency(
     loaded: LoadedModel,
     concept: Concept,
@@ -43,7 +56,8 @@ def concept_consistency(
     """The consistency entry of one concept at the model's steering layers."""
     layers = list(loaded.steering_layers)
     pos, neg, _, _ = pair_activations(loaded, concept, batch_size, on_batch)
-    cos = leave_one_out_cosines((pos - neg)[:, layers])  # [n_pairs, n_steering_layers]
+    diffs = (pos - neg)[:, layers]  # [n_pairs, n_steering_layers, hidden]
+    cos = leave_one_out_cosines(diffs)  # [n_pairs, n_steering_layers]
     per_pair = cos.mean(1)
     weakest = per_pair.argsort()[:_WEAKEST].tolist()
     return {
@@ -51,6 +65,7 @@ def concept_consistency(
         "pairs_sha256": concept.pairs_sha256,
         "consistency": round(float(per_pair.mean()), 4),
         "agreeing": round(float((per_pair > 0).double().mean()), 4),
+        "pairwise": round(float(mean_pairwise_cosine(diffs).mean()), 4),
         "per_layer": {str(layer): round(float(c), 4) for layer, c in zip(layers, cos.mean(0))},
         "weakest": [{"index": i, "context": concept.pairs[i].context, "cosine": round(float(per_pair[i]), 4)} for i in weakest],
     }
@@ -68,7 +83,9 @@ def measure(loaded: LoadedModel, concepts: Sequence[Concept], earlier: dict | No
         "model": loaded.name,
         "fingerprint": loaded.fingerprint,
         "layers": layers,
-        "method": "leave-one-out cosine of each pair's difference to the others' mean, averaged over layers",
+        "method": "consistency: leave-one-out cosine of each pair's difference to the others' mean, averaged over "
+                  "layers and pairs; agreeing: share of pairs with a positive one; pairwise: mean cosine between "
+                  "two different pairs' differences (independent of the number of pairs)",
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "concepts": dict(sorted({**kept, **measured}.items())),
     }
@@ -88,9 +105,9 @@ def write_record(model_dir: Path, record: dict) -> Path:
 
 
 def table(record: dict) -> str:
-    lines = [f"{'concept':<14} {'pairs':>5} {'consistency':>11} {'agreeing':>8}  weakest pair"]
+    lines = [f"{'concept':<14} {'pairs':>5} {'consistency':>11} {'agreeing':>8} {'pairwise':>8}  weakest pair"]
     for name, e in record["concepts"].items():
         weakest = e["weakest"][0] if e["weakest"] else None
         note = f"{weakest['cosine']:+.3f} #{weakest['index']} {weakest['context']}" if weakest else ""
-        lines.append(f"{name:<14} {e['pairs']:>5} {e['consistency']:>11.3f} {e['agreeing']:>8.0%}  {note}")
+        lines.append(f"{name:<14} {e['pairs']:>5} {e['consistency']:>11.3f} {e['agreeing']:>8.0%} {e['pairwise']:>8.3f}  {note}")
     return "\n".join(lines)
