@@ -24,12 +24,16 @@ FILENAME = "consistency.json"
 _WEAKEST = 3  # pairs listed per concept, the ones to rewrite first
 
 
+def _pair_count(diffs: torch.Tensor) -> int:
+    if diffs.shape[0] < 2:
+        raise ConfigError("pair consistency needs at least two pairs")
+    return diffs.shape[0]
+
+
 def leave_one_out_cosines(diffs: torch.Tensor) -> torch.Tensor:
     """`diffs` `[n_pairs, ..., hidden]` -> each pair's cosine to the mean of the others `[n_pairs, ...]`."""
-    n = diffs.shape[0]
-    if n < 2:
-        raise ConfigError("pair consistency needs at least two pairs")
-    diffs = diffs.double()  # the sum-minus-self trick cancels; float32 would lose digits
+    n = _pair_count(diffs)
+    diffs = diffs.double()  # sum minus self cancels where one pair dominates: keep the digits
     others = (diffs.sum(0, keepdim=True) - diffs) / (n - 1)
     return torch.nn.functional.cosine_similarity(diffs, others, dim=-1)
 
@@ -38,9 +42,7 @@ def mean_pairwise_cosine(diffs: torch.Tensor) -> torch.Tensor:
     """`diffs` `[n_pairs, ..., hidden]` -> mean cosine over all pairs i != j `[...]`. Unlike the
     leave-one-out figure it does not rise with the number of pairs, so pair sets of different
     sizes compare fairly."""
-    n = diffs.shape[0]
-    if n < 2:
-        raise ConfigError("pair consistency needs at least two pairs")
+    n = _pair_count(diffs)
     unit = torch.nn.functional.normalize(diffs.double(), dim=-1)
     total = unit.sum(0)
     # sum over i != j of u_i.u_j = |sum u|^2 - sum |u_i|^2
