@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 STEER = str(Path(sys.executable).parent / "steer")
-COMMANDS = ("models", "prepare", "derive", "generate", "ab", "export-gguf", "import-gguf")
+COMMANDS = ("models", "prepare", "derive", "pairs-consistency", "generate", "ab", "export-gguf", "import-gguf")
 
 
 def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

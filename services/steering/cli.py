@@ -67,6 +67,18 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+def _concepts(args: argparse.Namespace, verb: str) -> list:
+    """The concepts of --concepts, or every concept with pairs."""
+    from .pairs import concept_names, load_concept
+
+    paths = _paths()
+    names = args.concepts.split(",") if args.concepts else concept_names(paths.pairs)
+    concepts = [load_concept(paths.pairs, n.strip()) for n in names if n.strip()]
+    if not concepts:
+        raise ConfigError(f"no concepts to {verb} (no pairs in {paths.pairs})")
+    return concepts
+
+
 def _concept_vector(loaded, concept: str, source: str | None = None, force: bool = False):
     """The stored vector of `concept` for `loaded`, or with `source` another model's (refused
     unless `force`, which is announced on stderr and recorded in the vector)."""
@@ -188,14 +200,10 @@ def cmd_derive(args: argparse.Namespace) -> int:
 
     from .atomic import remove_orphans
     from .derive import derive_concept
-    from .pairs import concept_names, load_concept
     from .store import read_vector, save_vector, vector_path
 
     paths = _paths()
-    names = args.concepts.split(",") if args.concepts else concept_names(paths.pairs)
-    concepts = [load_concept(paths.pairs, n.strip()) for n in names if n.strip()]
-    if not concepts:
-        raise ConfigError(f"no concepts to derive (no pairs in {paths.pairs})")
+    concepts = _concepts(args, "derive")
     loaded = _load(args)
     out_dir = Path(args.out) if args.out else paths.model_vectors(loaded.name)
     if out_dir.is_dir():
@@ -219,6 +227,18 @@ def cmd_derive(args: argparse.Namespace) -> int:
             cv = derive_concept(loaded, concept, batch_size=args.batch_size, on_batch=bar.update)
             save_vector(cv, vector_path(out_dir, concept.name))
     print(f"derived {len(concepts)} concept(s) for {loaded.name} in {time.perf_counter() - start:.1f}s -> {out_dir}")
+    return 0
+
+
+def cmd_pairs_consistency(args: argparse.Namespace) -> int:
+    from .consistency import measure, read_record, table, write_record
+
+    concepts = _concepts(args, "measure")
+    loaded = _load(args)
+    model_dir = _paths().model_vectors(loaded.name)
+    record = measure(loaded, concepts, read_record(model_dir), batch_size=args.batch_size)
+    print(table(record))
+    print(f"wrote {write_record(model_dir, record)}")
     return 0
 
 
@@ -539,6 +559,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip concepts whose stored vector is complete and derived from the same pairs on this model")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_derive)
+
+    p = sub.add_parser("pairs-consistency",
+                       help="how well each concept's pair differences agree (leave-one-out cosine at the steering layers)")
+    _add_model(p)
+    p.add_argument("--concepts", help="comma-separated concepts (default: every concept with pairs)")
+    p.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
+    p.set_defaults(func=cmd_pairs_consistency)
 
     for name, func, help_text in (
         ("generate", cmd_generate, "generate replies, optionally steered"),

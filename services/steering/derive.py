@@ -83,16 +83,28 @@ def layer_activations(
     return last, norm_sum, norm_count
 
 
+def pair_activations(
+    loaded: LoadedModel,
+    concept: Concept,
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Last-token activations of every pair's positive and negative side, `[n_pairs, n_layers, hidden]`
+    each, and the per-layer norm sum and count of `layer_activations`."""
+    pos = [render_reply(loaded, p.context, p.positive) for p in concept.pairs]
+    neg = [render_reply(loaded, p.context, p.negative) for p in concept.pairs]
+    acts, norm_sum, norm_count = layer_activations(loaded, pos + neg, batch_size, on_batch)
+    return acts[: len(pos)], acts[len(pos) :], norm_sum, norm_count
+
+
 def derive_concept(
     loaded: LoadedModel,
     concept: Concept,
     batch_size: int = 8,
     on_batch: Callable[[int], None] | None = None,
 ) -> ConceptVector:
-    pos = [render_reply(loaded, p.context, p.positive) for p in concept.pairs]
-    neg = [render_reply(loaded, p.context, p.negative) for p in concept.pairs]
-    acts, norm_sum, norm_count = layer_activations(loaded, pos + neg, batch_size, on_batch)
-    diff = acts[: len(pos)].mean(0) - acts[len(pos) :].mean(0)  # [n_layers, hidden]
+    pos, neg, norm_sum, norm_count = pair_activations(loaded, concept, batch_size, on_batch)
+    diff = pos.mean(0) - neg.mean(0)  # [n_layers, hidden]
     raw = diff.norm(dim=-1)  # [n_layers]
     unit = diff / raw.clamp(min=1e-12)[:, None]
     act_norms = norm_sum / norm_count.clamp(min=1)
