@@ -59,12 +59,28 @@ def markdown(record: dict[str, Any]) -> str:
         rel = next((p["alpha_rel"] for p in c["sweep"] if p["alpha"] == c["max_alpha"]), None)
         lines.append(f"| {name} | {c['status']} | {c['d']:.2f} | {_fmt(c['recommended_alpha'])} | {_fmt(c['max_alpha'])} | {_fmt(rel)} "
                      f"| {_fmt(c.get('child_safe_alpha'))} | {_fmt(c.get('child_safe_d'))} |")
+    away = {name: c["negative"] for name, c in sorted(record["concepts"].items()) if "negative" in c}
+    if away:
+        lines += [
+            "",
+            "## Steering away (alpha < 0)",
+            "",
+            "Swept with `steer validate --negative`: the same alphas negated. The effect is how far the concept's score "
+            f"falls (-d); it passes above {GATE_D}, and is `inverted` when the score rises instead. Only the personal "
+            "profile serves a negative alpha, up to max alpha, and only where this passed; Blip never does.",
+            "",
+            "| concept | status | effect | recommended alpha | max alpha |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [f"| {name} | {n['status']} | {n['effect']:.2f} | {_fmt(n['recommended_alpha'])} | {_fmt(n['max_alpha'])} |"
+                  for name, n in away.items()]
     lines += ["", "## Sweeps", ""]
     for name, c in sorted(record["concepts"].items()):
         lines += [f"### {name}", "", "| alpha | alpha/norm | d | ppl ratio | looping | flagged | flagged themes | example reply |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for p in c["sweep"]:
-            example = c.get("examples", {}).get(str(p["alpha"]), "").replace("|", "/").replace("\n", " ")[:120]
+        examples = {**c.get("examples", {}), **c.get("negative", {}).get("examples", {})}
+        for p in c["sweep"] + c.get("negative", {}).get("sweep", []):
+            example = examples.get(str(p["alpha"]), "").replace("|", "/").replace("\n", " ")[:120]
             themes = ", ".join(f"{t} {n}" for t, n in p.get("flag_themes", {}).items()) or "-"
             lines.append(f"| {p['alpha']:g} | {p['alpha_rel']:g} | {p['d']:.2f} | {p['ppl_ratio']:.2f} | {p['degenerate']:.2f} "
                          f"| {_pct(p.get('flags'))} | {themes} | {example} |")
