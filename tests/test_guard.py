@@ -27,6 +27,19 @@ def test_precision_and_recall_on_the_labelled_replies(paths, guard: ThemeGuard, 
     assert min(m.recall_by_theme.values()) >= 0.5, m.recall_by_theme  # no theme left mostly unguarded
 
 
+def test_the_held_apart_replies_measure_the_guard_in_service(paths, guard: ThemeGuard, figures: dict) -> None:
+    """`heldout.jsonl` (300 fresh replies over fifteen themes, split from `tuning.jsonl` before any
+    threshold was chosen) is never tuned on. The nine-theme guard in service has no lists for six
+    of its themes, and this measures how far it falls short; a regression below today's figure fails."""
+    held = load_labelled(paths.guard, "heldout.jsonl")
+    assert sum(r["flag"] for r in held) >= 150 and sum(not r["flag"] for r in held) >= 150
+    m = measure(guard, held)
+    figures["guard_held_apart"] = m.as_dict()
+    print(f"\nguard on the held-apart replies: precision {m.precision:.3f}, recall {m.recall:.3f}; "
+          f"recall by theme {m.as_dict()['recall_by_theme']}")
+    assert m.precision >= 0.85 and m.recall >= 0.27
+
+
 def test_unsteered_replies_to_the_evaluation_prompts_raise_no_flags(paths, smollm, guard: ThemeGuard) -> None:
     prompts = list(load_eval_prompts(paths.eval))
     replies = generate(smollm, prompts, [None] * len(prompts), GenerationSettings(max_new_tokens=48, temperature=0.8, seed=0))

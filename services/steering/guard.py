@@ -197,8 +197,8 @@ class GuardMeasure:
         }
 
 
-def load_labelled(guard_dir: Path) -> list[dict]:
-    lines = (Path(guard_dir) / LABELLED_FILE).read_text(encoding="utf-8").splitlines()
+def load_labelled(guard_dir: Path, name: str = LABELLED_FILE) -> list[dict]:
+    lines = (Path(guard_dir) / name).read_text(encoding="utf-8").splitlines()
     return [json.loads(line) for line in lines if line.strip()]
 
 
