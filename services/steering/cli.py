@@ -158,12 +158,13 @@ def cmd_models(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
+    width = max(len(row["name"]) for row in rows)
     for row in rows:
         mark = "*" if row["default"] else " "
         fp = (row["fingerprint"] or "unavailable")[:16]
         stale = f" ({row['stale_vectors']} for another fingerprint)" if row["stale_vectors"] else ""
         steerable = f"steerable, {len(row['servable'])} servable" if row["steerable"] else f"NOT steerable: {row['state']}"
-        print(f"{mark} {row['name']:<24} {row['dtype']:<8} {row['device']:<5} fingerprint {fp}  vectors {row['vectors']}{stale}  {steerable}")
+        print(f"{mark} {row['name']:<{width}} {row['dtype']:<8} {row['device']:<5} fingerprint {fp}  vectors {row['vectors']}{stale}  {steerable}")
         if row["servable"]:
             print(f"    servable: {', '.join(row['servable'])}")
         if row["note"]:

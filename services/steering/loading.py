@@ -6,6 +6,8 @@ vector derived under one fingerprint is refused under any other.
 
 Packaged GGUF models are dequantised by transformers (about 14 s for SmolLM2); we save the
 result once as safetensors in the cache, keyed by fingerprint, and reload that (about 2 s).
+A GGUF split across packages ("gguf-pieces") is first joined and checked against its pinned
+size and sha256 (`pieces`); its weights digest is that sha256.
 """
 
 import hashlib

@@ -31,6 +31,8 @@ def piece_paths(src: Source) -> list[Path]:
         if not path.is_file():
             missing.append(f"{package} (no {inner})")
         paths.append(path)
+    if len(missing) == len(src.pieces):
+        raise NotFoundError(f"{src.file}: not installed: none of {_packages(src)} is installed; {reinstall_hint(src)}")
     if missing:
         raise NotFoundError(
             f"{src.file}: {len(missing)} of its {len(src.pieces)} pieces are missing: {', '.join(missing)}; {reinstall_hint(src)}"
