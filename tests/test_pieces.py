@@ -174,3 +174,15 @@ def test_bad_pieces_source_says_what_to_fix(tmp_path: Path, change: tuple[str, s
     path.write_text(path.read_text().replace(*change, 1))
     with pytest.raises(ConfigError, match=message):
         load_registry(path)
+
+
+def test_prepare_all_skips_a_model_not_installed(
+    entry: ModelEntry, site: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    shutil.rmtree(site)
+    importlib.invalidate_caches()
+    monkeypatch.setenv("STEER_REGISTRY", str(tmp_path / "models.toml"))
+    monkeypatch.setenv("STEER_CACHE_DIR", str(tmp_path / "cache"))
+    assert main(["prepare"]) == 0
+    assert capsys.readouterr().err.startswith("fake: skipped: fake.gguf: not installed")
+    assert main(["prepare", "--model", "fake"]) == 1  # named, it is an error
