@@ -167,6 +167,7 @@ def test_pieces_command_prints_the_requirements(
         (("size = ", "size = -"), "source.size must be"),
         (("version = ", "release = "), "needs version"),
         (("kind = ", "extra = 1, kind = "), r"unknown source field\(s\) extra"),
+        (('file = "fake.gguf"', 'file = "../fake.gguf"'), "plain file name"),
     ],
 )
 def test_bad_pieces_source_says_what_to_fix(tmp_path: Path, change: tuple[str, str], message: str) -> None:

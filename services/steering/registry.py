@@ -113,6 +113,8 @@ def _pieces_source(name: str, raw: dict[str, Any]) -> Source:
         raise ConfigError(f"model {name!r}: source.size must be the joined file's size in bytes")
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
         raise ConfigError(f"model {name!r}: source.sha256 must be 64 lowercase hex digits")
+    if Path(str(raw["file"])).name != raw["file"]:  # it is written into the cache under this name
+        raise ConfigError(f"model {name!r}: source.file must be a plain file name, not a path")
     pieces = tuple(
         (_expand(name, "packages", raw["packages"], n), _expand(name, "piece", raw["piece"], n)) for n in range(1, count + 1)
     )
