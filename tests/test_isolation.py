@@ -164,3 +164,35 @@ def test_a_tiny_temperature_is_refused_and_the_child_beside_it_gets_the_whole_re
         return "".join(e.text for e in events if e.WhichOneof("event") == "text")
 
     assert beside[-1].WhichOneof("event") == "finished" and text(beside) == text(alone) and text(alone)
+
+
+def test_a_failed_batch_forward_fails_every_stream_in_it_and_the_engine_serves_on(smollm, paths, monkeypatch) -> None:
+    """The one failure that may end a batch: its shared forward pass. Injected once (the real
+    forward cannot be made to fail on demand), it gives every stream a status, leaves no hook,
+    and the next request is served."""
+    import generator.engine as engine_module
+
+    real_decode, calls = engine_module.decode, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected: the batch's forward pass failed")
+        return real_decode(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "decode", failing_once)
+    e = Engine(smollm, EngineSettings(max_batch=4, max_queue=4))
+    try:
+        collectors = []
+        for concept in ("happy", None):
+            job, c = _job(smollm, _steering(smollm, paths, concept, 4.0) if concept else None, max_tokens=40)
+            e.submit(job)
+            collectors.append(c)
+        assert all(c.done.wait(300) for c in collectors)
+        assert all(isinstance(c.failed.error, RuntimeError) for c in collectors)
+        assert all(not smollm.layers[i]._forward_hooks for i in range(len(smollm.layers)))
+        again, c = _job(smollm, None, "Say hi.", max_tokens=4)
+        e.submit(again)
+        assert c.done.wait(120) and c.failed is None and c.finished.completion_tokens >= 1
+    finally:
+        e.close()
