@@ -89,6 +89,14 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
 
 
+def _tell(job: Job, event: Event) -> None:
+    """Send a job's caller its last word; a caller already gone has nothing more to hear."""
+    try:
+        job.emit(event)
+    except Exception:
+        log.debug("could not reach the caller of a job", exc_info=True)
+
+
 def kl_divergence(steered: torch.Tensor, unsteered: torch.Tensor) -> float:
     """KL(steered || unsteered) of two next-token logit vectors."""
     ls, lu = steered.float().log_softmax(-1), unsteered.float().log_softmax(-1)
@@ -356,10 +364,7 @@ class _Stream:
         """This row alone went wrong: its caller gets the error, the batch goes on without it."""
         self.reason, self.shadow, self.pending = "failed", None, []
         self.restarting = False
-        try:
-            self.job.emit(Failed(exc))
-        except Exception:  # the caller is gone; nothing more to tell it
-            log.debug("could not report a failed stream", exc_info=True)
+        _tell(self.job, Failed(exc))
 
     def end(self, reason: str, first_text: bool = False) -> StepResult:
         self.reason = reason
@@ -411,10 +416,7 @@ class Engine:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 return
-            try:
-                job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0.0, 0.0))
-            except Exception:  # the caller is gone
-                log.debug("could not report a cancelled job", exc_info=True)
+            _tell(job, Finished("cancelled", len(job.prompt_ids), 0, 0.0, 0.0))
 
     # the worker thread -------------------------------------------------------------
 
@@ -568,8 +570,5 @@ class Engine:
                 streams.append(_Stream(self.loaded, job, eos))
             except Exception as exc:
                 log.error("could not start a stream: %s", exc)
-                try:
-                    job.emit(Failed(exc))
-                except Exception:
-                    log.debug("could not report a failed job", exc_info=True)
+                _tell(job, Failed(exc))
         return streams
