@@ -33,8 +33,6 @@ PROMPTS = [
     "Why do leaves change colour?",
     "I finished my drawing of a rocket!",
 ]
-CONCEPTS = ["happy", "kind", "warmth", "enthusiasm", "empathy", "content", "sad", "bored",
-            "melancholy", "emotional", "frustrated"]  # SmolLM2's validated concepts
 
 
 def _parse() -> argparse.Namespace:
@@ -85,7 +83,8 @@ def main() -> int:
                      "smoke": smoke, "settings": {"tokens": tokens, "runs": runs, "prompts": prompts,
                                                   "concept": a.concept, "alpha": a.alpha, "one_layer": a.one_layer,
                                                   "band": list(loaded.steering_layers)}}
-    log = lambda msg: print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    def log(msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     log("single stream: ours and the peers")
     ids = single.prompt_ids(loaded, prompts)
@@ -109,7 +108,7 @@ def main() -> int:
     generator = service_load.start("generator.personal", ["--models", loaded.name,
                                                         "--max-batch", "16", "--max-queue", "32", *_model_args(a)])
     try:
-        servable = [c for c in CONCEPTS if (paths.vectors / loaded.name / f"{c}.safetensors").exists()]
+        servable = asyncio.run(service_load.served_concepts(generator.address, loaded.name))
         log("concurrency through gRPC")
         results["concurrency"] = asyncio.run(
             service_load.concurrency(generator.address, PROMPTS, servable, levels, tokens, runs))

@@ -80,6 +80,13 @@ async def _stream(stub, prompt: str, concept: str, tokens: int) -> tuple[int, fl
     return n, first if first is not None else float("nan"), engine
 
 
+async def served_concepts(address: str, model: str) -> list[str]:
+    """The concepts the generator at `address` serves on `model`, as ListModels says."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        resp = await generator_pb2_grpc.GeneratorStub(channel).ListModels(gpb.ListModelsRequest())
+    return [c.name for m in resp.models if m.name == model for c in m.concepts if c.servable]
+
+
 async def concurrency(address: str, prompts: list[str], concepts: list[str], levels: Sequence[int], tokens: int,
                       runs: int) -> dict[str, dict]:
     out: dict[str, dict] = {}

@@ -98,7 +98,7 @@ def peer_cases(loaded: LoadedModel, cv: ConceptVector, alpha: float, tokens: int
         def repeng_run(ids: list[int]) -> tuple[int, str]:
             wrapped = ControlModel(model, list(band))
             try:
-                vector = ControlVector(model.config.model_type, {l: cv.directions[l].numpy() for l in band})
+                vector = ControlVector(model.config.model_type, {layer: cv.directions[layer].numpy() for layer in band})
                 wrapped.set_control(vector, coeff=alpha)
                 return _hf_generate(wrapped, tokens, tok)(ids)
             finally:
@@ -110,7 +110,7 @@ def peer_cases(loaded: LoadedModel, cv: ConceptVector, alpha: float, tokens: int
     try:
         from steering_vectors import SteeringVector
 
-        sv = SteeringVector({l: cv.directions[l].clone() for l in band}, layer_type="decoder_block")
+        sv = SteeringVector({layer: cv.directions[layer].clone() for layer in band}, layer_type="decoder_block")
 
         def sv_run(ids: list[int]) -> tuple[int, str]:
             with sv.apply(model, multiplier=alpha):

@@ -66,7 +66,8 @@ def test_chat_tags_each_turn_and_steers_by_policy(service, caplog) -> None:
 
     def expected(label: str) -> str:
         concept = service.policy.concept_for(label)
-        return concept if concept in slot.steerability.servable else ""  # not servable: unsteered, with a notice
+        state = slot.steerability.concepts.get(concept or "")
+        return concept if state and service.ceiling(state) else ""  # not served here: unsteered, with a notice
 
     assert concepts == [expected(label) for label in labels]
     starts = [e.reply.started for e in events if e.WhichOneof("event") == "reply" and e.reply.WhichOneof("event") == "started"]

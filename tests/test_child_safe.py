@@ -10,17 +10,22 @@ from generator.server import GeneratorConfig, build_service, main as generator_m
 from generator.service import GenerateSpec
 from steering.errors import ConfigError, FailedPrecondition, InvalidArgument
 from steering.profiles import BLIP_ALLOWLIST, Profile, alpha_ceiling
-from steering.record import assess, child_safe_alpha, decide, record_path, write_record
+from steering.record import assess, child_safe_alpha, decide, record_path, redecide, write_record
+from steering.settings import paths_from_env
 from steering.store import load_store
 
 
-def _point(alpha: float, flag_excess: float = 0.0, degenerate_excess: float = 0.0) -> dict:
-    return {"alpha": alpha, "d": 1.0, "ppl_ratio": 1.0, "degenerate_excess": degenerate_excess, "flag_excess": flag_excess}
+def _point(alpha: float, flag_excess: float = 0.0, degenerate_excess: float = 0.0, ppl: float = 1.0) -> dict:
+    return {"alpha": alpha, "d": 1.0, "ppl_ratio": ppl, "degenerate_excess": degenerate_excess, "flag_excess": flag_excess}
 
 
-def test_child_safe_alpha_is_the_last_alpha_before_the_first_excess() -> None:
-    assert child_safe_alpha([_point(4), _point(6), _point(8, flag_excess=0.03), _point(12)]) == 6
-    assert child_safe_alpha([_point(4, degenerate_excess=0.03), _point(6)]) is None
+def test_child_safe_alpha_is_the_largest_coherent_alpha_without_excess() -> None:
+    assert child_safe_alpha([_point(4), _point(6), _point(8, flag_excess=0.03)]) == 6
+    # Judged point by point: one looping reply at 4 does not make 6 unsafe, nor 8's flag 12.
+    assert child_safe_alpha([_point(4, degenerate_excess=0.01), _point(6)]) == 6
+    assert child_safe_alpha([_point(4), _point(8, flag_excess=0.01), _point(12)]) == 12
+    assert child_safe_alpha([_point(4, flag_excess=0.01), _point(6, degenerate_excess=0.01)]) is None
+    assert child_safe_alpha([_point(4), _point(6, ppl=2.5), _point(8)]) == 4  # past coherence nothing counts
     assert child_safe_alpha([_point(6), _point(4)]) == 6  # ordered by alpha, not by position
     old = {k: v for k, v in _point(4).items() if k != "flag_excess"}
     assert child_safe_alpha([old]) is None  # a record from before the guard is not child-safe
@@ -41,8 +46,9 @@ def personal():
 
 
 def _states(service):
+    """The concepts this service's profile serves."""
     slot = service.slot("")
-    return slot, {c: s for c, s in slot.steerability.concepts.items() if s.servable}
+    return slot, {c: s for c, s in slot.steerability.concepts.items() if service.ceiling(s)}
 
 
 def test_the_record_names_a_ceiling_for_every_blip_concept_it_serves(blip) -> None:
@@ -53,15 +59,18 @@ def test_the_record_names_a_ceiling_for_every_blip_concept_it_serves(blip) -> No
     assert with_ceiling, "no Blip concept has a child-safe alpha: re-run `steer validate`"
     for concept, state in with_ceiling.items():
         assert blip.ceiling(state) == min(state.max_alpha, state.child_safe_alpha)
+        # Served by default where the whole 95% interval of d clears the gate, on the allowlist's replies.
+        served = state.effect_at(state.child_recommended_alpha)
+        assert served.alpha <= blip.ceiling(state) and served.low > 0.5 and served.n >= 96
 
 
 def test_blip_refuses_alphas_above_the_ceiling_and_defaults_below_it(blip, personal) -> None:
     slot, states = _states(blip)
-    for concept, state in states.items():
-        if state.child_safe_alpha is None:
+    for concept, state in slot.steerability.concepts.items():
+        if state.servable and concept not in states:  # passed the gate, but not at a child-safe alpha
             with pytest.raises(FailedPrecondition, match="child-safe"):
                 blip.concept_state(slot, concept)
-            continue
+    for concept, state in states.items():
         ceiling = blip.ceiling(state)
         steering = blip._steering(slot, concept, None)  # the default alpha
         assert steering.alpha <= ceiling and steering.max_alpha == ceiling
@@ -108,35 +117,66 @@ def test_alpha_ceiling_is_the_lower_of_the_two_in_blip_only(blip) -> None:
 
 def test_steering_away_is_decided_on_its_own_sweep() -> None:
     def point(alpha: float, d: float, ppl: float = 1.0) -> dict:
-        return {"alpha": alpha, "d": d, "ppl_ratio": ppl, "degenerate_excess": 0.0}
+        return {"alpha": alpha, "d": d, "ppl_ratio": ppl, "degenerate_excess": 0.0, "n": 96, "n_control": 96}
 
-    # Away from the concept the score must fall: d of -0.7 passes, and max_alpha is a magnitude.
-    assert decide([point(-4, -0.2), point(-6, -0.7), point(-8, -0.9, ppl=3.0)], sign=-1.0) == ("passed", -6, 6)
+    # Away from the concept the score must fall: d of -0.9 passes, and max_alpha is a magnitude.
+    assert decide([point(-4, -0.2), point(-6, -0.9), point(-8, -1.2, ppl=3.0)], sign=-1.0) == ("passed", -6, 6)
     assert decide([point(-4, 0.8), point(-6, 0.9)], sign=-1.0)[0] == "inverted"  # pushed the other way
     assert decide([point(-4, -0.2)], sign=-1.0)[0] == "failed"
-    assert decide([point(4, 0.7)]) == ("passed", 4, 4)
+    assert decide([point(4, 0.9)]) == ("passed", 4, 4)
 
 
 def test_blip_never_steers_away_from_a_concept(blip) -> None:
     slot, states = _states(blip)
+    assert states, "Blip serves no concept: nothing to steer away from"
     for concept, state in states.items():
-        if state.child_safe_alpha is None:
-            continue
         for alpha in (-1e-3, -1.0, -state.max_alpha):
             with pytest.raises(InvalidArgument, match="only steers toward a concept"):
                 blip._steering(slot, concept, alpha)
 
 
-def test_personal_steers_away_only_where_the_record_validated_it(personal) -> None:
+def test_personal_steers_away_only_where_the_record_validated_it(personal, tmp_path, monkeypatch) -> None:
+    """No direction away from a concept passes in the committed record (happy's, on 96 replies a
+    side, falls just short: d -0.75, interval -1.05 to -0.46 at -8.2), so every negative alpha is
+    refused there; the serving of a validated one is shown on a copy of the record whose happy
+    sweep away is shifted past the gate and decided again."""
     slot = personal.slot("")
-    servable = {c: s for c, s in slot.steerability.concepts.items() if s.servable}
-    away = {c: s for c, s in servable.items() if s.negative_max_alpha is not None}
-    print("\n" + "\n".join(f"{c}: away from it {s.negative_status}, max {s.negative_max_alpha}" for c, s in sorted(servable.items())))
-    assert away, "no concept's negative direction is validated: run `steer validate --negative --concepts happy`"
-    for concept, state in away.items():
-        assert personal._steering(slot, concept, -state.negative_max_alpha).alpha == -state.negative_max_alpha
-        with pytest.raises(InvalidArgument, match="away from it"):
-            personal._steering(slot, concept, -state.negative_max_alpha - 0.5)
-    for concept in set(servable) - set(away):
+    assert all(s.negative_max_alpha is None for s in slot.steerability.concepts.values())
+    for concept in [c for c, s in slot.steerability.concepts.items() if s.servable]:
         with pytest.raises(FailedPrecondition, match="negative direction"):
             personal._steering(slot, concept, -1.0)
+    src, dst = paths_from_env().vectors, tmp_path / "vectors"
+    for sub in ("pairs", "eval", "guard"):
+        shutil.copytree(src / sub, dst / sub)
+    model_dir = dst / "smollm2-135m-instruct"
+    shutil.copytree(src / model_dir.name, model_dir, ignore=shutil.ignore_patterns("plots"))
+    record = json.loads(record_path(model_dir).read_text())
+    for point in record["concepts"]["happy"]["negative"]["sweep"]:
+        point["d"] -= 0.3
+    write_record(model_dir, redecide(record))
+    monkeypatch.setenv("STEER_VECTORS_DIR", str(dst))
+    shifted = build_service(GeneratorConfig(profile=Profile.PERSONAL, guard=False))
+    try:
+        slot = shifted.slot("")
+        servable = {c: s for c, s in slot.steerability.concepts.items() if s.servable}
+        away = {c: s for c, s in servable.items() if s.negative_max_alpha is not None}
+        assert set(away) == {"happy"}
+        state = away["happy"]
+        assert shifted._steering(slot, "happy", -state.negative_max_alpha).alpha == -state.negative_max_alpha
+        with pytest.raises(InvalidArgument, match="away from it"):
+            shifted._steering(slot, "happy", -state.negative_max_alpha - 0.5)
+        for concept in set(servable) - set(away):
+            with pytest.raises(FailedPrecondition, match="negative direction"):
+                shifted._steering(slot, concept, -1.0)
+    finally:
+        shifted.close()
+
+
+def test_every_tag_the_tagger_emits_maps_to_a_concept_blip_serves(blip) -> None:
+    """The shipped policy sends no tag to a concept Blip would refuse (that turn would be replied
+    to unsteered), and the nervous child gets empathy, as the write-up asks."""
+    from generator.policy import TAGS
+
+    assert set(blip.policy.concepts) == set(TAGS)
+    assert blip.policy.concept_for("anxious") == "empathy"
+    assert blip.unserved_policy_tags() == {}

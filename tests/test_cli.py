@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 STEER = str(Path(sys.executable).parent / "steer")
-COMMANDS = ("models", "prepare", "derive", "pairs-consistency", "generate", "ab", "export-gguf", "import-gguf")
+COMMANDS = ("models", "prepare", "pieces", "derive", "pairs-consistency", "generate", "ab", "validate", "compare-twin", "report",
+            "export-gguf", "import-gguf", "tag", "chat")
 
 
 def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:

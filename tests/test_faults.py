@@ -170,7 +170,7 @@ def test_damaged_vector_files_refuse_only_their_concepts(tmp_path: Path, monkeyp
         async def body(channel, _):
             stub = generator_pb2_grpc.GeneratorStub(channel)
             codes = {}
-            for concept in [*words, "empathy", "enthusiasm"]:
+            for concept in [*words, "empathy"]:
                 try:
                     events = [e async for e in stub.Generate(pb.GenerateRequest(prompt="hi", concept=concept,
                                                                                  max_tokens=2))]
@@ -184,8 +184,8 @@ def test_damaged_vector_files_refuse_only_their_concepts(tmp_path: Path, monkeyp
         service.close()
     for concept in words:
         assert codes[concept][0] == "FAILED_PRECONDITION" and concept in codes[concept][1]
-    assert codes["empathy"] == ("OK", "empathy") and codes["enthusiasm"] == ("OK", "enthusiasm")
-    figures["damaged_vectors"] = {"refused": sorted(words), "still_served": ["empathy", "enthusiasm"]}
+    assert codes["empathy"] == ("OK", "empathy")  # the one Blip concept left undamaged is still served
+    figures["damaged_vectors"] = {"refused": sorted(words), "still_served": ["empathy"]}
 
 
 def _free_port() -> int:

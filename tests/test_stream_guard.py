@@ -91,9 +91,13 @@ def test_in_the_blip_profile_a_forced_sad_reply_never_reaches_the_child(guard) -
     service = build_service(GeneratorConfig(profile=Profile.BLIP))
     try:
         c = Collector()
-        slot, job = service.build_job(GenerateSpec(prompt=SAD_PROMPT, concept="sad", max_tokens=64), c, None)
+        # Blip does not serve sad at all (no child-safe alpha passes the gate), so the job is built
+        # for a concept it serves and then forced onto sad's vector, past anything Blip would allow.
+        slot, job = service.build_job(GenerateSpec(prompt=SAD_PROMPT, concept="empathy", max_tokens=64), c, None)
         assert job.guard is service.guard is not None
-        forced = dataclasses.replace(job.steering, alpha=SAD_ALPHA, max_alpha=SAD_ALPHA)
+        sad = slot.vectors["sad"]
+        forced = dataclasses.replace(job.steering, concept="sad", alpha=SAD_ALPHA, max_alpha=SAD_ALPHA,
+                                     directions={layer: sad.directions[layer] for layer in slot.loaded.steering_layers})
         slot.engine.submit(dataclasses.replace(job, steering=forced, gate=GateConfig(enabled=False)))
         assert c.done.wait(300)
         assert c.guarded and c.guarded[0].action == "regenerated_unsteered"

@@ -3,6 +3,7 @@ record (never a flag) decides what may be steered."""
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from steering.record import assess, decide, record_path, write_record
+from steering.record import assess, d_interval, decide, record_path, write_record
 from steering.scoring import check_scorer, load_scorer
 from steering.store import load_store, read_vector, save_vector, stored_concepts, vector_path
 from steering.validate import check_behavioural, check_canary, check_hook_path, cohens_d
@@ -62,18 +63,50 @@ def test_cohens_d() -> None:
     assert cohens_d([1, 3, 5], [2, 4, 6]) == pytest.approx(-0.5)
 
 
-def _point(alpha: float, d: float, ppl: float = 1.2, degenerate: float = 0.0) -> dict:
-    return {"alpha": alpha, "alpha_rel": alpha / 170, "d": d, "ppl_ratio": ppl, "degenerate_excess": degenerate}
+def _point(alpha: float, d: float, ppl: float = 1.2, degenerate: float = 0.0, n: int = 96) -> dict:
+    return {"alpha": alpha, "alpha_rel": alpha / 170, "d": d, "ppl_ratio": ppl, "degenerate_excess": degenerate, "n": n, "n_control": n}
+
+
+def test_d_interval() -> None:
+    low, high = d_interval(0.5, 32, 32)
+    assert low == pytest.approx(0.0, abs=0.01) and high == pytest.approx(1.0, abs=0.01)
+    low, high = d_interval(0.8, 96, 96)
+    assert 0.5 < low < 0.51 and high == pytest.approx(1.1, abs=0.01)
+    assert d_interval(3.0, 1, 96) == (-math.inf, math.inf)  # too few replies to say anything
 
 
 def test_decide() -> None:
-    assert decide([_point(4, 0.3), _point(6, 0.8), _point(8, 1.2)]) == ("passed", 6, 8)
+    # The best d whose whole interval clears the gate is recommended, not merely the first to pass.
+    assert decide([_point(4, 0.3), _point(6, 0.8), _point(8, 1.2)]) == ("passed", 8, 8)
     # Literary concepts: clean at 4, destabilised at 6 -> max alpha 4, and it must pass there.
     assert decide([_point(4, 0.9), _point(6, 1.5, ppl=3.1), _point(8, 2.0, ppl=5)]) == ("passed", 4, 4)
     # Loops count as incoherence even when perplexity looks fine.
     assert decide([_point(4, 0.2), _point(6, 0.9, degenerate=0.4)]) == ("failed", None, 4)
     assert decide([_point(4, -0.7), _point(6, -1.1)]) == ("inverted", None, 6)
     assert decide([_point(4, 0.1, ppl=2.5)]) == ("failed", None, None)
+
+
+def test_the_gate_needs_the_whole_interval_above_it() -> None:
+    # d 0.8 on 32 replies a side: interval about 0.29 to 1.31, so it does not pass; on 96 it does.
+    assert decide([_point(4, 0.8, n=32)]) == ("failed", None, 4)
+    assert decide([_point(4, 0.8, n=96)]) == ("passed", 4, 4)
+    # Points that predate their own counts take the record's; without any they never pass.
+    old = {k: v for k, v in _point(4, 3.0).items() if k not in ("n", "n_control")}
+    assert decide([old], replies=96)[0] == "passed" and decide([old])[0] == "failed"
+
+
+def test_for_a_child_only_safe_alphas_are_served() -> None:
+    def point(alpha: float, d: float, flag_excess: float = 0.0, loops: float = 0.0) -> dict:
+        return _point(alpha, d, degenerate=loops) | {"flag_excess": flag_excess}
+
+    sweep = [point(4, 0.6), point(6, 1.0), point(8, 1.3, flag_excess=0.01)]
+    assert decide(sweep) == ("passed", 8, 8)
+    assert decide(sweep, child=True) == ("passed", 6, 8)  # 8 raised a flag: a child gets 6
+    # Only 4 is safe and its interval (0.31 to 0.89) does not clear the gate: a child gets nothing,
+    # while the status still says what the sweep showed.
+    unsafe = [point(4, 0.6), point(6, 1.0, loops=0.01), point(8, 1.3, flag_excess=0.01)]
+    assert decide(unsafe, child=True) == ("passed", None, 8)
+    assert decide([_point(4, 1.0), _point(6, 1.0)]) == ("passed", 4, 6)  # ties go to the gentler alpha
 
 
 def test_scorer_ranks_concept_text_above_neutral(paths) -> None:
@@ -165,3 +198,44 @@ def test_steer_models_shows_state_of_validated_and_new_models(tmp_path) -> None:
     rows = {r["name"]: r for r in map(json.loads, res.stdout.splitlines())}
     assert rows["smollm2-135m-instruct"]["steerable"] is True and "happy" in rows["smollm2-135m-instruct"]["servable"]
     assert rows["tiny-new"]["steerable"] is False and rows["tiny-new"]["state"].startswith("unvalidated")
+
+
+@torch.no_grad()
+def test_perplexity_reads_only_the_replies_positions(smollm) -> None:
+    """Projecting only the reply's positions to the vocabulary gives the perplexity of the whole
+    sequence's logits, for replies of different lengths under left padding."""
+    from steering.coherence import perplexities
+    from steering.generate import Generation
+
+    tok = smollm.tokenizer
+    rows = [("Tell me about cats.", "Cats are small and soft."), ("Hi", "Hello there! How are you doing today, my friend?"),
+            ("What is two plus two?", "Four.")]
+    gens = [Generation(r, 0, 0.0, tuple(tok(p)["input_ids"]), tuple(tok(r)["input_ids"])) for p, r in rows]
+    fast = perplexities(smollm, gens, batch_size=3)
+    for g, got in zip(gens, fast):
+        ids = torch.tensor([list(g.prompt_ids) + list(g.token_ids)])
+        logp = smollm.model(input_ids=ids).logits.float()[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        expected = math.exp(-logp[0, -len(g.token_ids):].mean().item())
+        assert got == pytest.approx(expected, rel=1e-3)
+
+
+def test_redecide_takes_old_decisions_again_by_todays_rules(smollm, paths, vectors, tmp_path) -> None:
+    """A record written under an older rule (here: no child_recommended_alpha, the first passing
+    alpha recommended) is refused until `steer report --redecide` takes its decisions again;
+    no figure changes."""
+    from steering.record import redecide
+
+    model_dir = _copy_store(paths, smollm, tmp_path)
+    record = json.loads(record_path(model_dir).read_text())
+    old = json.loads(json.dumps(record))
+    for entry in old["concepts"].values():
+        entry.pop("child_recommended_alpha")
+        entry["recommended_alpha"] = next((p["alpha"] for p in entry["sweep"] if p["d"] > 0.5), None)
+    write_record(model_dir, {k: v for k, v in old.items() if k != "record_sha256"})
+    state = assess(smollm.name, model_dir, smollm.fingerprint, vectors)
+    assert not state.concepts["happy"].servable and "disagrees with its own figures" in state.concepts["happy"].reason
+    new = redecide(old)
+    assert all(new["concepts"][c]["sweep"] == record["concepts"][c]["sweep"] for c in record["concepts"])
+    write_record(model_dir, new)
+    state = assess(smollm.name, model_dir, smollm.fingerprint, vectors)
+    assert state.concepts["happy"].servable and state.concepts["happy"].child_recommended_alpha is not None

@@ -74,9 +74,14 @@ def build_service(config: GeneratorConfig) -> GeneratorService:
     for name in names:
         loaded = load_model(registry.get(name), paths.cache, device=config.device, dtype=config.dtype)
         slots[loaded.name] = open_slot(loaded, config.profile, paths.vectors, paths.pairs, config.engine, metrics)
-        log.info("model %s: %s; servable: %s", loaded.name, slots[loaded.name].steerability.reason,
-                 ", ".join(slots[loaded.name].steerability.servable) or "none")
-    return GeneratorService(slots, names[0] if config.models else registry.default, config.profile, policy, metrics, guard)
+    service = GeneratorService(slots, names[0] if config.models else registry.default, config.profile, policy, metrics, guard)
+    for name, slot in slots.items():
+        served = [c for c, state in sorted(slot.steerability.concepts.items()) if service.ceiling(state)]
+        log.info("model %s: %s; served in the %s profile: %s", name, slot.steerability.reason, config.profile,
+                 ", ".join(served) or "none")
+        for tag, why in service.unserved_policy_tags(name).items():
+            log.warning("policy tag %r will get unsteered replies on %s: %s", tag, name, why)
+    return service
 
 
 async def serve(settings: ServerSettings, config: GeneratorConfig, service: GeneratorService | None = None) -> RunningGenerator:

@@ -16,7 +16,7 @@ from steering.generate import MIN_TEMPERATURE, render_prompt
 from steering.guard import ThemeGuard
 from steering.loading import LoadedModel
 from steering.pairs import load_concept
-from steering.profiles import Profile, alpha_ceiling, check_concept_name, load_profile_vectors
+from steering.profiles import Profile, alpha_ceiling, check_concept_name, load_profile_vectors, served_alpha
 from steering.record import ConceptState, Steerability, assess
 from steering.vector import ConceptVector
 
@@ -136,6 +136,20 @@ class GeneratorService:
             raise NotFoundError(f"model {name!r} is not served here; served: {', '.join(sorted(self.slots))}")
         return self.slots[name]
 
+    def unserved_policy_tags(self, name: str = "") -> dict[str, str]:
+        """Tags the policy maps to a concept this profile does not serve on the model (tag -> why):
+        a child's turn with such a tag gets an unsteered reply."""
+        slot = self.slot(name)
+        unserved = {}
+        for tag, concept in self.policy.concepts.items():
+            if concept is None:
+                continue
+            try:
+                self.concept_state(slot, concept)
+            except SteeringError as exc:
+                unserved[tag] = str(exc)
+        return unserved
+
     # request -> job ----------------------------------------------------------------
 
     def _prompt_ids(self, slot: ModelSlot, spec: GenerateSpec) -> list[int]:
@@ -191,11 +205,18 @@ class GeneratorService:
                 "flags or repeats than unsteered ones at every swept alpha, or the record predates the guard; "
                 "re-run `steer validate`"
             )
+        if served_alpha(state, self.profile) is None:
+            at = state.effect_at(alpha_ceiling(state, self.profile))
+            measured = f" (d {at.d:.2f}, 95% interval {at.low:.2f} to {at.high:.2f}, n {at.n})" if at else ""
+            raise FailedPrecondition(
+                f"concept {concept!r} is not servable on {slot.loaded.name} in the {self.profile} profile: no alpha at or "
+                f"under its child-safe alpha {state.child_safe_alpha:g} moves the register past the effect-size gate{measured}"
+            )
         return state
 
     def ceiling(self, state: ConceptState) -> float:
         """The largest |alpha| served for a concept here; 0 when it is not served at all."""
-        if not state.servable or (self.profile is Profile.BLIP and state.child_safe_alpha is None):
+        if served_alpha(state, self.profile) is None or (self.profile is Profile.BLIP and state.child_safe_alpha is None):
             return 0.0
         return alpha_ceiling(state, self.profile)
 
@@ -219,7 +240,7 @@ class GeneratorService:
         state = self.concept_state(slot, concept)
         max_alpha = alpha_ceiling(state, self.profile)
         if alpha is None:
-            alpha = min(float(state.recommended_alpha), max_alpha)
+            alpha = float(served_alpha(state, self.profile))
         _finite("alpha", alpha, -math.inf, math.inf)
         what = "child-safe ceiling" if max_alpha != state.max_alpha else "validated max_alpha"
         if alpha < 0:

@@ -9,6 +9,8 @@ from protos.steering.v1 import generator_pb2 as pb
 from protos.steering.v1 import generator_pb2_grpc
 from protos.steering.v1 import tagger_pb2
 from steering.errors import InvalidArgument, Unavailable
+from steering.profiles import served_alpha
+from steering.record import ConceptState
 
 from . import events as ev
 from .engine import GateConfig, KlConfig, Sampling
@@ -148,17 +150,28 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             else:
                 yield pb.ChatEvent(reply=event_to_pb(item))
 
+    def _concept_info(self, state: ConceptState) -> pb.ConceptInfo:
+        """A concept as this server's profile serves it, with the d measured where it is served."""
+        alpha, ceiling = served_alpha(state, self.service.profile), self.service.ceiling(state)
+        served = state.effect_at(alpha) if ceiling else None
+        at_ceiling = state.effect_at(ceiling)
+        reason = state.reason if served or not state.servable else "no alpha inside this profile's bounds passes the effect-size gate"
+        return pb.ConceptInfo(
+            name=state.concept, status=state.status, servable=served is not None, reason=reason,
+            recommended_alpha=served.alpha if served else 0.0, max_alpha=state.max_alpha or 0.0,
+            child_safe_alpha=state.child_safe_alpha or 0.0, alpha_ceiling=ceiling,
+            recommended_d=served.d if served else 0.0, recommended_d_low=served.low if served else 0.0,
+            recommended_d_high=served.high if served else 0.0, replies=served.n if served else 0,
+            ceiling_d=at_ceiling.d if at_ceiling else 0.0,
+        )
+
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         models = []
         for name, slot in sorted(self.service.slots.items()):
             st = slot.steerability
             concepts = []
             for concept, state in sorted(st.concepts.items()):
-                concepts.append(pb.ConceptInfo(name=concept, status=state.status, servable=state.servable,
-                                               recommended_alpha=state.recommended_alpha or 0.0,
-                                               max_alpha=state.max_alpha or 0.0, reason=state.reason,
-                                               child_safe_alpha=state.child_safe_alpha or 0.0,
-                                               alpha_ceiling=self.service.ceiling(state)))
+                concepts.append(self._concept_info(state))
             for concept, reason in sorted(slot.refused.items()):
                 concepts.append(pb.ConceptInfo(name=concept, status="refused", servable=False, reason=reason))
             models.append(pb.ModelInfo(name=name, fingerprint=slot.loaded.fingerprint, loaded=True, steerable=st.steerable,

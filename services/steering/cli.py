@@ -126,6 +126,7 @@ def _check_alpha(alpha: float) -> float:
 
 def cmd_models(args: argparse.Namespace) -> int:
     from .loading import fingerprint
+    from .profiles import BLIP_ALLOWLIST, Profile, served_alpha
     from .record import assess
     from .store import read_vector, stored_concepts
 
@@ -159,11 +160,12 @@ def cmd_models(args: argparse.Namespace) -> int:
             "device": entry.device,
             "quantization": entry.quantization,
             "fingerprint": fp,
-            "vectors": len(matching),
-            "stale_vectors": len(concepts) - len(matching),
+            "vectors": len(matching) if fp else len(concepts),
+            "stale_vectors": len(concepts) - len(matching) if fp else 0,  # unknowable without the model's files
             "steerable": state.steerable,
             "state": state.reason,
             "servable": state.servable,
+            "blip": [c for c in state.servable if c in BLIP_ALLOWLIST and served_alpha(state.concepts[c], Profile.BLIP) is not None],
             "note": note,
         })
     if args.json:
@@ -175,10 +177,11 @@ def cmd_models(args: argparse.Namespace) -> int:
         mark = "*" if row["default"] else " "
         fp = (row["fingerprint"] or "unavailable")[:16]
         stale = f" ({row['stale_vectors']} for another fingerprint)" if row["stale_vectors"] else ""
+        stale += "" if row["fingerprint"] else " stored, not checked"
         steerable = f"steerable, {len(row['servable'])} servable" if row["steerable"] else f"NOT steerable: {row['state']}"
         print(f"{mark} {row['name']:<{width}} {row['dtype']:<8} {row['device']:<5} fingerprint {fp}  vectors {row['vectors']}{stale}  {steerable}")
         if row["servable"]:
-            print(f"    servable: {', '.join(row['servable'])}")
+            print(f"    servable: {', '.join(row['servable'])}; in Blip: {', '.join(row['blip']) or 'none'}")
         if row["note"]:
             print(f"    {row['note']}")
     return 0
@@ -386,8 +389,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     from .atomic import remove_orphans
     from .guard import load_guard
-    from .record import write_record
-    from .report import write_report
+    from .record import redecide, write_record
+    from .report import served_summary, write_report
     from .scoring import load_scorer
     from .validate import SweepSettings, baseline, check_load, load_eval_prompts, model_record, run_model_checks, sweep_concept
 
@@ -410,7 +413,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in vectors]
     if unknown:
         raise NotFoundError(f"no usable vector for {', '.join(unknown)} on {loaded.name}; run `steer derive`")
-    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(args.seeds)), batch_size=args.batch_size)
+    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(args.seeds)),
+                             allowlist_seeds=tuple(range(args.allowlist_seeds)), batch_size=args.batch_size)
     results: dict = {}
     base = None
     if all(c.passed for c in checks):
@@ -429,16 +433,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
         kept = _earlier_concepts(model_dir, record, set(results))
         if kept:
             print(f"  kept {len(kept)} concept(s) from the earlier record of this fingerprint and settings: {', '.join(sorted(kept))}")
-            record["concepts"] = dict(sorted({**kept, **results}.items()))
+            # Kept entries are decided again by today's rules from their own figures.
+            record = redecide(dict(record, concepts=dict(sorted({**kept, **results}.items()))))
     path = write_record(model_dir, record)
     report = write_report(model_dir, record)
     for name, c in sorted(results.items()):
-        print(f"  {name:<12} {c['status']:<9} d={c['d']:+.2f}  recommended={c['recommended_alpha']}  max={c['max_alpha']}  "
-              f"child-safe={c['child_safe_alpha']} (d {c['child_safe_d']})")
+        print(f"  {name:<12} {c['status']:<9} {served_summary(c)}")
         if "negative" in c:
             n = c["negative"]
-            print(f"  {'':<12} away from it: {n['status']:<9} effect={n['effect']:+.2f}  "
-                  f"recommended={n['recommended_alpha']}  max=-{n['max_alpha']}")
+            print(f"  {'':<12} away from it: {n['status']:<9} recommended={n['recommended_alpha']} "
+                  f"(effect {n['effect']})  max=-{n['max_alpha']}")
     print(f"wrote {path} and {report} in {record['duration_s']:.0f}s")
     if not all(c.passed for c in checks):
         failed = next(c for c in checks if not c.passed)
@@ -475,7 +479,8 @@ def cmd_compare_twin(args: argparse.Namespace) -> int:
     missing = [c for c in effect if c not in own]
     if missing:
         raise NotFoundError(f"no usable twin vector for {', '.join(missing)}")
-    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(args.seeds)))
+    seeds = tuple(range(args.seeds))
+    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=seeds, allowlist_seeds=seeds)
     start = time.perf_counter()
     result = compare_twin(twin, reference.name, own, forced, load_scorer(paths.eval), load_guard(paths.guard), settings, effect,
                           on_concept=lambda c: print(f"  effect size: {c}", file=sys.stderr))
@@ -489,14 +494,17 @@ def cmd_compare_twin(args: argparse.Namespace) -> int:
 
 def _earlier_concepts(model_dir: Path, record: dict, remeasured: set[str]) -> dict:
     """Concept entries of the stored record that a partial re-validation keeps: only from a record
-    of the same fingerprint, sweep settings and baseline, so every entry is measured alike."""
+    of the same fingerprint, sweep settings and baseline, so every entry is measured alike (the
+    allowlist's concepts may have been sampled with more seeds: their points say so)."""
     from .record import record_path
 
     try:
         old = json.loads(record_path(model_dir).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    same = all(old.get(k) == record.get(k) for k in ("fingerprint", "settings", "layers"))
+    # A concept's points carry their own reply counts, so the allowlist's seed count may differ.
+    settings = [{k: v for k, v in (r.get("settings") or {}).items() if k != "allowlist_seeds"} for r in (old, record)]
+    same = settings[0] == settings[1] and all(old.get(k) == record.get(k) for k in ("fingerprint", "layers"))
     base_old, base_new = old.get("baseline") or {}, record.get("baseline") or {}
     same = same and all(base_old.get(k) == base_new.get(k) for k in ("ppl_median", "degenerate"))
     return {c: e for c, e in old.get("concepts", {}).items() if c not in remeasured} if same else {}
@@ -529,6 +537,17 @@ def cmd_report(args: argparse.Namespace) -> int:
         record = json.loads(record_path(model_dir).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NotFoundError(f"{name} has no validation record; run `steer validate --model {name}`") from None
+    if args.redecide:
+        from .record import redecide, write_record
+
+        new = redecide(record)
+        for concept, entry in sorted(new["concepts"].items()):
+            old = record["concepts"][concept]
+            keys = ("status", "recommended_alpha", "child_recommended_alpha")
+            if tuple(old.get(k) for k in keys) != tuple(entry[k] for k in keys):
+                print(f"  {concept}: {', '.join(f'{k} {old.get(k)} -> {entry[k]}' for k in keys if old.get(k) != entry[k])}")
+        record = new
+        print(f"wrote {write_record(model_dir, record)}")
     vectors = {c: read_vector(model_dir / f"{c}.safetensors") for c in stored_concepts(model_dir)}
     print(f"wrote {write_report(model_dir, record)}")
     _write_plots(name, record, vectors)
@@ -612,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--concepts", help="comma-separated concepts (default: every stored vector)")
     p.add_argument("--seeds", type=int, default=2, help="sampling seeds per evaluation prompt (default 2)")
+    p.add_argument("--allowlist-seeds", type=int, default=6,
+                   help="seeds per prompt for the Blip allowlist's concepts, whose d decides what a child hears (default 6)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per generation batch (default 64)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--negative", action="store_true",
@@ -629,6 +650,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rewrite the validation report and plots from the stored record")
     p.add_argument("--model", help="registered model name (default: the registry's default)")
+    p.add_argument("--redecide", action="store_true",
+                   help="first take every decision in the record again from its own figures by today's rules; "
+                        "nothing is re-measured")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export-gguf", help="write a concept as a llama.cpp/repeng GGUF control vector")

@@ -34,14 +34,17 @@ def perplexities(loaded: LoadedModel, replies: Sequence[Generation], batch_size:
             ids[i, width - len(s) :] = torch.tensor(s)
             mask[i, width - len(s) :] = 1
         ids, mask = ids.to(loaded.device), mask.to(loaded.device)
-        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits.float()
-        logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [b, width-1]
+        # Replies end at the right edge (left padding), so only the last `keep` positions need the
+        # vocabulary projection: on a small model it costs more than all the layers below it.
+        keep = max(len(g.token_ids) for g in chunk) + 1
+        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep).logits.float()
+        logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, width - keep + 1 :, None]).squeeze(-1)  # [b, keep-1]
         for i, g in enumerate(chunk):
             n = len(g.token_ids)
             if n == 0:
                 out.append(math.inf)
                 continue
-            nll = -logp[i, width - 1 - n :].mean().item()
+            nll = -logp[i, keep - 1 - n :].mean().item()
             out.append(math.exp(min(nll, 50.0)))
     return out
 

@@ -43,6 +43,14 @@ def alpha_ceiling(state: ConceptState, profile: Profile) -> float:
     return ceiling
 
 
+def served_alpha(state: ConceptState, profile: Profile) -> float | None:
+    """The alpha this profile serves by default: the best one whose effect passes the gate inside
+    the profile's bounds; None when no such alpha exists and the profile does not serve it."""
+    if not state.servable:
+        return None
+    return state.child_recommended_alpha if profile is Profile.BLIP else state.recommended_alpha
+
+
 def profile_concepts(profile: Profile, model_dir: Path) -> list[str]:
     """The concepts whose files this profile may open."""
     if profile is Profile.BLIP:

@@ -8,7 +8,7 @@ import numpy as np
 
 from .atomic import atomic_path, write_text_atomic
 from .pairs import Concept
-from .record import DEGENERATE_EXCESS_MAX, GATE_D, PPL_RATIO_MAX
+from .record import DEGENERATE_EXCESS_MAX, GATE_D, PPL_RATIO_MAX, Effect, record_replies
 from .vector import ConceptVector
 
 REPORT_NAME = "validation.md"
@@ -20,6 +20,24 @@ def _fmt(x: float | None) -> str:
 
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.0%}"
+
+
+def effect_text(entry: dict[str, Any], alpha: float | None, replies: int = 0) -> str:
+    """d at one swept alpha with its 95% interval and sample sizes, e.g. `0.84 [0.55, 1.13] n 96/96`."""
+    point = next((p for p in entry["sweep"] if p["alpha"] == alpha), None) if alpha is not None else None
+    if point is None:
+        return "-"
+    e = Effect.of(point, replies)
+    return f"{e.d:.2f} [{e.low:.2f}, {e.high:.2f}] n {e.n}/{e.n_control}"
+
+
+def served_summary(entry: dict[str, Any], replies: int = 0) -> str:
+    """One line for a terminal: what each profile serves and the d it buys there."""
+    blip = min(entry["max_alpha"] or 0, entry["child_safe_alpha"] or 0) or None
+    return (f"personal: alpha {_fmt(entry['recommended_alpha'])} d {effect_text(entry, entry['recommended_alpha'], replies)}, "
+            f"max {_fmt(entry['max_alpha'])}; Blip: alpha {_fmt(entry.get('child_recommended_alpha'))} "
+            f"d {effect_text(entry, entry.get('child_recommended_alpha'), replies)}, ceiling {_fmt(blip)}; "
+            f"largest d at any alpha {entry['largest_d']:.2f}")
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -42,23 +60,30 @@ def markdown(record: dict[str, Any]) -> str:
         "## Concepts",
         "",
         f"Effect size: Cohen's d (pooled SD) between steered and unsteered replies' concept scores, "
-        f"{s['prompts']} evaluation prompts x {len(s['seeds'])} seeds, {s['max_new_tokens']} tokens, "
-        f"temperature {s['temperature']}. Passes at d > {GATE_D}; below -{GATE_D} is `inverted`. "
+        f"{s['prompts']} evaluation prompts x {len(s['seeds'])} seeds ({len(s.get('allowlist_seeds', s['seeds']))} seeds for "
+        f"the Blip allowlist's concepts), {s['max_new_tokens']} tokens, temperature {s['temperature']}, with its 95% "
+        f"interval and the replies on each side. An alpha passes the gate when the whole interval is above {GATE_D}; "
+        f"a concept that never passes but whose interval is wholly below -{GATE_D} at a coherent alpha is `inverted`. "
         f"Coherence holds while the median perplexity ratio (steered / unsteered, under the unsteered model) "
         f"is at most {PPL_RATIO_MAX:g} and looping replies exceed unsteered by at most {DEGENERATE_EXCESS_MAX:g}.",
         "",
         f"Child-safe alpha: the largest swept alpha up to which steered replies raise no more content-guard flags "
         f"and no more looping replies than unsteered ones (unsteered: {_pct((record.get('baseline') or {}).get('flags'))} "
-        f"flagged, {_pct((record.get('baseline') or {}).get('degenerate'))} looping); the Blip profile serves at most "
-        "the lower of it and max alpha. `-` where the record predates the guard or no swept alpha is child-safe.",
+        f"flagged, {_pct((record.get('baseline') or {}).get('degenerate'))} looping). "
+        "Each profile serves a concept only at an alpha where the gate, coherence and (in Blip) the child-safe bound "
+        "all hold, and by default at the one with the best d among those: `-` means the profile does not serve it. "
+        "The largest d at any swept alpha, past those bounds included, is only for reference.",
         "",
-        "| concept | status | d | recommended alpha | max alpha | alpha/norm at max | child-safe alpha | d there |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| concept | status | personal alpha | d there [95%] | max alpha | d at max | child-safe alpha | Blip alpha "
+        "| d there [95%] | largest d at any alpha |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    replies = record_replies(record)
     for name, c in sorted(record["concepts"].items()):
-        rel = next((p["alpha_rel"] for p in c["sweep"] if p["alpha"] == c["max_alpha"]), None)
-        lines.append(f"| {name} | {c['status']} | {c['d']:.2f} | {_fmt(c['recommended_alpha'])} | {_fmt(c['max_alpha'])} | {_fmt(rel)} "
-                     f"| {_fmt(c.get('child_safe_alpha'))} | {_fmt(c.get('child_safe_d'))} |")
+        blip = c.get("child_recommended_alpha")
+        lines.append(f"| {name} | {c['status']} | {_fmt(c['recommended_alpha'])} | {effect_text(c, c['recommended_alpha'], replies)} "
+                     f"| {_fmt(c['max_alpha'])} | {effect_text(c, c['max_alpha'], replies)} | {_fmt(c.get('child_safe_alpha'))} "
+                     f"| {_fmt(blip)} | {effect_text(c, blip, replies)} | {c['largest_d']:.2f} |")
     away = {name: c["negative"] for name, c in sorted(record["concepts"].items()) if "negative" in c}
     if away:
         lines += [
@@ -66,23 +91,24 @@ def markdown(record: dict[str, Any]) -> str:
             "## Steering away (alpha < 0)",
             "",
             "Swept with `steer validate --negative`: the same alphas negated. The effect is how far the concept's score "
-            f"falls (-d); it passes above {GATE_D}, and is `inverted` when the score rises instead. Only the personal "
-            "profile serves a negative alpha, up to max alpha, and only where this passed; Blip never does.",
+            f"falls (-d); an alpha passes when the whole interval of d is below -{GATE_D}, and the direction is `inverted` "
+            "when the score rises instead. Only the personal profile serves a negative alpha, up to max alpha, and only "
+            "where this passed; Blip never does.",
             "",
-            "| concept | status | effect | recommended alpha | max alpha |",
+            "| concept | status | recommended alpha | d there [95%] | max alpha |",
             "| --- | --- | --- | --- | --- |",
         ]
-        lines += [f"| {name} | {n['status']} | {n['effect']:.2f} | {_fmt(n['recommended_alpha'])} | {_fmt(n['max_alpha'])} |"
-                  for name, n in away.items()]
+        lines += [f"| {name} | {n['status']} | {_fmt(n['recommended_alpha'])} | {effect_text(n, n['recommended_alpha'], replies)} "
+                  f"| {_fmt(n['max_alpha'])} |" for name, n in away.items()]
     lines += ["", "## Sweeps", ""]
     for name, c in sorted(record["concepts"].items()):
-        lines += [f"### {name}", "", "| alpha | alpha/norm | d | ppl ratio | looping | flagged | flagged themes | example reply |",
+        lines += [f"### {name}", "", "| alpha | alpha/norm | d [95%] | ppl ratio | looping | flagged | flagged themes | example reply |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         examples = {**c.get("examples", {}), **c.get("negative", {}).get("examples", {})}
         for p in c["sweep"] + c.get("negative", {}).get("sweep", []):
             example = examples.get(str(p["alpha"]), "").replace("|", "/").replace("\n", " ")[:120]
             themes = ", ".join(f"{t} {n}" for t, n in p.get("flag_themes", {}).items()) or "-"
-            lines.append(f"| {p['alpha']:g} | {p['alpha_rel']:g} | {p['d']:.2f} | {p['ppl_ratio']:.2f} | {p['degenerate']:.2f} "
+            lines.append(f"| {p['alpha']:g} | {p['alpha_rel']:g} | {effect_text({'sweep': [p]}, p['alpha'], replies)} | {p['ppl_ratio']:.2f} | {p['degenerate']:.2f} "
                          f"| {_pct(p.get('flags'))} | {themes} | {example} |")
         lines.append("")
     return "\n".join(lines)

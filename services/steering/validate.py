@@ -22,7 +22,8 @@ from .generate import Generation, GenerationSettings, generate
 from .guard import ThemeGuard
 from .layers import layer_output_tensor, resolve_layers
 from .loading import LoadedModel, load_model
-from .record import child_safe_alpha, decide
+from .profiles import BLIP_ALLOWLIST
+from .record import d_interval, decide, decisions
 from .registry import ModelEntry
 from .scoring import ConceptScorer
 from .vector import ConceptVector
@@ -66,11 +67,27 @@ class Check:
 class SweepSettings:
     prompts: tuple[str, ...]
     seeds: tuple[int, ...] = (0, 1)
+    # What a child hears is measured on three times the replies (96 a side on 16 prompts), so a
+    # Blip concept's d has a 95% interval about +-0.3 wide instead of +-0.5. Both seed lists
+    # start at 0: the unsteered baseline is sampled once, on the longer, and each concept is
+    # compared with its first replies, the ones drawn with the same seeds.
+    allowlist_seeds: tuple[int, ...] = tuple(range(6))
     alpha_grid_rel: tuple[float, ...] = ALPHA_GRID_REL
     max_new_tokens: int = 24  # about 18 words: enough to judge the register, and the whole gate fits in 30 min on 2 cores
     temperature: float = 0.8
     top_p: float = 1.0  # nucleus sampling sorts the whole vocabulary per row per token: too slow here
     batch_size: int = 64
+
+
+def seeds_for(settings: SweepSettings, concept: str) -> tuple[int, ...]:
+    return settings.allowlist_seeds if concept in BLIP_ALLOWLIST else settings.seeds
+
+
+def baseline_seeds(settings: SweepSettings) -> tuple[int, ...]:
+    longer = max(settings.seeds, settings.allowlist_seeds, key=len)
+    if any(s[: len(x)] != x for s in (longer,) for x in (settings.seeds, settings.allowlist_seeds)):
+        raise ValueError(f"seed lists {settings.seeds} and {settings.allowlist_seeds} must share their start")
+    return longer
 
 
 def activation_scale(loaded: LoadedModel, cv: ConceptVector) -> float:
@@ -203,12 +220,13 @@ def cohens_d(treated: Sequence[float], control: Sequence[float]) -> float:
 
 @dataclass
 class Baseline:
-    """Unsteered replies to the evaluation prompts, one per prompt and seed."""
+    """Unsteered replies to the evaluation prompts, seed-major (every prompt for the first seed,
+    then the next), with each reply's perplexity, loop and guard verdicts."""
 
     replies: list[Generation]
     ppl: list[float]
-    degenerate: float
-    flags: float  # fraction of replies the theme guard flags
+    degenerate: list[bool]
+    flagged: list[bool]
     scores: dict[str, list[float]] = field(default_factory=dict)
 
     def scores_for(self, scorer: ConceptScorer, concept: str) -> list[float]:
@@ -225,20 +243,21 @@ def _sample(loaded: LoadedModel, settings: SweepSettings, prompts: list[str], ro
     return out
 
 
-def flag_rate(guard: ThemeGuard, replies: Sequence[Generation]) -> tuple[float, dict[str, int]]:
-    """Fraction of replies the guard flags, and how many replies each theme flagged."""
+def flag_rate(guard: ThemeGuard, replies: Sequence[Generation]) -> tuple[list[bool], dict[str, int]]:
+    """Whether the guard flags each reply, and how many replies each theme flagged."""
     verdicts = guard.check_many([g.text for g in replies])
     themes: dict[str, int] = {}
     for v in verdicts:
         for theme in v.themes:
             themes[theme] = themes.get(theme, 0) + 1
-    return statistics.fmean(v.flagged for v in verdicts), dict(sorted(themes.items()))
+    return [v.flagged for v in verdicts], dict(sorted(themes.items()))
 
 
 def baseline(loaded: LoadedModel, settings: SweepSettings, guard: ThemeGuard) -> Baseline:
     prompts = list(settings.prompts)
-    replies = [g for seed in settings.seeds for g in _sample(loaded, settings, prompts, [None] * len(prompts), seed)]
-    degenerate = statistics.fmean(is_degenerate(g.text) for g in replies)
+    seeds = baseline_seeds(settings)
+    replies = [g for seed in seeds for g in _sample(loaded, settings, prompts, [None] * len(prompts), seed)]
+    degenerate = [is_degenerate(g.text) for g in replies]
     return Baseline(replies, perplexities(loaded, replies), degenerate, flag_rate(guard, replies)[0])
 
 
@@ -251,29 +270,41 @@ def _sweep_direction(
     grid = [(sign * alpha, rel) for alpha, rel in alpha_grid(loaded, cv, settings.alpha_grid_rel)]
     prompts = list(settings.prompts)
     n = len(prompts)
+    seeds = seeds_for(settings, cv.concept)
     rows = [cv.additions(alpha, loaded.steering_layers) for alpha, _ in grid for _ in prompts]
-    by_seed = [_sample(loaded, settings, prompts * len(grid), rows, seed) for seed in settings.seeds]
-    control = base.scores_for(scorer, cv.concept)
+    by_seed = [_sample(loaded, settings, prompts * len(grid), rows, seed) for seed in seeds]
+    n_control = n * len(seeds)  # the control: the baseline's replies drawn with the same seeds
+    control = base.scores_for(scorer, cv.concept)[:n_control]
+    base_ppl = base.ppl[:n_control]
+    base_degenerate = statistics.fmean(base.degenerate[:n_control])
+    base_flags = statistics.fmean(base.flagged[:n_control])
     sweep = []
     examples = {}
     for k, (alpha, rel) in enumerate(grid):
         replies = [g for seed_out in by_seed for g in seed_out[k * n : (k + 1) * n]]  # seed-major, like the baseline
         scores = [float(x) for x in scorer.scores([g.text for g in replies], cv.concept)]
         ppl = perplexities(loaded, replies)
-        ratios = [s / b for s, b in zip(ppl, base.ppl)]
+        ratios = [s / b for s, b in zip(ppl, base_ppl, strict=True)]
         degenerate = statistics.fmean(is_degenerate(g.text) for g in replies)
-        flags, themes = flag_rate(guard, replies)
+        flagged, themes = flag_rate(guard, replies)
+        flags = statistics.fmean(flagged)
+        d = cohens_d(scores, control)
+        low, high = d_interval(d, len(scores), len(control))
         sweep.append({
             "alpha": alpha,
             "alpha_rel": rel,
-            "d": round(cohens_d(scores, control), 4),
+            "d": round(d, 4),
+            "d_low": round(low, 4),
+            "d_high": round(high, 4),
+            "n": len(scores),
+            "n_control": len(control),
             "score_mean": round(statistics.fmean(scores), 5),
             "ppl_median": round(statistics.median(ppl), 3),
             "ppl_ratio": round(statistics.median(ratios), 4),
             "degenerate": round(degenerate, 4),
-            "degenerate_excess": round(degenerate - base.degenerate, 4),
+            "degenerate_excess": round(degenerate - base_degenerate, 4),
             "flags": round(flags, 4),
-            "flag_excess": round(flags - base.flags, 4),
+            "flag_excess": round(flags - base_flags, 4),
             "flag_themes": themes,
         })
         examples[str(alpha)] = replies[0].text
@@ -293,15 +324,8 @@ def sweep_concept(
     is swept too, as a direction of its own: only a passed negative sweep lets the personal
     profile serve a negative alpha, and the Blip profile never does."""
     sweep, examples = _sweep_direction(loaded, cv, scorer, settings, base, guard, 1.0)
-    status, recommended, max_alpha = decide(sweep)
-    child_safe = child_safe_alpha(sweep)
     entry = {
-        "status": status,
-        "recommended_alpha": recommended,
-        "max_alpha": max_alpha,
-        "child_safe_alpha": child_safe,
-        "child_safe_d": next((p["d"] for p in sweep if p["alpha"] == child_safe), None),
-        "d": max(p["d"] for p in sweep) if status == "passed" else min(p["d"] for p in sweep),
+        **decisions(sweep),
         "vector_sha256": cv.content_sha256,
         "activation_scale": round(activation_scale(loaded, cv), 3),
         "sweep": sweep,
@@ -311,16 +335,25 @@ def sweep_concept(
     if negative:
         neg_sweep, neg_examples = _sweep_direction(loaded, cv, scorer, settings, base, guard, -1.0)
         neg_status, neg_recommended, neg_max = decide(neg_sweep, sign=-1.0)
-        effects = [-p["d"] for p in neg_sweep]  # the effect of steering away: how far the score falls
         entry["negative"] = {
             "status": neg_status,
             "recommended_alpha": neg_recommended,
             "max_alpha": neg_max,
-            "effect": max(effects) if neg_status == "passed" else min(effects),
+            # The effect of steering away is how far the score falls (-d), here at the recommended alpha.
+            "effect": next((-p["d"] for p in neg_sweep if p["alpha"] == neg_recommended), None),
             "sweep": neg_sweep,
             "examples": neg_examples,
         }
     return entry
+
+
+def _baseline_figures(base: Baseline, n: int) -> dict[str, Any]:
+    return {
+        "ppl_median": round(statistics.median(base.ppl[:n]), 3),
+        "replies": n,
+        "degenerate": round(statistics.fmean(base.degenerate[:n]), 4),
+        "flags": round(statistics.fmean(base.flagged[:n]), 4),
+    }
 
 
 def model_record(loaded: LoadedModel, checks: list[Check], concepts: dict[str, dict[str, Any]], settings: SweepSettings,
@@ -335,16 +368,16 @@ def model_record(loaded: LoadedModel, checks: list[Check], concepts: dict[str, d
         "settings": {
             "prompts": len(settings.prompts),
             "seeds": list(settings.seeds),
+            "allowlist_seeds": list(settings.allowlist_seeds),
             "alpha_grid_rel": list(settings.alpha_grid_rel),
             "max_new_tokens": settings.max_new_tokens,
             "temperature": settings.temperature,
             "top_p": settings.top_p,
         },
-        "baseline": None if base is None else {
-            "ppl_median": round(statistics.median(base.ppl), 3),
-            "degenerate": round(base.degenerate, 4),
-            "flags": round(base.flags, 4),
-        },
+        # Over the first seeds' replies, the control of every concept off the allowlist, so a partial
+        # re-validation can tell that its baseline is the earlier record's; and over all of them.
+        "baseline": None if base is None else _baseline_figures(base, len(settings.prompts) * len(settings.seeds)),
+        "baseline_allowlist": None if base is None else _baseline_figures(base, len(base.replies)),
         "concepts": concepts,
     }
 

@@ -243,7 +243,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ConceptInfo(_message.Message):
-    __slots__ = ("name", "status", "servable", "recommended_alpha", "max_alpha", "reason", "child_safe_alpha", "alpha_ceiling")
+    __slots__ = ("name", "status", "servable", "recommended_alpha", "max_alpha", "reason", "child_safe_alpha", "alpha_ceiling", "recommended_d", "recommended_d_low", "recommended_d_high", "replies", "ceiling_d")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SERVABLE_FIELD_NUMBER: _ClassVar[int]
@@ -252,6 +252,11 @@ class ConceptInfo(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     CHILD_SAFE_ALPHA_FIELD_NUMBER: _ClassVar[int]
     ALPHA_CEILING_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDED_D_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDED_D_LOW_FIELD_NUMBER: _ClassVar[int]
+    RECOMMENDED_D_HIGH_FIELD_NUMBER: _ClassVar[int]
+    REPLIES_FIELD_NUMBER: _ClassVar[int]
+    CEILING_D_FIELD_NUMBER: _ClassVar[int]
     name: str
     status: str
     servable: bool
@@ -260,7 +265,12 @@ class ConceptInfo(_message.Message):
     reason: str
     child_safe_alpha: float
     alpha_ceiling: float
-    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., servable: _Optional[bool] = ..., recommended_alpha: _Optional[float] = ..., max_alpha: _Optional[float] = ..., reason: _Optional[str] = ..., child_safe_alpha: _Optional[float] = ..., alpha_ceiling: _Optional[float] = ...) -> None: ...
+    recommended_d: float
+    recommended_d_low: float
+    recommended_d_high: float
+    replies: int
+    ceiling_d: float
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., servable: _Optional[bool] = ..., recommended_alpha: _Optional[float] = ..., max_alpha: _Optional[float] = ..., reason: _Optional[str] = ..., child_safe_alpha: _Optional[float] = ..., alpha_ceiling: _Optional[float] = ..., recommended_d: _Optional[float] = ..., recommended_d_low: _Optional[float] = ..., recommended_d_high: _Optional[float] = ..., replies: _Optional[int] = ..., ceiling_d: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "fingerprint", "loaded", "steerable", "reason", "concepts", "is_default")
