@@ -1,5 +1,6 @@
-"""The tagger: held-out accuracy against the zero-shot baseline, the model file matching its
-data, threshold behaviour, JSONL tagging, and the real gRPC service in process on port 0."""
+"""The tagger: held-out accuracy (both held-out sets) against the zero-shot baseline, the model
+file matching its data, the word features matching scikit-learn, threshold behaviour, JSONL
+tagging, and the real gRPC service in process on port 0."""
 
 import asyncio
 import io
@@ -19,15 +20,28 @@ from steering.errors import ConfigError, ModelLoadError
 from tagger.classifier import CLASSES, NONE, TaggerModel, load_default, tag_jsonl
 from tagger.server import attach_model, serve, start_tagger
 from tagger.servicer import MAX_CONTEXT_TURNS, SERVICE_NAME, validated
-from tagger.train import LabelledTurn, evaluate, load_turns, select, train, train_sha256, turn_features
+from tagger.train import (
+    FRESH_PATH,
+    FRESH_SPLITS,
+    LabelledTurn,
+    evaluate,
+    load_turns,
+    select,
+    train,
+    train_sha256,
+    turn_features,
+)
+from tagger.words import WordGrams
 
 pytestmark = pytest.mark.slow  # the real all-MiniLM-L6-v2 embedder
 
-# The brief asked for 0.85. With 419 more hand-written train turns and richer MiniLM features
-# (plain + prefixed turn views averaged, max-pooled word pieces), cross-validation on train
-# measures 0.858 and the held-out split, measured once, 0.838 (88/105; it was 0.80 before), so
-# the bar guards what the model really does.
-MIN_HELDOUT_ACCURACY = 0.83
+# The old held-out split (105 turns) has been looked at while tuning, so it is a secondary check:
+# 0.838 with MiniLM features alone, 0.895 (94/105) after 338 more train turns and the word block.
+MIN_HELDOUT_ACCURACY = 0.88
+# heldout_fresh.jsonl (210 turns) was written before any tuning and measured once at the end:
+# 0.857 (180/210; the model before this work scored 0.805). The issue asks for 0.90, which is
+# not reached; the floor guards the measured figure, less a small margin.
+MIN_FRESH_ACCURACY = 0.84
 MIN_GAIN_OVER_ZERO_SHOT = 0.05
 SETTINGS = ServerSettings(port=0, grace_s=0.5)
 
@@ -52,6 +66,10 @@ def heldout_x(heldout: list[LabelledTurn]) -> np.ndarray:
     return turn_features(heldout)
 
 
+def _texts(turns: list[LabelledTurn]) -> list[str]:
+    return [t.text for t in turns]
+
+
 # --- the model -----------------------------------------------------------------------------
 
 
@@ -61,6 +79,28 @@ def test_heldout_accuracy_beats_zero_shot(model: TaggerModel, heldout: list[Labe
     assert result.count == 105
     assert result.accuracy >= MIN_HELDOUT_ACCURACY
     assert result.accuracy >= result.zero_shot_accuracy + MIN_GAIN_OVER_ZERO_SHOT
+
+
+def test_fresh_heldout_accuracy(model: TaggerModel) -> None:
+    fresh = load_turns(FRESH_PATH, FRESH_SPLITS)
+    result = evaluate(model, fresh)
+    print(f"\nfresh held-out accuracy {result.accuracy:.3f}, zero-shot {result.zero_shot_accuracy:.3f}, n={result.count}")
+    assert result.count == 210 and all(sum(result.confusion[c].values()) == 30 for c in CLASSES)
+    assert result.accuracy >= MIN_FRESH_ACCURACY
+    assert result.accuracy >= result.zero_shot_accuracy + MIN_GAIN_OVER_ZERO_SHOT
+
+
+def test_word_features_match_scikit_learn(turns: list[LabelledTurn]) -> None:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    texts = _texts(select(turns, "train"))
+    ours = WordGrams.fit(texts)
+    theirs = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    expected = theirs.fit_transform(texts).toarray()
+    assert ours.vocabulary == tuple(theirs.get_feature_names_out())
+    others = _texts(select(turns, "heldout"))
+    np.testing.assert_allclose(ours.transform(texts), expected, atol=1e-6)
+    np.testing.assert_allclose(ours.transform(others), theirs.transform(others).toarray(), atol=1e-6)
 
 
 def test_model_was_trained_on_the_current_train_rows(model: TaggerModel, turns: list[LabelledTurn]) -> None:
@@ -73,13 +113,14 @@ def test_heldout_rows_do_not_change_the_train_hash(turns: list[LabelledTurn]) ->
 
 
 def test_retraining_reproduces_the_checked_in_model(
-    model: TaggerModel, turns: list[LabelledTurn], heldout_x: np.ndarray
+    model: TaggerModel, turns: list[LabelledTurn], heldout: list[LabelledTurn], heldout_x: np.ndarray
 ) -> None:
     retrained = train(turns, turn_features(select(turns, "train")))
     assert retrained.threshold == model.threshold
     assert retrained.metadata["C"] == model.metadata["C"]
-    ours = [p.label for p in retrained.predict_features(heldout_x)]
-    theirs = [p.label for p in model.predict_features(heldout_x)]
+    assert retrained.words.vocabulary == model.words.vocabulary
+    ours = [p.label for p in retrained.predict_features(retrained.full_features(_texts(heldout), heldout_x))]
+    theirs = [p.label for p in model.predict_features(model.full_features(_texts(heldout), heldout_x))]
     agreement = sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(ours)
     assert agreement >= 0.98
 
@@ -104,6 +145,7 @@ def test_save_and_load_round_trip(model: TaggerModel, tmp_path: Path) -> None:
     back = TaggerModel.load(path)
     assert np.array_equal(back.coef, model.coef) and np.array_equal(back.intercept, model.intercept)
     assert (back.classes, back.threshold, back.train_sha256) == (model.classes, model.threshold, model.train_sha256)
+    assert back.words.vocabulary == model.words.vocabulary and np.array_equal(back.words.idf, model.words.idf)
     assert back.metadata["sklearn_version"] and back.metadata["created"]
     path.write_bytes(path.read_bytes()[:100])
     with pytest.raises(ModelLoadError, match="corrupt"):

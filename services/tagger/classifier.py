@@ -3,7 +3,7 @@
 Inference is numpy only (no scikit-learn, no grpc): `softmax(features @ coef.T + intercept)`.
 Training lives in `tagger.train`, which writes the checked-in `model/classifier.safetensors`.
 
-Features of a turn, three blocks of 384:
+Features of a turn: three embedding blocks of 384,
 1. the turn: the unit-length mean of `embed(turn)` and `embed(TURN_PREFIX + turn)` (a second
    view of the same words; averaging both views measured about +1 point of cross-validated
    accuracy on train);
@@ -13,6 +13,9 @@ Features of a turn, three blocks of 384:
 3. the element-wise max over the turn's word-piece vectors (the same forward pass as
    `embed(turn)`, before mean pooling), unit length: it keeps a single strong word ("cried",
    "can't wait") that mean pooling dilutes (about +1 point in cross-validation on train).
+
+then a word block: `WORD_WEIGHT *` TF-IDF over the turn's words and word pairs (`tagger.words`),
+whose vocabulary is fitted on the train turns and saved in the model file.
 """
 
 import json
@@ -30,16 +33,21 @@ from steering.atomic import atomic_path
 from steering.embedding import load_embedder
 from steering.errors import ConfigError, ModelLoadError, NotFoundError
 
+from .words import WordGrams
+
 LABELS = ("happy", "sad", "anxious", "excited", "calm", "empathetic")
 NONE = "none"
 CLASSES = (*LABELS, NONE)
 
 EMBED_DIM = 384  # all-MiniLM-L6-v2
-FEATURE_DIM = 3 * EMBED_DIM  # turn, context, max-pooled turn word pieces
+FEATURE_DIM = 3 * EMBED_DIM  # embedding blocks: turn, context, max-pooled turn word pieces
 CONTEXT_TURNS = 3  # the classifier looks at most this many turns back
 CONTEXT_WEIGHT = 0.5
 TURN_PREFIX = "A child says: "  # a second view of the turn, averaged with the plain one
-FORMAT_VERSION = "2"
+# Scale of the unit-length word block next to the embedding blocks; 1.0 and 1.3 tied in
+# cross-validation on train (0.895, 0.897), 0.7 was worse (0.885).
+WORD_WEIGHT = 1.0
+FORMAT_VERSION = "3"
 # Torch threads for serving: a turn is a few dozen tokens, too small for threads to pay off, and
 # on a small shared machine two threads fighting other work measured 25x slower (490 vs 20 ms).
 INFERENCE_THREADS = 1
@@ -52,8 +60,10 @@ _FEATURE_META = {
     "context_weight": repr(CONTEXT_WEIGHT),
     "turn_prefix": TURN_PREFIX,
     "turn_pooling": "mean(plain, prefixed) + max word piece",
+    "words": "tf-idf word 1-2 grams, sublinear tf, smoothed idf, l2",
+    "word_weight": repr(WORD_WEIGHT),
 }
-_REQUIRED_META = ("classes", "threshold", "train_sha256", *_FEATURE_META)
+_REQUIRED_META = ("classes", "threshold", "train_sha256", "vocabulary", *_FEATURE_META)
 _RETRAIN = "retrain with `python -m tagger.train`"
 
 
@@ -98,7 +108,10 @@ def _encode(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def features(texts: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> np.ndarray:
-    """`[n, FEATURE_DIM]` float32 features; one embedding call for turns, prefixed turns and contexts."""
+    """`[n, FEATURE_DIM]` float32 embedding features; one embedding call for turns, prefixed turns and contexts.
+
+    A model's full features append its word block: `TaggerModel.full_features`.
+    """
     contexts = contexts if contexts is not None else [()] * len(texts)
     if len(contexts) != len(texts):
         raise ValueError(f"{len(texts)} texts but {len(contexts)} contexts")
@@ -114,6 +127,11 @@ def features(texts: Sequence[str], contexts: Sequence[Sequence[str]] | None = No
     return out
 
 
+def with_words(words: WordGrams, texts: Sequence[str], embedded: np.ndarray) -> np.ndarray:
+    """`[n, FEATURE_DIM + words.dim]`: the embedding features `embedded` of `texts`, then their word block."""
+    return np.hstack([embedded, WORD_WEIGHT * words.transform(texts)])
+
+
 def _softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(shifted)
@@ -122,15 +140,20 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)
 class TaggerModel:
-    coef: np.ndarray  # [n_classes, FEATURE_DIM] float32
+    coef: np.ndarray  # [n_classes, FEATURE_DIM + words.dim] float32
     intercept: np.ndarray  # [n_classes] float32
     classes: tuple[str, ...]
     threshold: float  # below this probability the label is NONE
     train_sha256: str  # of the training rows (tagger.train.train_sha256)
+    words: WordGrams  # vocabulary and idf of the train turns
     metadata: Mapping[str, str] = field(default_factory=dict)  # C, versions, created
 
+    def full_features(self, texts: Sequence[str], embedded: np.ndarray) -> np.ndarray:
+        """The embedding features `embedded` of `texts` with this model's word block appended."""
+        return with_words(self.words, texts, embedded)
+
     def probabilities(self, x: np.ndarray) -> np.ndarray:
-        """`[n, n_classes]` class probabilities for features `x` `[n, FEATURE_DIM]`."""
+        """`[n, n_classes]` class probabilities for full features `x` (`full_features`)."""
         logits = x.astype(np.float64) @ self.coef.T.astype(np.float64) + self.intercept.astype(np.float64)
         return _softmax(logits)
 
@@ -151,7 +174,7 @@ class TaggerModel:
     def predict_many(self, texts: Sequence[str], contexts: Sequence[Sequence[str]] | None = None) -> list[Prediction]:
         if not texts:
             return []
-        return self.predict_features(features(texts, contexts))
+        return self.predict_features(self.full_features(texts, features(texts, contexts)))
 
     def with_threshold(self, threshold: float) -> "TaggerModel":
         return replace(self, threshold=float(threshold))
@@ -163,10 +186,12 @@ class TaggerModel:
             classes=json.dumps(list(self.classes)),
             threshold=repr(float(self.threshold)),
             train_sha256=self.train_sha256,
+            vocabulary=json.dumps(list(self.words.vocabulary), ensure_ascii=False),
         )
         tensors = {
             "coef": np.ascontiguousarray(self.coef, dtype=np.float32),
             "intercept": np.ascontiguousarray(self.intercept, dtype=np.float32),
+            "idf": np.ascontiguousarray(self.words.idf, dtype=np.float32),
         }
         with atomic_path(Path(path)) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -187,7 +212,7 @@ class TaggerModel:
 
 def _checked(path: Path, meta: dict[str, str], tensors: dict[str, np.ndarray]) -> TaggerModel:
     """Build a model from a file's parts, refusing anything that does not fit the current code."""
-    missing = [key for key in _REQUIRED_META if key not in meta] + [k for k in ("coef", "intercept") if k not in tensors]
+    missing = [key for key in _REQUIRED_META if key not in meta] + [k for k in ("coef", "intercept", "idf") if k not in tensors]
     if missing:
         raise ModelLoadError(f"{path}: lacks {', '.join(missing)}; {_RETRAIN}")
     stale = [key for key, value in _FEATURE_META.items() if meta[key] != value]
@@ -196,17 +221,18 @@ def _checked(path: Path, meta: dict[str, str], tensors: dict[str, np.ndarray]) -
     try:
         classes = tuple(str(c) for c in json.loads(meta["classes"]))
         threshold = float(meta["threshold"])
+        words = WordGrams(tuple(str(g) for g in json.loads(meta["vocabulary"])), tensors["idf"])
     except (ValueError, TypeError):
-        raise ModelLoadError(f"{path}: metadata 'classes' or 'threshold' is malformed; {_RETRAIN}") from None
+        raise ModelLoadError(f"{path}: metadata 'classes', 'threshold' or 'vocabulary' is malformed; {_RETRAIN}") from None
     coef, intercept = tensors["coef"], tensors["intercept"]
     if sorted(classes) != sorted(CLASSES):
         raise ModelLoadError(f"{path}: classes {classes} are not {CLASSES}; {_RETRAIN}")
-    if coef.shape != (len(classes), FEATURE_DIM) or intercept.shape != (len(classes),):
+    if coef.shape != (len(classes), FEATURE_DIM + words.dim) or intercept.shape != (len(classes),):
         raise ModelLoadError(f"{path}: weights have shapes {coef.shape} and {intercept.shape}; {_RETRAIN}")
-    if not (np.isfinite(coef).all() and np.isfinite(intercept).all() and 0.0 <= threshold <= 1.0):
+    if not (np.isfinite(coef).all() and np.isfinite(intercept).all() and np.isfinite(words.idf).all() and 0.0 <= threshold <= 1.0):
         raise ModelLoadError(f"{path}: non-finite weights or a threshold outside [0, 1]; {_RETRAIN}")
     extra = {k: v for k, v in meta.items() if k not in _REQUIRED_META}
-    return TaggerModel(coef, intercept, classes, threshold, meta["train_sha256"], extra)
+    return TaggerModel(coef, intercept, classes, threshold, meta["train_sha256"], words, extra)
 
 
 def default_model_path() -> Path:

@@ -1,8 +1,10 @@
-"""`python -m tagger.train`: fit the tagger on the train split and check it on the held-out split.
+"""`python -m tagger.train`: fit the tagger on the train split and check it on the held-out sets.
 
 Everything that is chosen (the regularisation C, the threshold) is chosen by cross-validation
-on the train rows; the held-out rows are only read to report. The saved model records the
-sha256 of its train rows so that a test can tell when the data changed under it.
+on the train rows, and the word vocabulary is fitted on them. The held-out rows are only read
+to report: the `heldout` split of turns.jsonl and `heldout_fresh.jsonl`, written later and never
+tuned on. The saved model records the sha256 of its train rows so that a test can tell when the
+data changed under it.
 """
 
 import argparse
@@ -21,7 +23,7 @@ import numpy as np
 import sklearn
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import StratifiedKFold
 from threadpoolctl import threadpool_limits
 
 from steering.embedding import embed
@@ -36,10 +38,14 @@ from .classifier import (
     features,
     read_jsonl,
     turn_fields,
+    with_words,
 )
+from .words import WordGrams
 
 DATA_PATH = Path(__file__).resolve().parent / "data" / "turns.jsonl"
+FRESH_PATH = Path(__file__).resolve().parent / "data" / "heldout_fresh.jsonl"
 SPLITS = ("train", "heldout")
+FRESH_SPLITS = ("fresh",)
 SEED = 0
 FOLDS = 5
 C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
@@ -73,15 +79,15 @@ class Evaluation:
     count: int
 
 
-def load_turns(path: Path = DATA_PATH) -> list[LabelledTurn]:
+def load_turns(path: Path = DATA_PATH, splits: Sequence[str] = SPLITS) -> list[LabelledTurn]:
     turns = []
     for number, obj in read_jsonl(path):
         where = f"{path}:{number}"
         text, context = turn_fields(obj, where)
         if obj.get("label") not in CLASSES:
             raise ConfigError(f"{where}: label {obj.get('label')!r} is not one of {', '.join(CLASSES)}")
-        if obj.get("split") not in SPLITS:
-            raise ConfigError(f"{where}: split {obj.get('split')!r} is not one of {', '.join(SPLITS)}")
+        if obj.get("split") not in splits:
+            raise ConfigError(f"{where}: split {obj.get('split')!r} is not one of {', '.join(splits)}")
         turns.append(LabelledTurn(text, obj["label"], obj["split"], context))
     return turns
 
@@ -113,16 +119,22 @@ def _logistic(c: float) -> LogisticRegression:
     return LogisticRegression(C=c, max_iter=5000, random_state=SEED)
 
 
-def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
-    folds = StratifiedKFold(FOLDS, shuffle=True, random_state=SEED)
-    return cross_val_predict(_logistic(c), x, y, cv=folds, method="predict_proba")
+def out_of_fold_probabilities(texts: Sequence[str], embedded: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
+    """Each train row's probabilities from a fit without its fold; the word vocabulary too is fitted per fold."""
+    probs = np.zeros((len(y), len(CLASSES)))
+    for fit_rows, held_rows in StratifiedKFold(FOLDS, shuffle=True, random_state=SEED).split(embedded, y):
+        fit_texts, held_texts = [texts[i] for i in fit_rows], [texts[i] for i in held_rows]
+        words = WordGrams.fit(fit_texts)
+        fitted = _logistic(c).fit(with_words(words, fit_texts, embedded[fit_rows]), y[fit_rows])
+        probs[held_rows] = fitted.predict_proba(with_words(words, held_texts, embedded[held_rows]))
+    return probs
 
 
-def choose_c(x: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarray]:
+def choose_c(texts: Sequence[str], embedded: np.ndarray, y: np.ndarray) -> tuple[float, float, np.ndarray]:
     """`(C, its cross-validated accuracy, its out-of-fold probabilities)`; ties go to the smaller C."""
     best: tuple[float, float, np.ndarray] | None = None
     for c in C_GRID:
-        probs = out_of_fold_probabilities(x, y, c)
+        probs = out_of_fold_probabilities(texts, embedded, y, c)
         acc = float((probs.argmax(axis=1) == y).mean())
         if best is None or acc > best[1]:
             best = (c, acc, probs)
@@ -144,17 +156,19 @@ def choose_threshold(probs: np.ndarray, y: np.ndarray) -> float:
 
 
 def train(turns: Sequence[LabelledTurn], train_x: np.ndarray | None = None) -> TaggerModel:
-    """Fit on the train rows of `turns` only. `train_x`: their features, if already computed."""
+    """Fit on the train rows of `turns` only. `train_x`: their embedding features, if already computed."""
     rows = select(turns, "train")
-    x = turn_features(rows) if train_x is None else train_x
+    texts = [t.text for t in rows]
+    embedded = turn_features(rows) if train_x is None else train_x
     y = class_indices(rows)
-    if x.shape[0] != len(rows):
-        raise ValueError(f"{x.shape[0]} feature rows for {len(rows)} train turns")
+    if embedded.shape[0] != len(rows):
+        raise ValueError(f"{embedded.shape[0]} feature rows for {len(rows)} train turns")
+    words = WordGrams.fit(texts)
     # One BLAS thread: on a small shared machine threads fight and each fit gets ~20x slower.
     with threadpool_limits(1):
-        c, cv_accuracy, probs = choose_c(x, y)
+        c, cv_accuracy, probs = choose_c(texts, embedded, y)
         threshold = choose_threshold(probs, y)
-        fitted = _logistic(c).fit(x, y)
+        fitted = _logistic(c).fit(with_words(words, texts, embedded), y)
     assert tuple(fitted.classes_) == tuple(range(len(CLASSES)))
     metadata = {
         "C": repr(c),
@@ -169,6 +183,7 @@ def train(turns: Sequence[LabelledTurn], train_x: np.ndarray | None = None) -> T
         classes=CLASSES,
         threshold=float(threshold),
         train_sha256=train_sha256(turns),
+        words=words,
         metadata=metadata,
     )
 
@@ -180,10 +195,13 @@ def zero_shot_labels(turn_embeddings: np.ndarray) -> list[str]:
 
 
 def evaluate(model: TaggerModel, heldout: Sequence[LabelledTurn], x: np.ndarray | None = None) -> Evaluation:
-    """Accuracy of `model` (threshold applied) and of the zero-shot baseline on the same turns."""
+    """Accuracy of `model` (threshold applied) and of the zero-shot baseline on the same turns.
+
+    `x`: the turns' embedding features, if already computed.
+    """
     x = turn_features(heldout) if x is None else x
     gold = [t.label for t in heldout]
-    predicted = [p.label for p in model.predict_features(x)]
+    predicted = [p.label for p in model.predict_features(model.full_features([t.text for t in heldout], x))]
     zero_shot = zero_shot_labels(embed([t.text for t in heldout]))  # the plain turn embedding
     confusion: dict[str, Counter[str]] = {c: Counter() for c in CLASSES}
     for g, p in zip(gold, predicted, strict=True):
@@ -230,9 +248,19 @@ def confusion_lines(confusion: dict[str, Counter[str]]) -> list[str]:
     return lines
 
 
+def confusion_matrix_lines(confusion: dict[str, Counter[str]]) -> list[str]:
+    """The full confusion matrix: a row per gold label, a column per predicted label."""
+    width = max(len(c) for c in CLASSES) + 1
+    lines = [" " * width + "".join(f"{c[:5]:>6}" for c in CLASSES) + "   (rows: gold, columns: predicted)"]
+    for gold in CLASSES:
+        lines.append(f"{gold:<{width}}" + "".join(f"{confusion[gold][p]:>6}" for p in CLASSES))
+    return lines
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tagger.train", description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DATA_PATH, help="labelled turns (JSONL)")
+    parser.add_argument("--fresh", type=Path, default=FRESH_PATH, help="fresh held-out turns (JSONL)")
     parser.add_argument("--out", type=Path, default=default_model_path(), help="where to write the model")
     parser.add_argument("--no-save", action="store_true", help="train and report, write nothing")
     return parser.parse_args(argv)
@@ -247,7 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             model.save(args.out)
         heldout = select(turns, "heldout")
         result = evaluate(model, heldout)
-        p50, p95 = latency_ms(model, heldout)
+        fresh = load_turns(args.fresh, FRESH_SPLITS)
+        fresh_result = evaluate(model, fresh)
+        p50, p95 = latency_ms(model, [*heldout, *fresh])
     except SteeringError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -257,8 +287,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"zero-shot baseline  {result.zero_shot_accuracy:.3f} (nearest label description, same turns)")
     print("per label (held out):")
     print("\n".join(confusion_lines(result.confusion)))
-    print(f"predict() latency on single turns ({INFERENCE_THREADS} torch thread, as served): "
-          f"p50 {p50:.1f} ms, p95 {p95:.1f} ms")
+    print(f"fresh held-out accuracy {fresh_result.accuracy:.3f} ({fresh_result.count} turns, {args.fresh.name})")
+    print(f"zero-shot baseline      {fresh_result.zero_shot_accuracy:.3f} (same turns)")
+    print("\n".join(confusion_matrix_lines(fresh_result.confusion)))
+    print(f"predict() latency on the {result.count + fresh_result.count} held-out turns, one at a time "
+          f"({INFERENCE_THREADS} torch thread, as served): p50 {p50:.1f} ms, p95 {p95:.1f} ms")
     print(f"saved {args.out}" if not args.no_save else "not saved (--no-save)")
     return 0
 
