@@ -47,6 +47,7 @@ tools:
 		echo "docker-compose not installed: its test will be skipped"
 
 test: venv tools
+	$(VENV)/bin/ruff check services tests bench scripts
 	$(PY) -m pytest
 
 # The bench environment: .venv's packages plus the peers (requirements-bench.txt), which
