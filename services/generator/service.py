@@ -216,7 +216,7 @@ class GeneratorService:
 
     def ceiling(self, state: ConceptState) -> float:
         """The largest |alpha| served for a concept here; 0 when it is not served at all."""
-        if served_alpha(state, self.profile) is None or (self.profile is Profile.BLIP and state.child_safe_alpha is None):
+        if served_alpha(state, self.profile) is None:
             return 0.0
         return alpha_ceiling(state, self.profile)
 
