@@ -111,7 +111,7 @@ def test_kill_9_during_validate_keeps_the_old_record_and_a_rerun_finishes(tmp_pa
     vectors = _store(tmp_path, with_model=True)
     model_dir = vectors / MODEL
     before = (model_dir / "validation.json").read_bytes()
-    cmd = [*STEER, "validate", "--model", MODEL, "--concepts", "happy", "--seeds", "1", "--no-plots"]
+    cmd = [*STEER, "validate", "--model", MODEL, "--concepts", "happy", "--seeds", "1", "--allowlist-seeds", "1", "--no-plots"]
     proc = subprocess.Popen(cmd, env=_env(vectors), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
 
