@@ -239,3 +239,14 @@ def test_redecide_takes_old_decisions_again_by_todays_rules(smollm, paths, vecto
     write_record(model_dir, new)
     state = assess(smollm.name, model_dir, smollm.fingerprint, vectors)
     assert state.concepts["happy"].servable and state.concepts["happy"].child_recommended_alpha is not None
+
+
+def test_the_baseline_is_sampled_once_on_the_longer_seed_list() -> None:
+    """Each concept's control is the baseline's first replies, so the two seed lists must share
+    their start: the allowlist's six seeds begin with the other concepts' two."""
+    from steering.validate import SweepSettings, baseline_seeds
+
+    assert baseline_seeds(SweepSettings(prompts=("hi",))) == (0, 1, 2, 3, 4, 5)
+    assert baseline_seeds(SweepSettings(prompts=("hi",), seeds=(0, 1, 2), allowlist_seeds=(0,))) == (0, 1, 2)
+    with pytest.raises(ValueError, match="must share their start"):
+        baseline_seeds(SweepSettings(prompts=("hi",), seeds=(1, 2), allowlist_seeds=(0, 1, 2)))

@@ -84,8 +84,9 @@ def seeds_for(settings: SweepSettings, concept: str) -> tuple[int, ...]:
 
 
 def baseline_seeds(settings: SweepSettings) -> tuple[int, ...]:
-    longer = max(settings.seeds, settings.allowlist_seeds, key=len)
-    if any(s[: len(x)] != x for s in (longer,) for x in (settings.seeds, settings.allowlist_seeds)):
+    """The seeds the unsteered baseline is sampled with: the longer list, which starts with the other."""
+    shorter, longer = sorted((settings.seeds, settings.allowlist_seeds), key=len)
+    if longer[: len(shorter)] != shorter:
         raise ValueError(f"seed lists {settings.seeds} and {settings.allowlist_seeds} must share their start")
     return longer
 
