@@ -153,7 +153,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def _concept_info(self, state: ConceptState) -> pb.ConceptInfo:
         """A concept as this server's profile serves it, with the d measured where it is served."""
         alpha, ceiling = served_alpha(state, self.service.profile), self.service.ceiling(state)
-        served = state.effect_at(alpha) if ceiling else None
+        served = state.effect_at(alpha)  # None where this profile does not serve the concept
         at_ceiling = state.effect_at(ceiling)
         reason = state.reason if served or not state.servable else "no alpha inside this profile's bounds passes the effect-size gate"
         return pb.ConceptInfo(

@@ -144,6 +144,14 @@ def decisions(sweep: list[dict[str, Any]], replies: int = 0) -> dict[str, Any]:
     }
 
 
+def negative_decisions(sweep: list[dict[str, Any]], replies: int = 0) -> dict[str, Any]:
+    """What a concept entry records as decided from its sweep away from the concept (alpha < 0)."""
+    status, recommended, max_alpha = decide(sweep, sign=-1.0, replies=replies)
+    # The effect of steering away is how far the score falls (-d), here at the recommended alpha.
+    effect = next((-p["d"] for p in sweep if p["alpha"] == recommended), None)
+    return {"status": status, "recommended_alpha": recommended, "max_alpha": max_alpha, "effect": effect}
+
+
 def record_replies(record: dict[str, Any]) -> int:
     """Replies a side for sweep points written before they carried their own counts."""
     settings = record.get("settings", {})
@@ -158,10 +166,7 @@ def redecide(record: dict[str, Any]) -> dict[str, Any]:
     for name, entry in record.get("concepts", {}).items():
         entry = {k: v for k, v in entry.items() if k not in ("d", "child_safe_d")} | decisions(entry["sweep"], replies)
         if "negative" in entry:
-            neg = entry["negative"]
-            status, recommended, max_alpha = decide(neg["sweep"], sign=-1.0, replies=replies)
-            effect = next((-p["d"] for p in neg["sweep"] if p["alpha"] == recommended), None)
-            entry["negative"] = neg | {"status": status, "recommended_alpha": recommended, "max_alpha": max_alpha, "effect": effect}
+            entry["negative"] = entry["negative"] | negative_decisions(entry["negative"]["sweep"], replies)
         concepts[name] = entry
     return {k: v for k, v in record.items() if k != "record_sha256"} | {"concepts": concepts}
 

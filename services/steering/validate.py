@@ -23,7 +23,7 @@ from .guard import ThemeGuard
 from .layers import layer_output_tensor, resolve_layers
 from .loading import LoadedModel, load_model
 from .profiles import BLIP_ALLOWLIST
-from .record import d_interval, decide, decisions
+from .record import d_interval, decisions, negative_decisions
 from .registry import ModelEntry
 from .scoring import ConceptScorer
 from .vector import ConceptVector
@@ -335,13 +335,8 @@ def sweep_concept(
     }
     if negative:
         neg_sweep, neg_examples = _sweep_direction(loaded, cv, scorer, settings, base, guard, -1.0)
-        neg_status, neg_recommended, neg_max = decide(neg_sweep, sign=-1.0)
         entry["negative"] = {
-            "status": neg_status,
-            "recommended_alpha": neg_recommended,
-            "max_alpha": neg_max,
-            # The effect of steering away is how far the score falls (-d), here at the recommended alpha.
-            "effect": next((-p["d"] for p in neg_sweep if p["alpha"] == neg_recommended), None),
+            **negative_decisions(neg_sweep),
             "sweep": neg_sweep,
             "examples": neg_examples,
         }
