@@ -1,6 +1,6 @@
-"""The tagger: held-out accuracy (both held-out sets) against the zero-shot baseline, the model
-file matching its data, the word features matching scikit-learn, threshold behaviour, JSONL
-tagging, and the real gRPC service in process on port 0."""
+"""The tagger: held-out accuracy (heldout_fresh2.jsonl) against the zero-shot baseline, the model
+file matching its data, no held-out turn among the training rows, the word features matching
+scikit-learn, threshold behaviour, JSONL tagging, and the real gRPC service in process on port 0."""
 
 import asyncio
 import io
@@ -25,6 +25,8 @@ from tagger.train import (
     FRESH_SPLITS,
     LabelledTurn,
     evaluate,
+    load_heldout,
+    load_training_turns,
     load_turns,
     select,
     train,
@@ -35,20 +37,18 @@ from tagger.words import WordGrams
 
 pytestmark = pytest.mark.slow  # the real all-MiniLM-L6-v2 embedder
 
-# The old held-out split (105 turns) has been looked at while tuning, so it is a secondary check:
-# 0.838 with MiniLM features alone, 0.895 (94/105) after 338 more train turns and the word block.
-MIN_HELDOUT_ACCURACY = 0.88
-# heldout_fresh.jsonl (210 turns) was written before any tuning and measured once at the end:
-# 0.857 (180/210; the model before this work scored 0.805). The issue asks for 0.90, which is
-# not reached; the floor guards the measured figure, less a small margin.
-MIN_FRESH_ACCURACY = 0.84
+# heldout_fresh2.jsonl (280 turns, 40 per label) was written before any tuning for issue 14
+# part 6 and scored once, with the final model: FRESH2_MEASURED (see data/README.md). The floor
+# is that figure rounded down, so two or three more wrong turns fail it.
+FRESH2_MEASURED = 0.0  # not yet scored: set with the single evaluation of the final model
+MIN_FRESH2_ACCURACY = 0.0
 MIN_GAIN_OVER_ZERO_SHOT = 0.05
 SETTINGS = ServerSettings(port=0, grace_s=0.5)
 
 
 @pytest.fixture(scope="module")
 def turns() -> list[LabelledTurn]:
-    return load_turns()
+    return load_training_turns()
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +57,8 @@ def model() -> TaggerModel:
 
 
 @pytest.fixture(scope="module")
-def heldout(turns: list[LabelledTurn]) -> list[LabelledTurn]:
-    return select(turns, "heldout")
+def heldout() -> list[LabelledTurn]:
+    return load_heldout()
 
 
 @pytest.fixture(scope="module")
@@ -70,24 +70,29 @@ def _texts(turns: list[LabelledTurn]) -> list[str]:
     return [t.text for t in turns]
 
 
+def _key(turn: LabelledTurn) -> str:
+    return " ".join(turn.text.lower().split())
+
+
 # --- the model -----------------------------------------------------------------------------
 
 
 def test_heldout_accuracy_beats_zero_shot(model: TaggerModel, heldout: list[LabelledTurn], heldout_x: np.ndarray) -> None:
     result = evaluate(model, heldout, heldout_x)
-    print(f"\nheld-out accuracy {result.accuracy:.3f}, zero-shot {result.zero_shot_accuracy:.3f}, n={result.count}")
-    assert result.count == 105
-    assert result.accuracy >= MIN_HELDOUT_ACCURACY
+    print(f"\nheldout_fresh2 accuracy {result.accuracy:.3f}, zero-shot {result.zero_shot_accuracy:.3f}, n={result.count}")
+    assert result.count == 280 and all(sum(result.confusion[c].values()) == 40 for c in CLASSES)
+    assert result.accuracy >= MIN_FRESH2_ACCURACY
     assert result.accuracy >= result.zero_shot_accuracy + MIN_GAIN_OVER_ZERO_SHOT
 
 
-def test_fresh_heldout_accuracy(model: TaggerModel) -> None:
-    fresh = load_turns(FRESH_PATH, FRESH_SPLITS)
-    result = evaluate(model, fresh)
-    print(f"\nfresh held-out accuracy {result.accuracy:.3f}, zero-shot {result.zero_shot_accuracy:.3f}, n={result.count}")
-    assert result.count == 210 and all(sum(result.confusion[c].values()) == 30 for c in CLASSES)
-    assert result.accuracy >= MIN_FRESH_ACCURACY
-    assert result.accuracy >= result.zero_shot_accuracy + MIN_GAIN_OVER_ZERO_SHOT
+def test_no_heldout_turn_is_among_the_training_rows(turns: list[LabelledTurn], heldout: list[LabelledTurn]) -> None:
+    assert not {_key(t) for t in heldout} & {_key(t) for t in turns}
+    assert all(t.split in ("train", "heldout", "fresh") for t in turns)
+
+
+def test_training_rows_are_both_files(turns: list[LabelledTurn]) -> None:
+    data, fresh = load_turns(), load_turns(FRESH_PATH, FRESH_SPLITS)
+    assert turns == [*data, *fresh] and len(fresh) == 210
 
 
 def test_word_features_match_scikit_learn(turns: list[LabelledTurn]) -> None:
@@ -103,22 +108,25 @@ def test_word_features_match_scikit_learn(turns: list[LabelledTurn]) -> None:
     np.testing.assert_allclose(ours.transform(others), theirs.transform(others).toarray(), atol=1e-6)
 
 
-def test_model_was_trained_on_the_current_train_rows(model: TaggerModel, turns: list[LabelledTurn]) -> None:
-    assert model.train_sha256 == train_sha256(turns), "turns.jsonl changed: run `python -m tagger.train`"
+def test_model_was_trained_on_the_current_training_rows(model: TaggerModel, turns: list[LabelledTurn]) -> None:
+    assert model.train_sha256 == train_sha256(turns), "turns.jsonl or heldout_fresh.jsonl changed: run `python -m tagger.train`"
 
 
-def test_heldout_rows_do_not_change_the_train_hash(turns: list[LabelledTurn]) -> None:
-    changed = [LabelledTurn(t.text + "!", t.label, t.split, t.context) if t.split == "heldout" else t for t in turns]
-    assert train_sha256(changed) == train_sha256(turns)
+def test_every_training_row_counts_in_the_train_hash(turns: list[LabelledTurn]) -> None:
+    for split in ("train", "heldout", "fresh"):
+        i = next(i for i, t in enumerate(turns) if t.split == split)
+        changed = [*turns[:i], LabelledTurn(turns[i].text + "!", turns[i].label, split, turns[i].context), *turns[i + 1 :]]
+        assert train_sha256(changed) != train_sha256(turns)
 
 
 def test_retraining_reproduces_the_checked_in_model(
     model: TaggerModel, turns: list[LabelledTurn], heldout: list[LabelledTurn], heldout_x: np.ndarray
 ) -> None:
-    retrained = train(turns, turn_features(select(turns, "train")))
+    retrained = train(turns, turn_features(turns))
     assert retrained.threshold == model.threshold
     assert retrained.metadata["C"] == model.metadata["C"]
     assert retrained.words.vocabulary == model.words.vocabulary
+    # Agreement between the two models on turns neither was trained on (no accuracy is read here).
     ours = [p.label for p in retrained.predict_features(retrained.full_features(_texts(heldout), heldout_x))]
     theirs = [p.label for p in model.predict_features(model.full_features(_texts(heldout), heldout_x))]
     agreement = sum(a == b for a, b in zip(ours, theirs, strict=True)) / len(ours)
