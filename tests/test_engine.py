@@ -36,16 +36,24 @@ def test_merged_rows_match_rows_alone(arch: str) -> None:
     gen = torch.Generator().manual_seed(1)
     deltas = [torch.randn(HIDDEN_SIZE, generator=gen) for _ in PROMPTS]
     feed = [torch.randint(3, 100, (12,), generator=gen).tolist() for _ in PROMPTS]
+    # Each row its own configuration: row 0 keeps its states' norms, row 1 steers generated
+    # tokens only, row 2 adds plainly to every position.
+    prompt_rows, preserve_rows = torch.tensor([True, False, True]), torch.tensor([True, False, False])
+
+    def switches(rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        return prompt_rows[rows], preserve_rows[rows]
+
     with torch.no_grad():
         alone = [
-            _steps(model, layers, prefill(model, layers, [p], {1: d[None], 2: d[None]}), 12, [f])
-            for p, d, f in zip(PROMPTS, deltas, feed)
+            _steps(model, layers, prefill(model, layers, [p], {1: d[None], 2: d[None]}, switches=switches(slice(i, i + 1))), 12, [f])
+            for i, (p, d, f) in enumerate(zip(PROMPTS, deltas, feed))
         ]
         # Row 0 runs 4 steps first; then rows 1 and 2 join (prefilled together), row 1 is
         # unsteered on layer 2 only, to exercise a layer one side does not steer.
-        first = prefill(model, layers, [PROMPTS[0]], {1: deltas[0][None], 2: deltas[0][None]})
+        first = prefill(model, layers, [PROMPTS[0]], {1: deltas[0][None], 2: deltas[0][None]}, switches=switches(slice(0, 1)))
         early = _steps(model, layers, first, 4, [feed[0]])
-        joiners = prefill(model, layers, PROMPTS[1:], {1: torch.stack(deltas[1:]), 2: torch.stack(deltas[1:])})
+        joiners = prefill(model, layers, PROMPTS[1:], {1: torch.stack(deltas[1:]), 2: torch.stack(deltas[1:])},
+                          switches=switches(slice(1, 3)))
         batch = merge(first, joiners)
         torch.testing.assert_close(batch.logits[0], alone[0][4][0], atol=1e-5, rtol=0)
         for step in range(8):
@@ -59,6 +67,11 @@ def test_merged_rows_match_rows_alone(arch: str) -> None:
         decode(model, layers, batch, torch.tensor([feed[1][8], feed[2][8]]))
         torch.testing.assert_close(batch.logits[0], alone[1][9][0], atol=1e-4, rtol=0)
         torch.testing.assert_close(batch.logits[1], alone[2][9][0], atol=1e-4, rtol=0)
+        # The switches are real: steering row 1's prompt too, or not keeping row 0's norm, moves them.
+        everywhere = prefill(model, layers, [PROMPTS[1]], {1: deltas[1][None], 2: deltas[1][None]})
+        plain_norm = prefill(model, layers, [PROMPTS[0]], {1: deltas[0][None], 2: deltas[0][None]})
+    assert not torch.allclose(everywhere.logits, alone[1][0], atol=1e-3)
+    assert not torch.allclose(plain_norm.logits, alone[0][0], atol=1e-3)
     assert all(not layers[i]._forward_hooks for i in range(len(layers)))
     assert early[0].shape == (1, model.config.vocab_size)
 

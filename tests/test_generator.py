@@ -1,6 +1,7 @@
 """The generator service over real gRPC, in process on port 0, against the real SmolLM2."""
 
 import asyncio
+import json
 import math
 
 import grpc
@@ -12,6 +13,7 @@ from generator.server import GeneratorConfig, build_service
 from protos.steering.v1 import generator_pb2 as pb
 from protos.steering.v1 import generator_pb2_grpc
 from steering.profiles import Profile
+from steering.record import record_path
 from grpc_helpers import collect, run, with_generator
 
 BLOCKED = ("hostile", "mean", "angry", "dominant", "anxious", "urgency")
@@ -43,13 +45,22 @@ def _code(service, request: pb.GenerateRequest) -> tuple[grpc.StatusCode, str]:
     return info.value.code(), info.value.details()
 
 
-def test_stream_order_and_final_event(service) -> None:
+def _recorded_config(paths, concept: str) -> dict:
+    """A concept's configuration in the committed SmolLM2 record (the default band before the search)."""
+    entry = json.loads(record_path(paths.model_vectors("smollm2-135m-instruct")).read_text())["concepts"][concept]
+    return entry.get("config", {"layers": list(range(12, 19)), "scale": "uniform", "positions": "all", "preserve_norm": False})
+
+
+def test_stream_order_and_final_event(service, paths) -> None:
     events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy", max_tokens=16))
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[0] == "started" and kinds[1] == "gate" and kinds[-1] == "finished"
     assert set(kinds[2:-1]) <= {"text"} and "text" in kinds
     started, finished = events[0].started, events[-1].finished
-    assert started.concept == "happy" and list(started.layers) == list(range(12, 19))
+    config = _recorded_config(paths, "happy")  # the engine steers with the record's configuration
+    assert started.concept == "happy" and list(started.layers) == config["layers"]
+    assert (list(started.config.layers), started.config.scale, started.config.positions, started.config.preserve_norm) == (
+        config["layers"], config["scale"], config["positions"], config["preserve_norm"])
     assert started.alpha > 0  # the validated recommended alpha
     assert finished.reason in (pb.STOP_REASON_LENGTH, pb.STOP_REASON_END_OF_TEXT)
     assert finished.completion_tokens <= 16 and finished.prompt_tokens == started.prompt_tokens
@@ -213,7 +224,7 @@ def test_queue_limit_gives_resource_exhausted(service) -> None:
     assert "retry" in errors[0].details()
 
 
-def test_list_models_reports_validation_and_allowlist(service) -> None:
+def test_list_models_reports_validation_and_allowlist(service, paths) -> None:
     async def body(channel, _):
         return await generator_pb2_grpc.GeneratorStub(channel).ListModels(pb.ListModelsRequest())
 
@@ -231,6 +242,7 @@ def test_list_models_reports_validation_and_allowlist(service) -> None:
     for c in served:  # served only where the whole interval clears the gate, inside the child-safe ceiling
         assert 0 < c.recommended_alpha <= c.alpha_ceiling <= c.child_safe_alpha
         assert c.recommended_d_low > 0.5 and c.recommended_d_low < c.recommended_d < c.recommended_d_high and c.replies >= 96
+        assert list(c.config.layers) == _recorded_config(paths, c.name)["layers"] and c.config.name
     for c in model.concepts:
         if not c.servable:
             assert c.recommended_alpha == 0 and c.replies == 0 and c.reason

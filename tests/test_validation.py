@@ -250,3 +250,44 @@ def test_the_baseline_is_sampled_once_on_the_longer_seed_list() -> None:
     assert baseline_seeds(SweepSettings(prompts=("hi",), seeds=(0, 1, 2), allowlist_seeds=(0,))) == (0, 1, 2)
     with pytest.raises(ValueError, match="must share their start"):
         baseline_seeds(SweepSettings(prompts=("hi",), seeds=(1, 2), allowlist_seeds=(0, 1, 2)))
+
+
+def test_the_record_carries_each_concepts_configuration_and_its_layers_must_exist(smollm, paths, vectors, tmp_path) -> None:
+    from steering.config import SteerConfig
+
+    model_dir = _copy_store(paths, smollm, tmp_path)
+    record = json.loads(record_path(model_dir).read_text())
+    config = SteerConfig((20, 21, 22), scale="norm", preserve_norm=True)
+    cv = vectors["happy"]
+    cut = dataclasses.replace(cv, directions={k: v for k, v in cv.directions.items() if k != 22})
+    record["concepts"]["happy"] = dict(record["concepts"]["happy"], config=config.as_dict(), vector_sha256=cv.content_sha256)
+    record["concepts"]["sad"] = dict(record["concepts"]["sad"], config=config.as_dict(), vector_sha256=cut.content_sha256)
+    record.pop("record_sha256")
+    write_record(model_dir, record)
+    state = assess(smollm.name, model_dir, smollm.fingerprint, {"happy": cv, "sad": dataclasses.replace(cut, concept="sad")})
+    assert state.concepts["happy"].config == config
+    assert not state.concepts["sad"].servable and "no direction for some of the validated layers" in state.concepts["sad"].reason
+
+
+def test_the_search_screens_bands_and_variants_and_sweeps_the_best(smollm, paths, vectors) -> None:
+    """A small run of the real search: the default configuration first, then every candidate
+    band with alpha relative to each layer's norm, then the best of those norm-preserving and
+    on generated tokens only; the chosen one is the screen's best and is what the sweep used."""
+    from steering.config import SteerConfig, candidate_bands
+    from steering.guard import load_guard
+    from steering.validate import SweepSettings, _screen_key, baseline, load_eval_prompts, sweep_concept
+
+    settings = SweepSettings(prompts=load_eval_prompts(paths.eval)[:2], seeds=(0,), allowlist_seeds=(0,), screen_seeds=(0,),
+                             alpha_grid_rel=(0.024, 0.036), max_new_tokens=6)
+    guard = load_guard(paths.guard)
+    entry = sweep_concept(smollm, vectors["calm"], load_scorer(paths.eval), settings, baseline(smollm, settings, guard), guard)
+    screened = entry["search"]
+    bands = candidate_bands(smollm.steering_layers, smollm.num_layers)
+    assert [s["name"] for s in screened[:4]] == ["12-18 uniform all"] + [f"{b[0]}-{b[-1]} norm all" for b in bands]
+    first_best = SteerConfig.from_dict(max(screened[:4], key=_screen_key)["config"])
+    assert [SteerConfig.from_dict(s["config"]) for s in screened[4:]] == [
+        first_best.with_(preserve_norm=True), first_best.with_(positions="generated")]
+    assert all(s["n"] == 2 and s["alpha_rel"] == 0.036 for s in screened)
+    chosen = SteerConfig.from_dict(entry["config"])
+    assert chosen == SteerConfig.from_dict(max(screened, key=_screen_key)["config"])
+    assert [p["alpha"] for p in entry["sweep"]] == [round(r * chosen.activation_scale(vectors["calm"]), 1) for r in (0.024, 0.036)]

@@ -29,6 +29,8 @@ class Rows:
     positions: torch.Tensor  # [rows, 1]: position of each row's last token
     logits: torch.Tensor  # [rows, vocab]: next-token logits
     deltas: dict[int, torch.Tensor]  # layer -> [rows, hidden] additions
+    prompt_rows: torch.Tensor  # [rows] bool: the row's prompt positions are steered too
+    preserve_rows: torch.Tensor  # [rows] bool: the row's steered states keep their norm
 
     def __len__(self) -> int:
         return self.mask.shape[0]
@@ -39,7 +41,7 @@ def _forward(
 ) -> torch.Tensor:
     # Layers where no row is steered get no hook at all.
     deltas = {layer: d for layer, d in rows.deltas.items() if bool(d.any())}
-    with steer(layers, deltas):
+    with steer(layers, deltas, steer_prompt=rows.prompt_rows, preserve_norm=rows.preserve_rows):
         out = model(
             input_ids=ids, attention_mask=rows.mask, position_ids=positions, **cache_kwargs(model, rows.cache),
             use_cache=True, **kw,
@@ -50,14 +52,18 @@ def _forward(
 @torch.no_grad()
 def prefill(
     model: PreTrainedModel, layers: DecoderLayers, prompts: Sequence[Sequence[int]], deltas: dict[int, torch.Tensor],
-    pad_id: int = 0,
+    pad_id: int = 0, switches: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Rows:
-    """Run the prompts (token ids) as a new left-padded batch; `deltas[layer]` is [rows, hidden]."""
+    """Run the prompts (token ids) as a new left-padded batch; `deltas[layer]` is [rows, hidden];
+    `switches`: per-row steer_prompt and preserve_norm (hooks.row_switches), default on and off."""
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=model.device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     positions = position_ids(mask)
-    rows = Rows(DynamicCache(), mask, positions[:, -1:], torch.empty(0), deltas)
+    if switches is None:
+        switches = (torch.ones(len(prompts), dtype=torch.bool), torch.zeros(len(prompts), dtype=torch.bool))
+    prompt_rows, preserve_rows = (t.to(model.device) for t in switches)
+    rows = Rows(DynamicCache(), mask, positions[:, -1:], torch.empty(0), deltas, prompt_rows, preserve_rows)
     rows.logits = _forward(model, layers, rows, ids, positions, logits_to_keep=1)[:, -1]
     return rows
 
@@ -79,7 +85,7 @@ def decode(model: PreTrainedModel, layers: DecoderLayers, rows: Rows, tokens: to
 def split_off(rows: Rows, index: int) -> Rows:
     """A batch of its own holding a copy of one row (the original batch is unchanged)."""
     one = Rows(copy.deepcopy(rows.cache), rows.mask, rows.positions, rows.logits,
-               {layer: d.clone() for layer, d in rows.deltas.items()})
+               {layer: d.clone() for layer, d in rows.deltas.items()}, rows.prompt_rows, rows.preserve_rows)
     return select(one, [index])
 
 
@@ -106,7 +112,8 @@ def merge(a: Rows, b: Rows) -> Rows:
         da, db = (r.deltas.get(layer, ref.new_zeros(len(r), ref.shape[-1])) for r in (a, b))
         deltas[layer] = torch.cat([da, db])
     mask = torch.cat([_left_pad(a.mask, width, -1), _left_pad(b.mask, width, -1)])
-    return Rows(a.cache, mask, torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits]), deltas)
+    return Rows(a.cache, mask, torch.cat([a.positions, b.positions]), torch.cat([a.logits, b.logits]), deltas,
+                torch.cat([a.prompt_rows, b.prompt_rows]), torch.cat([a.preserve_rows, b.preserve_rows]))
 
 
 def select(rows: Rows, keep: Sequence[int]) -> Rows:
@@ -125,4 +132,5 @@ def select(rows: Rows, keep: Sequence[int]) -> Rows:
             if hasattr(layer, "cumulative_length"):
                 layer.cumulative_length = width
     deltas = {layer: d[index] for layer, d in rows.deltas.items()}
-    return Rows(rows.cache, mask, rows.positions[index], rows.logits[index], deltas)
+    return Rows(rows.cache, mask, rows.positions[index], rows.logits[index], deltas,
+                rows.prompt_rows[index], rows.preserve_rows[index])

@@ -31,7 +31,8 @@ from steering.errors import ResourceExhausted, SteeringError, Unavailable
 from steering.gate import DEFAULT_THRESHOLD, decide
 from steering.generate import eos_ids, sample
 from steering.guard import ThemeGuard, ends_sentence
-from steering.hooks import stack_rows
+from steering.config import SteerConfig
+from steering.hooks import RowSteering, row_switches, stack_rows
 from steering.loading import LoadedModel
 
 from .batch import Rows, decode, merge, prefill, select, split_off
@@ -66,10 +67,13 @@ class KlConfig:
 @dataclass(frozen=True)
 class Steering:
     concept: str
-    directions: dict[int, torch.Tensor]  # steering layer -> unit vector [hidden]
+    # steering layer -> the addition per unit of alpha [hidden]: the unit vector, times the
+    # layer's share of alpha in the concept's validated configuration (1 when alpha is uniform)
+    directions: dict[int, torch.Tensor]
     alpha: float  # its sign is the direction; the service only sends a direction the record validated
     max_alpha: float  # the largest |alpha| served in that direction (re-injection stays at or under it)
     word_ids: frozenset[int]  # the gate's concept tokens
+    config: SteerConfig | None = None  # the validated configuration (positions, norm); None: plain addition everywhere
 
 
 @dataclass
@@ -203,22 +207,26 @@ class _Stream:
         self.generator.manual_seed(seed)
         self.started = time.perf_counter()
 
-    def additions(self, steered: bool) -> dict[int, torch.Tensor] | None:
+    def additions(self, steered: bool) -> RowSteering | None:
         st = self.job.steering
-        return {layer: self.alpha * d for layer, d in st.directions.items()} if steered and st else None
+        if not steered or st is None:
+            return None
+        config = st.config or SteerConfig(tuple(st.directions))
+        additions = {layer: self.alpha * d for layer, d in st.directions.items()}
+        return RowSteering(additions, config.positions == "all", config.preserve_norm)
 
     @property
     def prompt_ids(self) -> list[int]:
         """What to prefill: the prompt, and after a guard restart also the reply sent so far."""
         return self.job.prompt_ids + self.generated if self.restarting else self.job.prompt_ids
 
-    def prefill_rows(self) -> list[dict[int, torch.Tensor] | None]:
+    def prefill_rows(self) -> list[RowSteering | None]:
         """The rows to prefill: the unsteered one when the gate or KL needs it, then the steered one."""
         job, st = self.job, self.job.steering
         if self.restarting:
             return [None]
         job.emit(Started(self.loaded.name, st.concept if st else "", self.alpha,
-                         tuple(sorted(st.directions)) if st else (), len(job.prompt_ids)))
+                         tuple(sorted(st.directions)) if st else (), len(job.prompt_ids), st.config if st else None))
         if st is None:
             return [None]
         if not job.gate.enabled and not job.kl.enabled:
@@ -461,7 +469,8 @@ class Engine:
         lm = self.loaded
         try:
             deltas = stack_rows(additions, lm.hidden_size, lm.model.dtype, lm.device)
-            rows = prefill(lm.model, lm.layers, prompts, deltas, lm.tokenizer.pad_token_id or 0)
+            rows = prefill(lm.model, lm.layers, prompts, deltas, lm.tokenizer.pad_token_id or 0,
+                           row_switches(additions, lm.device))
         except Exception as exc:  # the joiners' shared forward pass: the running batch is not in it
             for s in ready:
                 self._fail(s, exc)
@@ -483,9 +492,10 @@ class Engine:
             joined.append(s)
         return (select(rows, keep), joined) if keep else (None, [])
 
-    def _set_row(self, rows: Rows, row: int, additions: dict[int, torch.Tensor] | None) -> None:
+    def _set_row(self, rows: Rows, row: int, steering: RowSteering | None) -> None:
+        additions = steering.additions if steering else {}
         for layer, d in rows.deltas.items():
-            d[row] = additions[layer].to(d.dtype) if additions and layer in additions else 0
+            d[row] = additions[layer].to(d.dtype) if layer in additions else 0
 
     def _step(self, batch: Rows, streams: list[_Stream]) -> tuple[list[int], torch.Tensor, int]:
         """Sample every stream's token (row i is stream i). Returns the rows still live, the

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass
 
+from steering.config import SteerConfig
+
 
 @dataclass(frozen=True)
 class Started:
@@ -10,6 +12,7 @@ class Started:
     alpha: float
     layers: tuple[int, ...]
     prompt_tokens: int
+    config: SteerConfig | None = None  # how the concept is steered (None when unsteered)
 
 
 @dataclass(frozen=True)

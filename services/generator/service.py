@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from steering.config import SteerConfig
 from steering.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFoundError, SteeringError, Unavailable
 from steering.gate import DEFAULT_THRESHOLD, concept_token_ids
 from steering.generate import MIN_TEMPERATURE, render_prompt
@@ -66,6 +67,12 @@ def open_slot(
     )
     steerability = assess(loaded.name, model_dir, loaded.fingerprint, vectors)
     return ModelSlot(loaded, Engine(loaded, engine, metrics), vectors, refused, steerability, pairs_dir)
+
+
+def concept_config(slot: ModelSlot, state: ConceptState) -> SteerConfig:
+    """How a concept is steered on this model: its record's configuration, or for a record from
+    before the search the model's default band at a uniform alpha."""
+    return state.config or SteerConfig(slot.loaded.steering_layers)
 
 
 @dataclass(frozen=True)
@@ -248,8 +255,9 @@ class GeneratorService:
         if abs(alpha) > max_alpha:
             raise InvalidArgument(f"alpha {alpha:g} is beyond concept {concept!r}'s {what} {max_alpha:g}")
         cv = slot.vectors[concept]
-        layers = slot.loaded.steering_layers
-        return Steering(concept, {layer: cv.directions[layer] for layer in layers}, alpha, max_alpha, slot.concept_words(concept))
+        config = concept_config(slot, state)
+        per_unit = {layer: share * cv.directions[layer] for layer, share in config.layer_alphas(cv, 1.0).items()}
+        return Steering(concept, per_unit, alpha, max_alpha, slot.concept_words(concept), config)
 
     def build_job(self, spec: GenerateSpec, emit: Callable[[Event], None], deadline: float | None) -> tuple[ModelSlot, Job]:
         slot = self.slot(spec.model)

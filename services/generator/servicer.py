@@ -8,13 +8,14 @@ import grpc
 from protos.steering.v1 import generator_pb2 as pb
 from protos.steering.v1 import generator_pb2_grpc
 from protos.steering.v1 import tagger_pb2
+from steering.config import SteerConfig
 from steering.errors import InvalidArgument, Unavailable
 from steering.profiles import served_alpha
 from steering.record import ConceptState
 
 from . import events as ev
 from .engine import GateConfig, KlConfig, Sampling
-from .service import ChatConcept, ChatTag, GenerateSpec, GeneratorService, TagResult
+from .service import ChatConcept, ChatTag, GenerateSpec, GeneratorService, ModelSlot, TagResult, concept_config
 from .tagger_client import EMOTION_NAMES as _EMOTION_NAMES, TaggerClient
 
 log = logging.getLogger(__name__)
@@ -71,11 +72,19 @@ def spec_from_request(req: pb.GenerateRequest) -> GenerateSpec:
     )
 
 
+def _config(config: SteerConfig | None) -> pb.SteeringConfig | None:
+    if config is None:
+        return None
+    return pb.SteeringConfig(layers=list(config.layers), scale=config.scale, positions=config.positions,
+                             preserve_norm=config.preserve_norm, name=config.name)
+
+
 def event_to_pb(event: ev.Event) -> pb.GenerateEvent:
     match event:
         case ev.Started():
             return pb.GenerateEvent(started=pb.Started(model=event.model, concept=event.concept, alpha=event.alpha,
-                                                       layers=list(event.layers), prompt_tokens=event.prompt_tokens))
+                                                       layers=list(event.layers), prompt_tokens=event.prompt_tokens,
+                                                       config=_config(event.config)))
         case ev.TextDelta():
             return pb.GenerateEvent(text=event.text)
         case ev.Gate():
@@ -150,7 +159,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             else:
                 yield pb.ChatEvent(reply=event_to_pb(item))
 
-    def _concept_info(self, state: ConceptState) -> pb.ConceptInfo:
+    def _concept_info(self, state: ConceptState, slot: ModelSlot) -> pb.ConceptInfo:
         """A concept as this server's profile serves it, with the d measured where it is served."""
         alpha, ceiling = served_alpha(state, self.service.profile), self.service.ceiling(state)
         served = state.effect_at(alpha)  # None where this profile does not serve the concept
@@ -163,6 +172,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             recommended_d=served.d if served else 0.0, recommended_d_low=served.low if served else 0.0,
             recommended_d_high=served.high if served else 0.0, replies=served.n if served else 0,
             ceiling_d=at_ceiling.d if at_ceiling else 0.0,
+            config=_config(concept_config(slot, state)),
         )
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -171,7 +181,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             st = slot.steerability
             concepts = []
             for concept, state in sorted(st.concepts.items()):
-                concepts.append(self._concept_info(state))
+                concepts.append(self._concept_info(state, slot))
             for concept, reason in sorted(slot.refused.items()):
                 concepts.append(pb.ConceptInfo(name=concept, status="refused", servable=False, reason=reason))
             models.append(pb.ModelInfo(name=name, fingerprint=slot.loaded.fingerprint, loaded=True, steerable=st.steerable,

@@ -261,12 +261,27 @@ def cmd_pairs_consistency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(loaded, concept: str, generated_only: bool):
+    """The configuration `steer validate` chose for the concept on this model (its layers, how
+    alpha spreads over them, norm preservation), or the model's default band at a uniform alpha
+    when the record has none; `--generated-only` overrides its positions."""
+    from .config import SteerConfig
+    from .record import record_path
+
+    try:
+        entry = json.loads(record_path(_paths().model_vectors(loaded.name)).read_text(encoding="utf-8"))["concepts"][concept]
+        config = SteerConfig.from_dict(entry["config"])
+    except (OSError, ValueError, KeyError):
+        config = SteerConfig(loaded.steering_layers)
+    return config.with_(positions="generated") if generated_only else config
+
+
 def _rows(loaded, args: argparse.Namespace, n: int):
     if not args.concept:
         return [None] * n
     cv = _concept_vector(loaded, args.concept, args.vectors_from, args.force)
-    additions = cv.additions(_check_alpha(args.alpha), loaded.steering_layers)
-    return [additions] * n
+    row = _config(loaded, args.concept, args.generated_only).row(cv, _check_alpha(args.alpha))
+    return [row] * n
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -322,15 +337,17 @@ def cmd_ab(args: argparse.Namespace) -> int:
     settings = _settings(args)
     loaded = _load(args)
     concepts = args.concept.split(",")
-    print(f"model {loaded.name}, layers {list(loaded.steering_layers)}, alpha {args.alpha}\n")
-    for concept in concepts:
-        cv = _concept_vector(loaded, concept.strip(), args.vectors_from, args.force)
-        additions = cv.additions(_check_alpha(args.alpha), loaded.steering_layers)
+    print(f"model {loaded.name}, alpha {args.alpha}\n")
+    for concept in (c.strip() for c in concepts):
+        cv = _concept_vector(loaded, concept, args.vectors_from, args.force)
+        config = _config(loaded, concept, args.generated_only)
+        row = config.row(cv, _check_alpha(args.alpha))
         # One batch: unsteered rows and steered rows side by side.
-        results = generate(loaded, prompts + prompts, [None] * len(prompts) + [additions] * len(prompts), settings)
+        results = generate(loaded, prompts + prompts, [None] * len(prompts) + [row] * len(prompts), settings)
         for i, prompt in enumerate(prompts):
             print(f"> {prompt}")
-            print(_side_by_side("unsteered", results[i].text, f"steered: {concept} @ {args.alpha}", results[len(prompts) + i].text))
+            print(_side_by_side("unsteered", results[i].text, f"steered: {concept} @ {args.alpha} ({config.name})",
+                                results[len(prompts) + i].text))
             print()
     return 0
 
@@ -414,7 +431,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if unknown:
         raise NotFoundError(f"no usable vector for {', '.join(unknown)} on {loaded.name}; run `steer derive`")
     settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(args.seeds)),
-                             allowlist_seeds=tuple(range(args.allowlist_seeds)), batch_size=args.batch_size)
+                             allowlist_seeds=tuple(range(args.allowlist_seeds)), batch_size=args.batch_size,
+                             search=not args.no_search)
     results: dict = {}
     base = None
     if all(c.passed for c in checks):
@@ -480,7 +498,8 @@ def cmd_compare_twin(args: argparse.Namespace) -> int:
     if missing:
         raise NotFoundError(f"no usable twin vector for {', '.join(missing)}")
     seeds = tuple(range(args.seeds))
-    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=seeds, allowlist_seeds=seeds)
+    # Both vectors are swept with the same (default) configuration: the comparison is of the vectors.
+    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=seeds, allowlist_seeds=seeds, search=False)
     start = time.perf_counter()
     result = compare_twin(twin, reference.name, own, forced, load_scorer(paths.eval), load_guard(paths.guard), settings, effect,
                           on_concept=lambda c: print(f"  effect size: {c}", file=sys.stderr))
@@ -502,8 +521,10 @@ def _earlier_concepts(model_dir: Path, record: dict, remeasured: set[str]) -> di
         old = json.loads(record_path(model_dir).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    # A concept's points carry their own reply counts, so the allowlist's seed count may differ.
-    settings = [{k: v for k, v in (r.get("settings") or {}).items() if k != "allowlist_seeds"} for r in (old, record)]
+    # A concept's points carry their own reply counts and its entry its own configuration and
+    # search, so the allowlist's seed count and the search settings may differ.
+    per_concept = ("allowlist_seeds", "search", "screen_alpha_rel", "screen_seeds")
+    settings = [{k: v for k, v in (r.get("settings") or {}).items() if k not in per_concept} for r in (old, record)]
     same = settings[0] == settings[1] and all(old.get(k) == record.get(k) for k in ("fingerprint", "layers"))
     base_old, base_new = old.get("baseline") or {}, record.get("baseline") or {}
     same = same and all(base_old.get(k) == base_new.get(k) for k in ("ppl_median", "degenerate"))
@@ -634,6 +655,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowlist-seeds", type=int, default=6,
                    help="seeds per prompt for the Blip allowlist's concepts, whose d decides what a child hears (default 6)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per generation batch (default 64)")
+    p.add_argument("--no-search", action="store_true",
+                   help="sweep every concept with the model's default band at a uniform alpha, without the configuration search")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--negative", action="store_true",
                    help="also sweep steering away from each concept (alpha < 0): the personal profile serves a "

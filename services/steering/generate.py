@@ -14,7 +14,7 @@ from transformers import DynamicCache
 from .compat import cache_kwargs
 from .derive import position_ids
 from .errors import SamplingError
-from .hooks import stack_rows, steer
+from .hooks import RowSteering, row_switches, stack_rows, steer
 from .loading import LoadedModel
 
 Message = Mapping[str, str]
@@ -86,10 +86,11 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 def generate(
     loaded: LoadedModel,
     prompts: Sequence[PromptLike],
-    rows: Sequence[Mapping[int, torch.Tensor] | None] | None = None,
+    rows: Sequence[RowSteering | Mapping[int, torch.Tensor] | None] | None = None,
     settings: GenerationSettings = GenerationSettings(),
 ) -> list[Generation]:
-    """Generate one reply per prompt; `rows[i]` is `{layer: addition}` for prompt i, or None.
+    """Generate one reply per prompt; `rows[i]` is `{layer: addition}` for prompt i, a
+    RowSteering (additions and how they are applied), or None.
 
     A plain decode loop over a KV cache: rows that reach end-of-text leave the batch at
     once, so a batch costs what its live rows cost.
@@ -105,6 +106,9 @@ def generate(
     ids, mask = enc["input_ids"].to(loaded.device), enc["attention_mask"].to(loaded.device)
     positions = position_ids(mask)
     deltas = stack_rows(rows, loaded.hidden_size, model.dtype, loaded.device)
+    prompt_rows, preserve_rows = row_switches(rows, loaded.device)
+    if not settings.steer_prompt:
+        prompt_rows[:] = False
     generator = None
     if settings.seed is not None:
         generator = torch.Generator(device=loaded.device).manual_seed(settings.seed)
@@ -114,7 +118,7 @@ def generate(
     start = time.perf_counter()
     cache = DynamicCache()
     kv = cache_kwargs(model, cache)
-    with steer(loaded.layers, deltas, steer_prompt=settings.steer_prompt) as active:
+    with steer(loaded.layers, deltas, steer_prompt=prompt_rows, preserve_norm=preserve_rows) as active:
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv, use_cache=True, logits_to_keep=1)
         positions = positions[:, -1:]
         for step in range(settings.max_new_tokens):
@@ -131,7 +135,7 @@ def generate(
                 cache.batch_select_indices(keep)
                 live = [live[i] for i in keep.tolist()]
                 nxt, mask, positions = nxt[keep], mask[keep], positions[keep]
-                active.deltas = {layer: d[keep] for layer, d in active.deltas.items()}
+                active.keep(keep)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
             positions = positions + 1
             out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, **kv, use_cache=True)

@@ -1,13 +1,15 @@
 """Forward hooks that add steering vectors to decoder layer outputs.
 
 A steering is plain data: for each layer index, a `[batch, hidden]` tensor of additions
-(alpha already applied), one row per batch row. Rows whose addition is zero are left
-bit-for-bit untouched, so requests with and without steering share one batch.
+(alpha already applied), one row per batch row, and two per-row switches: whether the
+prompt's positions are steered too, and whether each steered state is scaled back to its
+own norm. Rows whose addition is zero are left bit-for-bit untouched, so requests with and
+without steering, and with different configurations, share one batch.
 
 `steer()` registers every hook or none, and removes them all on every exit path.
 """
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -17,14 +19,42 @@ from torch.utils.hooks import RemovableHandle
 from .layers import DecoderLayers, layer_output_tensor, replace_layer_output
 
 
+@dataclass(frozen=True)
+class RowSteering:
+    """One row's steering: `{layer: addition}` and how it is applied."""
+
+    additions: Mapping[int, torch.Tensor]
+    steer_prompt: bool = True  # False: in a multi-position forward only the last position is steered
+    preserve_norm: bool = False  # scale each steered state back to the norm it had before the addition
+
+
+def row_switches(
+    rows: Sequence[RowSteering | Mapping[int, torch.Tensor] | None], device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row `steer_prompt` and `preserve_norm` as [batch] bool tensors (plain additions and
+    unsteered rows: prompt steered, norm not preserved)."""
+    prompt = [r.steer_prompt if isinstance(r, RowSteering) else True for r in rows]
+    preserve = [r.preserve_norm if isinstance(r, RowSteering) else False for r in rows]
+    return torch.tensor(prompt, device=device), torch.tensor(preserve, device=device)
+
+
 @dataclass
 class ActiveSteering:
     """What the hooks read on every forward call; callers may update `deltas` between steps
     (for example to re-inject at a higher alpha), shapes must stay the same."""
 
     deltas: dict[int, torch.Tensor]  # layer -> [batch, hidden]
-    steer_prompt: bool = True
+    prompt_rows: torch.Tensor | None = None  # [batch] bool; None: every row's prompt is steered
+    preserve_rows: torch.Tensor | None = None  # [batch] bool; None: no row's norm is preserved
     handles: list[RemovableHandle] = field(default_factory=list)
+
+    def keep(self, index: torch.Tensor) -> None:
+        """Keep only these rows (finished rows leave the batch)."""
+        self.deltas = {layer: d[index] for layer, d in self.deltas.items()}
+        if self.prompt_rows is not None:
+            self.prompt_rows = self.prompt_rows[index]
+        if self.preserve_rows is not None:
+            self.preserve_rows = self.preserve_rows[index]
 
     def set_rows(self, layer: int, rows: torch.Tensor) -> None:
         current = self.deltas[layer]
@@ -45,25 +75,36 @@ def _make_hook(active: ActiveSteering, layer: int):
             raise ValueError(
                 f"steering for layer {layer} has {delta.shape[0]} rows but the batch has {hidden.shape[0]}"
             )
-        if active.steer_prompt or hidden.shape[1] == 1:
-            steered = hidden + delta[:, None, :]
-        else:
-            # Prefill without prompt steering: only the last position, whose output gives
-            # the first generated token's logits, is steered (left padding puts it at -1).
-            steered = hidden.clone()
-            steered[:, -1, :] += delta
+        added = delta[:, None, :].expand(-1, hidden.shape[1], -1)
+        prompt = active.prompt_rows
+        if hidden.shape[1] > 1 and prompt is not None and not bool(prompt.all()):
+            # Prefill of a row without prompt steering: only its last position, whose output
+            # gives the first generated token's logits, is steered (left padding puts it at -1).
+            added = added.clone()
+            added[~prompt.to(hidden.device), :-1, :] = 0
+        steered = hidden + added
+        preserve = active.preserve_rows
+        if preserve is not None and bool(preserve.any()):
+            # Norm-preserving rows keep each state's length and take only the addition's turn; a
+            # row with nothing added at this layer stays bit for bit as it was.
+            rescale = preserve.to(hidden.device) & delta.ne(0).any(-1)
+            scale = hidden.norm(dim=-1, keepdim=True) / steered.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+            steered = torch.where(rescale[:, None, None], steered * scale, steered)
         return replace_layer_output(output, steered)
 
     return hook
 
 
-def stack_rows(rows: list[Mapping[int, torch.Tensor] | None], hidden_size: int, dtype: torch.dtype, device: torch.device) -> dict[int, torch.Tensor]:
+def stack_rows(
+    rows: Sequence[RowSteering | Mapping[int, torch.Tensor] | None], hidden_size: int, dtype: torch.dtype, device: torch.device,
+) -> dict[int, torch.Tensor]:
     """Per-row `{layer: [hidden]}` additions (None = unsteered row) -> `{layer: [batch, hidden]}`."""
-    layers = sorted({layer for row in rows if row for layer in row})
+    plain = [r.additions if isinstance(r, RowSteering) else r for r in rows]
+    layers = sorted({layer for row in plain if row for layer in row})
     deltas = {}
     for layer in layers:
-        out = torch.zeros(len(rows), hidden_size, dtype=dtype, device=device)
-        for i, row in enumerate(rows):
+        out = torch.zeros(len(plain), hidden_size, dtype=dtype, device=device)
+        for i, row in enumerate(plain):
             if row and layer in row:
                 out[i] = row[layer].to(dtype=dtype, device=device)
         deltas[layer] = out
@@ -80,14 +121,23 @@ def _float_parameter(module: torch.nn.Module) -> torch.Tensor | None:
 
 
 @contextmanager
-def steer(layers: DecoderLayers, deltas: Mapping[int, torch.Tensor], *, steer_prompt: bool = True) -> Iterator[ActiveSteering]:
-    """Add `deltas[layer][row]` to the output of each decoder layer for the duration of the block."""
+def steer(
+    layers: DecoderLayers, deltas: Mapping[int, torch.Tensor], *, steer_prompt: bool | torch.Tensor = True,
+    preserve_norm: torch.Tensor | None = None,
+) -> Iterator[ActiveSteering]:
+    """Add `deltas[layer][row]` to the output of each decoder layer for the duration of the block.
+    `steer_prompt` and `preserve_norm`: for every row, or per row as a [batch] bool tensor."""
     for layer, delta in deltas.items():
         if not 0 <= layer < len(layers):
             raise ValueError(f"layer {layer} is out of range: the model has layers 0..{len(layers) - 1}")
         if delta.dim() != 2:
             raise ValueError(f"layer {layer}: additions must be [batch, hidden], got shape {tuple(delta.shape)}")
-    active = ActiveSteering(deltas=dict(deltas), steer_prompt=steer_prompt)
+    if isinstance(steer_prompt, bool):
+        rows = len(next(iter(deltas.values()))) if deltas else 0
+        prompt_rows = None if steer_prompt else torch.zeros(rows, dtype=torch.bool)
+    else:
+        prompt_rows = steer_prompt
+    active = ActiveSteering(deltas=dict(deltas), prompt_rows=prompt_rows, preserve_rows=preserve_norm)
     try:
         for layer in active.deltas:
             module = layers[layer]

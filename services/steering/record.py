@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import write_text_atomic
+from .config import SteerConfig
 from .vector import ConceptVector
 
 RECORD_NAME = "validation.json"
@@ -188,6 +189,9 @@ class ConceptState:
     negative_status: str = "unvalidated"
     negative_max_alpha: float | None = None
     effects: tuple[Effect, ...] = ()  # the positive sweep's points
+    # How the sweep steered (the configuration validation chose); None: the model's default
+    # band at a uniform alpha, as records from before the search were measured.
+    config: SteerConfig | None = None
 
     def effect_at(self, alpha: float | None) -> Effect | None:
         return next((e for e in self.effects if e.alpha == alpha), None)
@@ -237,6 +241,7 @@ def assess(model: str, model_dir: Path, fingerprint: str, vectors: dict[str, Con
         decided = decisions(sweep, replies) if sweep else {}
         status, recommended, max_alpha = decided.get("status", "failed"), decided.get("recommended_alpha"), decided.get("max_alpha")
         child_safe, child = decided.get("child_safe_alpha"), decided.get("child_recommended_alpha")
+        config = SteerConfig.from_dict(entry["config"]) if "config" in entry else None
         negative = entry.get("negative")
         neg_status, _, neg_max = decide(negative.get("sweep", []), sign=-1.0, replies=replies) if negative else ("unvalidated", None, None)
         recorded = (entry.get("status"), entry.get("recommended_alpha"), entry.get("child_safe_alpha"), entry.get("child_recommended_alpha"))
@@ -249,11 +254,13 @@ def assess(model: str, model_dir: Path, fingerprint: str, vectors: dict[str, Con
             states[concept] = ConceptState(concept, status, False, reason)
         elif entry.get("vector_sha256") != cv.content_sha256:
             states[concept] = ConceptState(concept, status, False, "vector changed since validation; re-run `steer validate`")
+        elif config is not None and any(layer not in cv.directions for layer in config.layers):
+            states[concept] = ConceptState(concept, status, False, f"the vector has no direction for some of the validated layers {list(config.layers)}")
         else:
             passed = status == "passed"
             states[concept] = ConceptState(
                 concept, status, passed, "passed" if passed else f"effect-size gate: {status}", recommended, max_alpha,
                 child_safe, child, neg_status, neg_max if passed and neg_status == "passed" else None,
-                tuple(Effect.of(p, replies) for p in sweep),
+                tuple(Effect.of(p, replies) for p in sweep), config,
             )
     return Steerability(model, True, "validated", states)

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from .atomic import atomic_path, write_text_atomic
+from .config import SteerConfig
 from .pairs import Concept
 from .record import DEGENERATE_EXCESS_MAX, GATE_D, PPL_RATIO_MAX, Effect, record_replies
 from .vector import ConceptVector
@@ -67,21 +68,27 @@ def markdown(record: dict[str, Any]) -> str:
         f"Coherence holds while the median perplexity ratio (steered / unsteered, under the unsteered model) "
         f"is at most {PPL_RATIO_MAX:g} and looping replies exceed unsteered by at most {DEGENERATE_EXCESS_MAX:g}.",
         "",
-        f"Child-safe alpha: the largest swept alpha up to which steered replies raise no more content-guard flags "
-        f"and no more looping replies than unsteered ones (unsteered: {_pct((record.get('baseline') or {}).get('flags'))} "
+        f"Child-safe alpha: the largest coherent swept alpha whose own steered replies raise no more content-guard "
+        f"flags and no more looping replies than unsteered ones (unsteered: {_pct((record.get('baseline') or {}).get('flags'))} "
         f"flagged, {_pct((record.get('baseline') or {}).get('degenerate'))} looping). "
         "Each profile serves a concept only at an alpha where the gate, coherence and (in Blip) the child-safe bound "
         "all hold, and by default at the one with the best d among those: `-` means the profile does not serve it. "
         "The largest d at any swept alpha, past those bounds included, is only for reference.",
         "",
-        "| concept | status | personal alpha | d there [95%] | max alpha | d at max | child-safe alpha | Blip alpha "
-        "| d there [95%] | largest d at any alpha |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "Configuration: the layers steered, how alpha is spread over them (`uniform`, or `norm`: in proportion to "
+        "each layer's residual norm, alpha being the mean), the positions (`all`, or `generated` tokens only), and "
+        "`+np` where each steered state is scaled back to its own norm. Alphas are the mean strength per layer.",
+        "",
+        "| concept | configuration | status | personal alpha | d there [95%] | max alpha | d at max | child-safe alpha "
+        "| Blip alpha | d there [95%] | largest d at any alpha |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     replies = record_replies(record)
+    default = SteerConfig(tuple(record["layers"])).name
     for name, c in sorted(record["concepts"].items()):
         blip = c.get("child_recommended_alpha")
-        lines.append(f"| {name} | {c['status']} | {_fmt(c['recommended_alpha'])} | {effect_text(c, c['recommended_alpha'], replies)} "
+        config = SteerConfig.from_dict(c["config"]).name if "config" in c else default
+        lines.append(f"| {name} | {config} | {c['status']} | {_fmt(c['recommended_alpha'])} | {effect_text(c, c['recommended_alpha'], replies)} "
                      f"| {_fmt(c['max_alpha'])} | {effect_text(c, c['max_alpha'], replies)} | {_fmt(c.get('child_safe_alpha'))} "
                      f"| {_fmt(blip)} | {effect_text(c, blip, replies)} | {c['largest_d']:.2f} |")
     away = {name: c["negative"] for name, c in sorted(record["concepts"].items()) if "negative" in c}
@@ -100,6 +107,27 @@ def markdown(record: dict[str, Any]) -> str:
         ]
         lines += [f"| {name} | {n['status']} | {_fmt(n['recommended_alpha'])} | {effect_text(n, n['recommended_alpha'], replies)} "
                   f"| {_fmt(n['max_alpha'])} |" for name, n in away.items()]
+    searched = {name: c["search"] for name, c in sorted(record["concepts"].items()) if c.get("search")}
+    if searched:
+        lines += [
+            "",
+            "## Configuration search",
+            "",
+            f"Each candidate is one point at {s.get('screen_alpha_rel', '-')} of its band's mean residual norm, on the "
+            "first seeds' replies: the default band at a uniform alpha, each candidate band with alpha relative to each "
+            "layer's norm, then the best of those norm-preserving and on generated tokens only. The chosen one (bold) is "
+            "coherent, raised no more flags or loops than unsteered where any did, and has the largest d; its own sweep "
+            "below, on all the replies, is what the gate decides on.",
+            "",
+            "| concept | configuration | alpha | d [95%] | ppl ratio | looping | flagged |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, points in searched.items():
+            chosen = SteerConfig.from_dict(record["concepts"][name]["config"]).name
+            for p in points:
+                label = f"**{p['name']}**" if p["name"] == chosen else p["name"]
+                lines.append(f"| {name} | {label} | {p['alpha']:g} | {effect_text({'sweep': [p]}, p['alpha'], replies)} "
+                             f"| {p['ppl_ratio']:.2f} | {p['degenerate']:.2f} | {_pct(p.get('flags'))} |")
     lines += ["", "## Sweeps", ""]
     for name, c in sorted(record["concepts"].items()):
         lines += [f"### {name}", "", "| alpha | alpha/norm | d [95%] | ppl ratio | looping | flagged | flagged themes | example reply |",

@@ -17,13 +17,14 @@ from typing import Any
 import torch
 
 from .coherence import is_degenerate, perplexities
+from .config import SteerConfig, candidate_bands
 from .derive import layer_activations, position_ids
 from .generate import Generation, GenerationSettings, generate
 from .guard import ThemeGuard
 from .layers import layer_output_tensor, resolve_layers
 from .loading import LoadedModel, load_model
 from .profiles import BLIP_ALLOWLIST
-from .record import d_interval, decisions, negative_decisions
+from .record import coherent, d_interval, decisions, negative_decisions, safe_for_children
 from .registry import ModelEntry
 from .scoring import ConceptScorer
 from .vector import ConceptVector
@@ -77,10 +78,20 @@ class SweepSettings:
     temperature: float = 0.8
     top_p: float = 1.0  # nucleus sampling sorts the whole vocabulary per row per token: too slow here
     batch_size: int = 64
+    # The configuration search (see search_config): each candidate is tried at one strength on the
+    # first seeds' replies (two seeds for a Blip concept, one for the others), then the chosen one
+    # is swept over the whole grid. False: the model's default band at a uniform alpha, as before.
+    search: bool = True
+    screen_alpha_rel: float = 0.036
+    screen_seeds: tuple[int, ...] = (0, 1)
 
 
 def seeds_for(settings: SweepSettings, concept: str) -> tuple[int, ...]:
     return settings.allowlist_seeds if concept in BLIP_ALLOWLIST else settings.seeds
+
+
+def screen_seeds_for(settings: SweepSettings, concept: str) -> tuple[int, ...]:
+    return settings.screen_seeds if concept in BLIP_ALLOWLIST else settings.screen_seeds[:1]
 
 
 def baseline_seeds(settings: SweepSettings) -> tuple[int, ...]:
@@ -95,9 +106,9 @@ def activation_scale(loaded: LoadedModel, cv: ConceptVector) -> float:
     return statistics.fmean(cv.act_norms[layer] for layer in loaded.steering_layers)
 
 
-def alpha_grid(loaded: LoadedModel, cv: ConceptVector, rel: Sequence[float]) -> list[tuple[float, float]]:
-    """(alpha, alpha relative to the activation norm) pairs, alphas rounded for people to read."""
-    scale = activation_scale(loaded, cv)
+def alpha_grid(config: SteerConfig, cv: ConceptVector, rel: Sequence[float]) -> list[tuple[float, float]]:
+    """(alpha, alpha relative to the band's mean residual norm) pairs, alphas rounded for people to read."""
+    scale = config.activation_scale(cv)
     return [(round(r * scale, 1), r) for r in rel]
 
 
@@ -262,54 +273,101 @@ def baseline(loaded: LoadedModel, settings: SweepSettings, guard: ThemeGuard) ->
     return Baseline(replies, perplexities(loaded, replies), degenerate, flag_rate(guard, replies)[0])
 
 
-def _sweep_direction(
+def _point(
+    loaded: LoadedModel, cv: ConceptVector, scorer: ConceptScorer, base: Baseline, guard: ThemeGuard,
+    alpha: float, rel: float, replies: list[Generation],
+) -> dict[str, Any]:
+    """One swept point's figures from its replies (seed-major, like the baseline), each against
+    the baseline's replies drawn with the same seeds."""
+    n_control = len(replies)
+    control = base.scores_for(scorer, cv.concept)[:n_control]
+    scores = [float(x) for x in scorer.scores([g.text for g in replies], cv.concept)]
+    ppl = perplexities(loaded, replies)
+    ratios = [s / b for s, b in zip(ppl, base.ppl[:n_control], strict=True)]
+    degenerate = statistics.fmean(is_degenerate(g.text) for g in replies)
+    flagged, themes = flag_rate(guard, replies)
+    flags = statistics.fmean(flagged)
+    d = cohens_d(scores, control)
+    low, high = d_interval(d, len(scores), len(control))
+    return {
+        "alpha": alpha,
+        "alpha_rel": rel,
+        "d": round(d, 4),
+        "d_low": round(low, 4),
+        "d_high": round(high, 4),
+        "n": len(scores),
+        "n_control": len(control),
+        "score_mean": round(statistics.fmean(scores), 5),
+        "ppl_median": round(statistics.median(ppl), 3),
+        "ppl_ratio": round(statistics.median(ratios), 4),
+        "degenerate": round(degenerate, 4),
+        "degenerate_excess": round(degenerate - statistics.fmean(base.degenerate[:n_control]), 4),
+        "flags": round(flags, 4),
+        "flag_excess": round(flags - statistics.fmean(base.flagged[:n_control]), 4),
+        "flag_themes": themes,
+    }
+
+
+def _sweep(
     loaded: LoadedModel, cv: ConceptVector, scorer: ConceptScorer, settings: SweepSettings, base: Baseline,
-    guard: ThemeGuard, sign: float,
+    guard: ThemeGuard, config: SteerConfig, grid: list[tuple[float, float]], seeds: tuple[int, ...],
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """One direction's sweep (sign +1 toward the concept, -1 away from it): a point per alpha,
-    and an example reply per alpha."""
-    grid = [(sign * alpha, rel) for alpha, rel in alpha_grid(loaded, cv, settings.alpha_grid_rel)]
+    """A point per (alpha, relative alpha) of `grid` with `config`, and an example reply per alpha.
+    Every alpha of the grid is one batch per seed."""
     prompts = list(settings.prompts)
     n = len(prompts)
-    seeds = seeds_for(settings, cv.concept)
-    rows = [cv.additions(alpha, loaded.steering_layers) for alpha, _ in grid for _ in prompts]
+    rows = [config.row(cv, alpha) for alpha, _ in grid for _ in prompts]
     by_seed = [_sample(loaded, settings, prompts * len(grid), rows, seed) for seed in seeds]
-    n_control = n * len(seeds)  # the control: the baseline's replies drawn with the same seeds
-    control = base.scores_for(scorer, cv.concept)[:n_control]
-    base_ppl = base.ppl[:n_control]
-    base_degenerate = statistics.fmean(base.degenerate[:n_control])
-    base_flags = statistics.fmean(base.flagged[:n_control])
-    sweep = []
-    examples = {}
+    sweep, examples = [], {}
     for k, (alpha, rel) in enumerate(grid):
         replies = [g for seed_out in by_seed for g in seed_out[k * n : (k + 1) * n]]  # seed-major, like the baseline
-        scores = [float(x) for x in scorer.scores([g.text for g in replies], cv.concept)]
-        ppl = perplexities(loaded, replies)
-        ratios = [s / b for s, b in zip(ppl, base_ppl, strict=True)]
-        degenerate = statistics.fmean(is_degenerate(g.text) for g in replies)
-        flagged, themes = flag_rate(guard, replies)
-        flags = statistics.fmean(flagged)
-        d = cohens_d(scores, control)
-        low, high = d_interval(d, len(scores), len(control))
-        sweep.append({
-            "alpha": alpha,
-            "alpha_rel": rel,
-            "d": round(d, 4),
-            "d_low": round(low, 4),
-            "d_high": round(high, 4),
-            "n": len(scores),
-            "n_control": len(control),
-            "score_mean": round(statistics.fmean(scores), 5),
-            "ppl_median": round(statistics.median(ppl), 3),
-            "ppl_ratio": round(statistics.median(ratios), 4),
-            "degenerate": round(degenerate, 4),
-            "degenerate_excess": round(degenerate - base_degenerate, 4),
-            "flags": round(flags, 4),
-            "flag_excess": round(flags - base_flags, 4),
-            "flag_themes": themes,
-        })
+        sweep.append(_point(loaded, cv, scorer, base, guard, alpha, rel, replies))
         examples[str(alpha)] = replies[0].text
     return sweep, examples
+
+
+def default_config(loaded: LoadedModel) -> SteerConfig:
+    """What every concept was steered with before the search: the model's band, alpha uniform."""
+    return SteerConfig(loaded.steering_layers)
+
+
+def _screen_key(point: dict[str, Any]) -> tuple[bool, bool, float]:
+    """Coherent first, then no more flags or loops than unsteered, then the larger d."""
+    return coherent(point), safe_for_children(point), point["d"]
+
+
+def search_config(
+    loaded: LoadedModel, cv: ConceptVector, scorer: ConceptScorer, settings: SweepSettings, base: Baseline,
+    guard: ThemeGuard,
+) -> tuple[SteerConfig, list[dict[str, Any]]]:
+    """The concept's steering configuration, and every candidate's screened point.
+
+    Round one tries the default band at a uniform alpha (what was served before), then each
+    candidate band (`candidate_bands`) with alpha relative to each layer's residual norm.
+    Round two takes round one's best and tries it norm-preserving, and on generated tokens
+    only. Each candidate is one point at `screen_alpha_rel` of its band's norm on the first
+    seeds' replies; the best by `_screen_key` is chosen. A cheap screen: the chosen
+    configuration's own sweep, on all the replies, is what the gate decides on.
+    """
+    seeds = screen_seeds_for(settings, cv.concept)
+    screened: list[tuple[SteerConfig, dict[str, Any]]] = []
+
+    def screen(config: SteerConfig) -> None:
+        if any(layer not in cv.directions for layer in config.layers):
+            return
+        [(alpha, rel)] = alpha_grid(config, cv, [settings.screen_alpha_rel])
+        point = _sweep(loaded, cv, scorer, settings, base, guard, config, [(alpha, rel)], seeds)[0][0]
+        screened.append((config, point))
+
+    default = default_config(loaded)
+    screen(default)
+    for band in candidate_bands(default.layers, loaded.num_layers):
+        screen(SteerConfig(band, scale="norm"))
+    best = max(screened, key=lambda cp: _screen_key(cp[1]))[0]
+    screen(best.with_(preserve_norm=True))
+    screen(best.with_(positions="generated"))
+    best = max(screened, key=lambda cp: _screen_key(cp[1]))[0]
+    return best, [{"config": c.as_dict(), "name": c.name} | p for c, p in screened]
 
 
 def sweep_concept(
@@ -324,17 +382,24 @@ def sweep_concept(
     """The concept's record entry. With `negative`, steering away from the concept (alpha < 0)
     is swept too, as a direction of its own: only a passed negative sweep lets the personal
     profile serve a negative alpha, and the Blip profile never does."""
-    sweep, examples = _sweep_direction(loaded, cv, scorer, settings, base, guard, 1.0)
+    config, screened = search_config(loaded, cv, scorer, settings, base, guard) if settings.search else (default_config(loaded), [])
+    grid = alpha_grid(config, cv, settings.alpha_grid_rel)
+    seeds = seeds_for(settings, cv.concept)
+    sweep, examples = _sweep(loaded, cv, scorer, settings, base, guard, config, grid, seeds)
     entry = {
         **decisions(sweep),
         "vector_sha256": cv.content_sha256,
-        "activation_scale": round(activation_scale(loaded, cv), 3),
+        "config": config.as_dict(),
+        "activation_scale": round(config.activation_scale(cv), 3),
         "sweep": sweep,
         "example_prompt": settings.prompts[0],
         "examples": examples,
     }
+    if screened:
+        entry["search"] = screened
     if negative:
-        neg_sweep, neg_examples = _sweep_direction(loaded, cv, scorer, settings, base, guard, -1.0)
+        away = [(-alpha, rel) for alpha, rel in grid]
+        neg_sweep, neg_examples = _sweep(loaded, cv, scorer, settings, base, guard, config, away, seeds)
         entry["negative"] = {
             **negative_decisions(neg_sweep),
             "sweep": neg_sweep,
@@ -369,6 +434,9 @@ def model_record(loaded: LoadedModel, checks: list[Check], concepts: dict[str, d
             "max_new_tokens": settings.max_new_tokens,
             "temperature": settings.temperature,
             "top_p": settings.top_p,
+            "search": settings.search,
+            "screen_alpha_rel": settings.screen_alpha_rel,
+            "screen_seeds": list(settings.screen_seeds),
         },
         # Over the first seeds' replies, the control of every concept off the allowlist, so a partial
         # re-validation can tell that its baseline is the earlier record's; and over all of them.

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from protos.steering.v1 import tagger_pb2 as protos_dot_steering_dot_v1_dot_tagger__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/steering/v1/generator.proto\x12\x0bsteering.v1\x1a\x1fprotos/steering/v1/tagger.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"J\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"3\n\x0cGateSettings\x12\x10\n\x08\x64isabled\x18\x01 \x01(\x08\x12\x11\n\tthreshold\x18\x02 \x01(\x02\"c\n\nKlSettings\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0e\n\x06window\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x12\n\nalpha_step\x18\x04 \x01(\x02\x12\r\n\x05\x65very\x18\x05 \x01(\r\"\xe5\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.steering.v1.ConversationH\x00\x12\x11\n\x07\x63oncept\x18\x04 \x01(\tH\x01\x12#\n\x03tag\x18\x05 \x01(\x0e\x32\x14.steering.v1.EmotionH\x01\x12\x12\n\x05\x61lpha\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\'\n\x08sampling\x18\x07 \x01(\x0b\x32\x15.steering.v1.Sampling\x12\x12\n\nmax_tokens\x18\x08 \x01(\r\x12\x0c\n\x04stop\x18\t \x03(\t\x12\'\n\x04gate\x18\n \x01(\x0b\x32\x19.steering.v1.GateSettings\x12#\n\x02kl\x18\x0b \x01(\x0b\x32\x17.steering.v1.KlSettingsB\x07\n\x05inputB\n\n\x08steeringB\x08\n\x06_alpha\":\n\x0c\x43onversation\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.steering.v1.ChatMessage\"_\n\x07Started\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63oncept\x18\x02 \x01(\t\x12\r\n\x05\x61lpha\x18\x03 \x01(\x02\x12\x0e\n\x06layers\x18\x04 \x03(\r\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\"j\n\tGateEvent\x12+\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x19.steering.v1.GateDecision\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\x0c\n\x04top3\x18\x04 \x03(\t\"P\n\x08KlSample\x12\x13\n\x0btoken_index\x18\x01 \x01(\r\x12\n\n\x02kl\x18\x02 \x01(\x02\x12\x14\n\x0crunning_mean\x18\x03 \x01(\x02\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\"c\n\x0bReinjection\x12\x13\n\x0btoken_index\x18\x01 \x01(\r\x12\x14\n\x0crunning_mean\x18\x02 \x01(\x02\x12\x14\n\x0c\x61lpha_before\x18\x03 \x01(\x02\x12\x13\n\x0b\x61lpha_after\x18\x04 \x01(\x02\"\x96\x01\n\x08\x46inished\x12\'\n\x06reason\x18\x01 \x01(\x0e\x32\x17.steering.v1.StopReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x0f\n\x07seconds\x18\x04 \x01(\x02\x12\x1e\n\x16time_to_first_token_ms\x18\x05 \x01(\x02\"\x19\n\x06Notice\x12\x0f\n\x07message\x18\x01 \x01(\t\"T\n\nGuardEvent\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06themes\x18\x02 \x03(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x16\n\x0ewithheld_chars\x18\x04 \x01(\r\"\xcb\x02\n\rGenerateEvent\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.steering.v1.StartedH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12&\n\x04gate\x18\x03 \x01(\x0b\x32\x16.steering.v1.GateEventH\x00\x12#\n\x02kl\x18\x04 \x01(\x0b\x32\x15.steering.v1.KlSampleH\x00\x12/\n\x0breinjection\x18\x05 \x01(\x0b\x32\x18.steering.v1.ReinjectionH\x00\x12)\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x15.steering.v1.FinishedH\x00\x12%\n\x06notice\x18\x07 \x01(\x0b\x32\x13.steering.v1.NoticeH\x00\x12(\n\x05guard\x18\x08 \x01(\x0b\x32\x17.steering.v1.GuardEventH\x00\x42\x07\n\x05\x65vent\"\xb2\x01\n\x08\x43hatTurn\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\'\n\x08sampling\x18\x04 \x01(\x0b\x32\x15.steering.v1.Sampling\x12\'\n\x04gate\x18\x05 \x01(\x0b\x32\x19.steering.v1.GateSettings\x12#\n\x02kl\x18\x06 \x01(\x0b\x32\x17.steering.v1.KlSettings\"}\n\tChatEvent\x12\'\n\x03tag\x18\x01 \x01(\x0b\x32\x18.steering.v1.TagResponseH\x00\x12\x11\n\x07\x63oncept\x18\x02 \x01(\tH\x00\x12+\n\x05reply\x18\x03 \x01(\x0b\x32\x1a.steering.v1.GenerateEventH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\x9e\x02\n\x0b\x43onceptInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08servable\x18\x03 \x01(\x08\x12\x19\n\x11recommended_alpha\x18\x04 \x01(\x02\x12\x11\n\tmax_alpha\x18\x05 \x01(\x02\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x18\n\x10\x63hild_safe_alpha\x18\x07 \x01(\x02\x12\x15\n\ralpha_ceiling\x18\x08 \x01(\x02\x12\x15\n\rrecommended_d\x18\t \x01(\x02\x12\x19\n\x11recommended_d_low\x18\n \x01(\x02\x12\x1a\n\x12recommended_d_high\x18\x0b \x01(\x02\x12\x0f\n\x07replies\x18\x0c \x01(\r\x12\x11\n\tceiling_d\x18\r \x01(\x02\"\xa1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\x12\x11\n\tsteerable\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12*\n\x08\x63oncepts\x18\x06 \x03(\x0b\x32\x18.steering.v1.ConceptInfo\x12\x12\n\nis_default\x18\x07 \x01(\x08\"M\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.steering.v1.ModelInfo\x12\x0f\n\x07profile\x18\x02 \x01(\t*\xc9\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12STOP_REASON_LENGTH\x10\x01\x12\x1d\n\x19STOP_REASON_STOP_SEQUENCE\x10\x02\x12\x1b\n\x17STOP_REASON_END_OF_TEXT\x10\x03\x12\x19\n\x15STOP_REASON_CANCELLED\x10\x04\x12\x18\n\x14STOP_REASON_DEADLINE\x10\x05\x12\x15\n\x11STOP_REASON_GUARD\x10\x06*\x99\x01\n\x0cGateDecision\x12\x1d\n\x19GATE_DECISION_UNSPECIFIED\x10\x00\x12\x17\n\x13GATE_DECISION_STEER\x10\x01\x12\x16\n\x12GATE_DECISION_SKIP\x10\x02\x12\x1a\n\x16GATE_DECISION_DISABLED\x10\x03\x12\x1d\n\x19GATE_DECISION_NO_STEERING\x10\x04\x32\xdd\x01\n\tGenerator\x12\x46\n\x08Generate\x12\x1c.steering.v1.GenerateRequest\x1a\x1a.steering.v1.GenerateEvent0\x01\x12\x39\n\x04\x43hat\x12\x15.steering.v1.ChatTurn\x1a\x16.steering.v1.ChatEvent(\x01\x30\x01\x12M\n\nListModels\x12\x1e.steering.v1.ListModelsRequest\x1a\x1f.steering.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"protos/steering/v1/generator.proto\x12\x0bsteering.v1\x1a\x1fprotos/steering/v1/tagger.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"J\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\x11\n\x04seed\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"3\n\x0cGateSettings\x12\x10\n\x08\x64isabled\x18\x01 \x01(\x08\x12\x11\n\tthreshold\x18\x02 \x01(\x02\"c\n\nKlSettings\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12\x0e\n\x06window\x18\x02 \x01(\r\x12\x11\n\tthreshold\x18\x03 \x01(\x02\x12\x12\n\nalpha_step\x18\x04 \x01(\x02\x12\r\n\x05\x65very\x18\x05 \x01(\r\"\xe5\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12-\n\x08messages\x18\x03 \x01(\x0b\x32\x19.steering.v1.ConversationH\x00\x12\x11\n\x07\x63oncept\x18\x04 \x01(\tH\x01\x12#\n\x03tag\x18\x05 \x01(\x0e\x32\x14.steering.v1.EmotionH\x01\x12\x12\n\x05\x61lpha\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\'\n\x08sampling\x18\x07 \x01(\x0b\x32\x15.steering.v1.Sampling\x12\x12\n\nmax_tokens\x18\x08 \x01(\r\x12\x0c\n\x04stop\x18\t \x03(\t\x12\'\n\x04gate\x18\n \x01(\x0b\x32\x19.steering.v1.GateSettings\x12#\n\x02kl\x18\x0b \x01(\x0b\x32\x17.steering.v1.KlSettingsB\x07\n\x05inputB\n\n\x08steeringB\x08\n\x06_alpha\":\n\x0c\x43onversation\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.steering.v1.ChatMessage\"\x8c\x01\n\x07Started\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07\x63oncept\x18\x02 \x01(\t\x12\r\n\x05\x61lpha\x18\x03 \x01(\x02\x12\x0e\n\x06layers\x18\x04 \x03(\r\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12+\n\x06\x63onfig\x18\x06 \x01(\x0b\x32\x1b.steering.v1.SteeringConfig\"g\n\x0eSteeringConfig\x12\x0e\n\x06layers\x18\x01 \x03(\r\x12\r\n\x05scale\x18\x02 \x01(\t\x12\x11\n\tpositions\x18\x03 \x01(\t\x12\x15\n\rpreserve_norm\x18\x04 \x01(\x08\x12\x0c\n\x04name\x18\x05 \x01(\t\"j\n\tGateEvent\x12+\n\x08\x64\x65\x63ision\x18\x01 \x01(\x0e\x32\x19.steering.v1.GateDecision\x12\r\n\x05token\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12\x0c\n\x04top3\x18\x04 \x03(\t\"P\n\x08KlSample\x12\x13\n\x0btoken_index\x18\x01 \x01(\r\x12\n\n\x02kl\x18\x02 \x01(\x02\x12\x14\n\x0crunning_mean\x18\x03 \x01(\x02\x12\r\n\x05\x61lpha\x18\x04 \x01(\x02\"c\n\x0bReinjection\x12\x13\n\x0btoken_index\x18\x01 \x01(\r\x12\x14\n\x0crunning_mean\x18\x02 \x01(\x02\x12\x14\n\x0c\x61lpha_before\x18\x03 \x01(\x02\x12\x13\n\x0b\x61lpha_after\x18\x04 \x01(\x02\"\x96\x01\n\x08\x46inished\x12\'\n\x06reason\x18\x01 \x01(\x0e\x32\x17.steering.v1.StopReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\x12\x0f\n\x07seconds\x18\x04 \x01(\x02\x12\x1e\n\x16time_to_first_token_ms\x18\x05 \x01(\x02\"\x19\n\x06Notice\x12\x0f\n\x07message\x18\x01 \x01(\t\"T\n\nGuardEvent\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x0e\n\x06themes\x18\x02 \x03(\t\x12\x0e\n\x06\x61\x63tion\x18\x03 \x01(\t\x12\x16\n\x0ewithheld_chars\x18\x04 \x01(\r\"\xcb\x02\n\rGenerateEvent\x12\'\n\x07started\x18\x01 \x01(\x0b\x32\x14.steering.v1.StartedH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12&\n\x04gate\x18\x03 \x01(\x0b\x32\x16.steering.v1.GateEventH\x00\x12#\n\x02kl\x18\x04 \x01(\x0b\x32\x15.steering.v1.KlSampleH\x00\x12/\n\x0breinjection\x18\x05 \x01(\x0b\x32\x18.steering.v1.ReinjectionH\x00\x12)\n\x08\x66inished\x18\x06 \x01(\x0b\x32\x15.steering.v1.FinishedH\x00\x12%\n\x06notice\x18\x07 \x01(\x0b\x32\x13.steering.v1.NoticeH\x00\x12(\n\x05guard\x18\x08 \x01(\x0b\x32\x17.steering.v1.GuardEventH\x00\x42\x07\n\x05\x65vent\"\xb2\x01\n\x08\x43hatTurn\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\'\n\x08sampling\x18\x04 \x01(\x0b\x32\x15.steering.v1.Sampling\x12\'\n\x04gate\x18\x05 \x01(\x0b\x32\x19.steering.v1.GateSettings\x12#\n\x02kl\x18\x06 \x01(\x0b\x32\x17.steering.v1.KlSettings\"}\n\tChatEvent\x12\'\n\x03tag\x18\x01 \x01(\x0b\x32\x18.steering.v1.TagResponseH\x00\x12\x11\n\x07\x63oncept\x18\x02 \x01(\tH\x00\x12+\n\x05reply\x18\x03 \x01(\x0b\x32\x1a.steering.v1.GenerateEventH\x00\x42\x07\n\x05\x65vent\"\x13\n\x11ListModelsRequest\"\xcb\x02\n\x0b\x43onceptInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x10\n\x08servable\x18\x03 \x01(\x08\x12\x19\n\x11recommended_alpha\x18\x04 \x01(\x02\x12\x11\n\tmax_alpha\x18\x05 \x01(\x02\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x18\n\x10\x63hild_safe_alpha\x18\x07 \x01(\x02\x12\x15\n\ralpha_ceiling\x18\x08 \x01(\x02\x12\x15\n\rrecommended_d\x18\t \x01(\x02\x12\x19\n\x11recommended_d_low\x18\n \x01(\x02\x12\x1a\n\x12recommended_d_high\x18\x0b \x01(\x02\x12\x0f\n\x07replies\x18\x0c \x01(\r\x12\x11\n\tceiling_d\x18\r \x01(\x02\x12+\n\x06\x63onfig\x18\x0e \x01(\x0b\x32\x1b.steering.v1.SteeringConfig\"\xa1\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x0e\n\x06loaded\x18\x03 \x01(\x08\x12\x11\n\tsteerable\x18\x04 \x01(\x08\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12*\n\x08\x63oncepts\x18\x06 \x03(\x0b\x32\x18.steering.v1.ConceptInfo\x12\x12\n\nis_default\x18\x07 \x01(\x08\"M\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.steering.v1.ModelInfo\x12\x0f\n\x07profile\x18\x02 \x01(\t*\xc9\x01\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12STOP_REASON_LENGTH\x10\x01\x12\x1d\n\x19STOP_REASON_STOP_SEQUENCE\x10\x02\x12\x1b\n\x17STOP_REASON_END_OF_TEXT\x10\x03\x12\x19\n\x15STOP_REASON_CANCELLED\x10\x04\x12\x18\n\x14STOP_REASON_DEADLINE\x10\x05\x12\x15\n\x11STOP_REASON_GUARD\x10\x06*\x99\x01\n\x0cGateDecision\x12\x1d\n\x19GATE_DECISION_UNSPECIFIED\x10\x00\x12\x17\n\x13GATE_DECISION_STEER\x10\x01\x12\x16\n\x12GATE_DECISION_SKIP\x10\x02\x12\x1a\n\x16GATE_DECISION_DISABLED\x10\x03\x12\x1d\n\x19GATE_DECISION_NO_STEERING\x10\x04\x32\xdd\x01\n\tGenerator\x12\x46\n\x08Generate\x12\x1c.steering.v1.GenerateRequest\x1a\x1a.steering.v1.GenerateEvent0\x01\x12\x39\n\x04\x43hat\x12\x15.steering.v1.ChatTurn\x1a\x16.steering.v1.ChatEvent(\x01\x30\x01\x12M\n\nListModels\x12\x1e.steering.v1.ListModelsRequest\x1a\x1f.steering.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.steering.v1.generator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STOPREASON']._serialized_start=2630
-  _globals['_STOPREASON']._serialized_end=2831
-  _globals['_GATEDECISION']._serialized_start=2834
-  _globals['_GATEDECISION']._serialized_end=2987
+  _globals['_STOPREASON']._serialized_start=2826
+  _globals['_STOPREASON']._serialized_end=3027
+  _globals['_GATEDECISION']._serialized_start=3030
+  _globals['_GATEDECISION']._serialized_end=3183
   _globals['_CHATMESSAGE']._serialized_start=84
   _globals['_CHATMESSAGE']._serialized_end=128
   _globals['_SAMPLING']._serialized_start=130
@@ -48,34 +48,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEREQUEST']._serialized_end=718
   _globals['_CONVERSATION']._serialized_start=720
   _globals['_CONVERSATION']._serialized_end=778
-  _globals['_STARTED']._serialized_start=780
-  _globals['_STARTED']._serialized_end=875
-  _globals['_GATEEVENT']._serialized_start=877
-  _globals['_GATEEVENT']._serialized_end=983
-  _globals['_KLSAMPLE']._serialized_start=985
-  _globals['_KLSAMPLE']._serialized_end=1065
-  _globals['_REINJECTION']._serialized_start=1067
-  _globals['_REINJECTION']._serialized_end=1166
-  _globals['_FINISHED']._serialized_start=1169
-  _globals['_FINISHED']._serialized_end=1319
-  _globals['_NOTICE']._serialized_start=1321
-  _globals['_NOTICE']._serialized_end=1346
-  _globals['_GUARDEVENT']._serialized_start=1348
-  _globals['_GUARDEVENT']._serialized_end=1432
-  _globals['_GENERATEEVENT']._serialized_start=1435
-  _globals['_GENERATEEVENT']._serialized_end=1766
-  _globals['_CHATTURN']._serialized_start=1769
-  _globals['_CHATTURN']._serialized_end=1947
-  _globals['_CHATEVENT']._serialized_start=1949
-  _globals['_CHATEVENT']._serialized_end=2074
-  _globals['_LISTMODELSREQUEST']._serialized_start=2076
-  _globals['_LISTMODELSREQUEST']._serialized_end=2095
-  _globals['_CONCEPTINFO']._serialized_start=2098
-  _globals['_CONCEPTINFO']._serialized_end=2384
-  _globals['_MODELINFO']._serialized_start=2387
-  _globals['_MODELINFO']._serialized_end=2548
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2550
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2627
-  _globals['_GENERATOR']._serialized_start=2990
-  _globals['_GENERATOR']._serialized_end=3211
+  _globals['_STARTED']._serialized_start=781
+  _globals['_STARTED']._serialized_end=921
+  _globals['_STEERINGCONFIG']._serialized_start=923
+  _globals['_STEERINGCONFIG']._serialized_end=1026
+  _globals['_GATEEVENT']._serialized_start=1028
+  _globals['_GATEEVENT']._serialized_end=1134
+  _globals['_KLSAMPLE']._serialized_start=1136
+  _globals['_KLSAMPLE']._serialized_end=1216
+  _globals['_REINJECTION']._serialized_start=1218
+  _globals['_REINJECTION']._serialized_end=1317
+  _globals['_FINISHED']._serialized_start=1320
+  _globals['_FINISHED']._serialized_end=1470
+  _globals['_NOTICE']._serialized_start=1472
+  _globals['_NOTICE']._serialized_end=1497
+  _globals['_GUARDEVENT']._serialized_start=1499
+  _globals['_GUARDEVENT']._serialized_end=1583
+  _globals['_GENERATEEVENT']._serialized_start=1586
+  _globals['_GENERATEEVENT']._serialized_end=1917
+  _globals['_CHATTURN']._serialized_start=1920
+  _globals['_CHATTURN']._serialized_end=2098
+  _globals['_CHATEVENT']._serialized_start=2100
+  _globals['_CHATEVENT']._serialized_end=2225
+  _globals['_LISTMODELSREQUEST']._serialized_start=2227
+  _globals['_LISTMODELSREQUEST']._serialized_end=2246
+  _globals['_CONCEPTINFO']._serialized_start=2249
+  _globals['_CONCEPTINFO']._serialized_end=2580
+  _globals['_MODELINFO']._serialized_start=2583
+  _globals['_MODELINFO']._serialized_end=2744
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2746
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2823
+  _globals['_GENERATOR']._serialized_start=3186
+  _globals['_GENERATOR']._serialized_end=3407
 # @@protoc_insertion_point(module_scope)

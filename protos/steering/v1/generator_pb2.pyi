@@ -111,18 +111,34 @@ class Conversation(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("model", "concept", "alpha", "layers", "prompt_tokens")
+    __slots__ = ("model", "concept", "alpha", "layers", "prompt_tokens", "config")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONCEPT_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     model: str
     concept: str
     alpha: float
     layers: _containers.RepeatedScalarFieldContainer[int]
     prompt_tokens: int
-    def __init__(self, model: _Optional[str] = ..., concept: _Optional[str] = ..., alpha: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+    config: SteeringConfig
+    def __init__(self, model: _Optional[str] = ..., concept: _Optional[str] = ..., alpha: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., config: _Optional[_Union[SteeringConfig, _Mapping]] = ...) -> None: ...
+
+class SteeringConfig(_message.Message):
+    __slots__ = ("layers", "scale", "positions", "preserve_norm", "name")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    PRESERVE_NORM_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    scale: str
+    positions: str
+    preserve_norm: bool
+    name: str
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., scale: _Optional[str] = ..., positions: _Optional[str] = ..., preserve_norm: _Optional[bool] = ..., name: _Optional[str] = ...) -> None: ...
 
 class GateEvent(_message.Message):
     __slots__ = ("decision", "token", "probability", "top3")
@@ -243,7 +259,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ConceptInfo(_message.Message):
-    __slots__ = ("name", "status", "servable", "recommended_alpha", "max_alpha", "reason", "child_safe_alpha", "alpha_ceiling", "recommended_d", "recommended_d_low", "recommended_d_high", "replies", "ceiling_d")
+    __slots__ = ("name", "status", "servable", "recommended_alpha", "max_alpha", "reason", "child_safe_alpha", "alpha_ceiling", "recommended_d", "recommended_d_low", "recommended_d_high", "replies", "ceiling_d", "config")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SERVABLE_FIELD_NUMBER: _ClassVar[int]
@@ -257,6 +273,7 @@ class ConceptInfo(_message.Message):
     RECOMMENDED_D_HIGH_FIELD_NUMBER: _ClassVar[int]
     REPLIES_FIELD_NUMBER: _ClassVar[int]
     CEILING_D_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
     name: str
     status: str
     servable: bool
@@ -270,7 +287,8 @@ class ConceptInfo(_message.Message):
     recommended_d_high: float
     replies: int
     ceiling_d: float
-    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., servable: _Optional[bool] = ..., recommended_alpha: _Optional[float] = ..., max_alpha: _Optional[float] = ..., reason: _Optional[str] = ..., child_safe_alpha: _Optional[float] = ..., alpha_ceiling: _Optional[float] = ..., recommended_d: _Optional[float] = ..., recommended_d_low: _Optional[float] = ..., recommended_d_high: _Optional[float] = ..., replies: _Optional[int] = ..., ceiling_d: _Optional[float] = ...) -> None: ...
+    config: SteeringConfig
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., servable: _Optional[bool] = ..., recommended_alpha: _Optional[float] = ..., max_alpha: _Optional[float] = ..., reason: _Optional[str] = ..., child_safe_alpha: _Optional[float] = ..., alpha_ceiling: _Optional[float] = ..., recommended_d: _Optional[float] = ..., recommended_d_low: _Optional[float] = ..., recommended_d_high: _Optional[float] = ..., replies: _Optional[int] = ..., ceiling_d: _Optional[float] = ..., config: _Optional[_Union[SteeringConfig, _Mapping]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "fingerprint", "loaded", "steerable", "reason", "concepts", "is_default")
