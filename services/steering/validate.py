@@ -79,8 +79,9 @@ class SweepSettings:
     top_p: float = 1.0  # nucleus sampling sorts the whole vocabulary per row per token: too slow here
     batch_size: int = 64
     # The configuration search (see search_config): each candidate is tried at one strength on the
-    # first seeds' replies (two seeds for a Blip concept, one for the others), then the chosen one
-    # is swept over the whole grid. False: the model's default band at a uniform alpha, as before.
+    # replies of the concept's first seeds (as many as screen_seeds for a Blip concept, one for the
+    # others), then the chosen one is swept over the whole grid. False: the model's default band at
+    # a uniform alpha, as before.
     search: bool = True
     screen_alpha_rel: float = 0.036
     screen_seeds: tuple[int, ...] = (0, 1)
@@ -91,7 +92,9 @@ def seeds_for(settings: SweepSettings, concept: str) -> tuple[int, ...]:
 
 
 def screen_seeds_for(settings: SweepSettings, concept: str) -> tuple[int, ...]:
-    return settings.screen_seeds if concept in BLIP_ALLOWLIST else settings.screen_seeds[:1]
+    """The first of the concept's own seeds (so the baseline always has their replies): as many as
+    `screen_seeds` for a Blip concept, one for the others."""
+    return seeds_for(settings, concept)[: len(settings.screen_seeds) if concept in BLIP_ALLOWLIST else 1]
 
 
 def baseline_seeds(settings: SweepSettings) -> tuple[int, ...]:
