@@ -211,9 +211,10 @@ class _Stream:
         st = self.job.steering
         if not steered or st is None:
             return None
-        config = st.config or SteerConfig(tuple(st.directions))
         additions = {layer: self.alpha * d for layer, d in st.directions.items()}
-        return RowSteering(additions, config.positions == "all", config.preserve_norm)
+        if st.config is None:  # a plain addition at every position
+            return RowSteering(additions)
+        return RowSteering(additions, st.config.positions == "all", st.config.preserve_norm)
 
     @property
     def prompt_ids(self) -> list[int]:

@@ -106,7 +106,8 @@ def baseline_seeds(settings: SweepSettings) -> tuple[int, ...]:
 
 
 def activation_scale(loaded: LoadedModel, cv: ConceptVector) -> float:
-    return statistics.fmean(cv.act_norms[layer] for layer in loaded.steering_layers)
+    """Mean residual norm over the model's default band (the canary's and behavioural check's scale)."""
+    return default_config(loaded).activation_scale(cv)
 
 
 def alpha_grid(config: SteerConfig, cv: ConceptVector, rel: Sequence[float]) -> list[tuple[float, float]]:
