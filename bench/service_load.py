@@ -50,6 +50,8 @@ def start(module: str, args: Sequence[str], timeout_s: float = 300) -> Process:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([service_python(), "-m", module, "--port", "0", "--log-level", "WARNING", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    if proc.stdout is None:  # never with stdout=PIPE; it narrows the type
+        raise RuntimeError(f"{module}: no pipe to its output")
     deadline = time.monotonic() + timeout_s
     lines = []
     while time.monotonic() < deadline:

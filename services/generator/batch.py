@@ -108,7 +108,7 @@ def merge(a: Rows, b: Rows) -> Rows:
             la.cumulative_length = width
     deltas = {}
     for layer in sorted(set(a.deltas) | set(b.deltas)):  # a layer only one side steers: zeros for the other
-        ref = a.deltas.get(layer, b.deltas.get(layer))
+        ref = a.deltas[layer] if layer in a.deltas else b.deltas[layer]
         da, db = (r.deltas.get(layer, ref.new_zeros(len(r), ref.shape[-1])) for r in (a, b))
         deltas[layer] = torch.cat([da, db])
     mask = torch.cat([_left_pad(a.mask, width, -1), _left_pad(b.mask, width, -1)])

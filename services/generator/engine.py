@@ -279,11 +279,14 @@ class _Stream:
     def _catch_up(self) -> int:
         """Feed the shadow the pending tokens in one forward and take the KL at each pending
         position. Returns the number of re-injections."""
+        shadow, shadow_next = self.shadow, self.shadow_next
+        if shadow is None or shadow_next is None:  # positions are pending only while a shadow runs
+            raise RuntimeError("KL positions are pending without a shadow row")
         tokens = [p.token for p in self.pending if p.token is not None]
-        shadow_logits = [self.shadow_next]
+        shadow_logits = [shadow_next]
         if tokens:
             chunk = torch.tensor([tokens], device=self.loaded.device)
-            fed = decode(self.loaded.model, self.loaded.layers, self.shadow, chunk)[0]
+            fed = decode(self.loaded.model, self.loaded.layers, shadow, chunk)[0]
             shadow_logits += list(fed)
             self.shadow_next = fed[-1]
         reinjections = sum(self._monitor(p.index, p.logits, s, p.alpha) for p, s in zip(self.pending, shadow_logits))
@@ -454,17 +457,18 @@ class Engine:
         one's gate picks the row it decodes with, and a stream monitoring KL splits its
         unsteered row off as its shadow. Returns the joined rows and their streams: a joiner
         that fails alone (its gate, say) is left out; a failed prefill fails every joiner."""
-        prompts, additions, starts, ready = [], [], [], []
+        prompts: list[list[int]] = []
+        additions, starts, ready = [], [], []
         for s in streams:
             try:
-                rows = s.prefill_rows()
+                steerings = s.prefill_rows()
             except Exception as exc:
                 self._fail(s, exc)
                 continue
             ready.append(s)
             starts.append(len(prompts))
-            prompts += [s.prompt_ids] * len(rows)
-            additions += rows
+            prompts += [s.prompt_ids] * len(steerings)
+            additions += steerings
         if not ready:
             return None, []
         lm = self.loaded

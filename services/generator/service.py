@@ -247,7 +247,10 @@ class GeneratorService:
         state = self.concept_state(slot, concept)
         max_alpha = alpha_ceiling(state, self.profile)
         if alpha is None:
-            alpha = float(served_alpha(state, self.profile))
+            served = served_alpha(state, self.profile)
+            if served is None:  # concept_state refuses a concept this profile does not serve
+                raise ValueError(f"concept {concept!r} has no alpha served in the {self.profile} profile")
+            alpha = float(served)
         _finite("alpha", alpha, -math.inf, math.inf)
         what = "child-safe ceiling" if max_alpha != state.max_alpha else "validated max_alpha"
         if alpha < 0:

@@ -8,7 +8,7 @@ from steering.errors import InvalidArgument, Unavailable
 from .service import TagResult
 
 # Emotion enum value -> the tag names the policy uses ("happy", "none", ...).
-EMOTION_NAMES: dict[int, str] = {
+EMOTION_NAMES: dict[tagger_pb2.Emotion, str] = {
     value: name.removeprefix("EMOTION_").lower()
     for name, value in tagger_pb2.Emotion.items()
     if name != "EMOTION_UNSPECIFIED"

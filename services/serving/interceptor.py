@@ -5,7 +5,6 @@ place that turns them into gRPC codes. Anything else is a bug: the client gets I
 with a generic message and the details go to the log, never to the wire.
 """
 
-import asyncio
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
@@ -96,9 +95,9 @@ async def _checked_stream(requests):
         yield _checked(request)
 
 
-def _passthrough(exc: BaseException) -> bool:
-    # An abort already carries its status; a cancellation must stay a cancellation.
-    return isinstance(exc, (asyncio.CancelledError, grpc.aio.AbortError)) or not isinstance(exc, Exception)
+def _passthrough(exc: Exception) -> bool:
+    # An abort already carries its status.
+    return isinstance(exc, grpc.aio.AbortError)
 
 
 def _wrap_unary(fn: Callable, method: str, streaming_request: bool) -> Callable:
@@ -106,7 +105,7 @@ def _wrap_unary(fn: Callable, method: str, streaming_request: bool) -> Callable:
         try:
             request = _checked_stream(request) if streaming_request else _checked(request)
             return await fn(request, context)
-        except BaseException as exc:
+        except Exception as exc:  # not BaseException: a cancellation must stay a cancellation
             if _passthrough(exc):
                 raise
             await _abort(context, exc, method)
@@ -120,7 +119,7 @@ def _wrap_streaming(fn: Callable, method: str, streaming_request: bool) -> Calla
             request = _checked_stream(request) if streaming_request else _checked(request)
             async for item in fn(request, context):
                 yield item
-        except BaseException as exc:
+        except Exception as exc:  # not BaseException: a cancellation must stay a cancellation
             if _passthrough(exc):
                 raise
             await _abort(context, exc, method)

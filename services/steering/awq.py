@@ -8,6 +8,7 @@ it lives in its own environment: requirements-awq.txt. AWQ kernels run on CUDA o
 """
 
 import importlib.util
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -19,7 +20,7 @@ from .registry import ModelEntry
 AWQ_ENV = "the AWQ environment from requirements-awq.txt (`make venv-awq`, or the generator-awq compose service)"
 
 
-def load_awq(entry: ModelEntry, directory: str, device: torch.device) -> PreTrainedModel:
+def load_awq(entry: ModelEntry, directory: Path, device: torch.device) -> PreTrainedModel:
     """The quantised model on `device`, through the entry's loader."""
     if entry.loader == "autoawq":
         return _autoawq(entry, directory, device)
@@ -35,7 +36,7 @@ def _device_map(entry: ModelEntry, device: torch.device) -> dict[str, int]:
     return {"": device.index or 0}  # the whole model on this one GPU, never spread by accelerate
 
 
-def _autoawq(entry: ModelEntry, directory: str, device: torch.device) -> PreTrainedModel:
+def _autoawq(entry: ModelEntry, directory: Path, device: torch.device) -> PreTrainedModel:
     try:
         from awq import AutoAWQForCausalLM
     except ImportError as exc:
@@ -58,7 +59,7 @@ def transformers_awq_backend() -> str:
     return "awq" if TRANSFORMERS_VERSION.major < 5 else "gptqmodel"
 
 
-def _transformers(entry: ModelEntry, directory: str, device: torch.device) -> PreTrainedModel:
+def _transformers(entry: ModelEntry, directory: Path, device: torch.device) -> PreTrainedModel:
     backend = transformers_awq_backend()
     if importlib.util.find_spec(backend) is None:
         raise ModelLoadError(

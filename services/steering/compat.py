@@ -19,7 +19,7 @@ def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
 
 
 @lru_cache(maxsize=32)
-def _cache_keyword(model_class: type) -> str:
+def _cache_keyword(model_class: type[torch.nn.Module]) -> str:
     params = inspect.signature(model_class.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
@@ -27,7 +27,8 @@ def _cache_keyword(model_class: type) -> str:
 def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
     """The KV cache keyword of `model.forward`: `cache` in transformers 5 (which still takes
     `past_key_values` with a deprecation warning), `past_key_values` in 4.x."""
-    return {_cache_keyword(type(model)): cache}
+    # mypy does not see a class as Hashable (python/mypy#11470); every class is.
+    return {_cache_keyword(type(model)): cache}  # type: ignore[arg-type]
 
 
 class _LegacyLayer:

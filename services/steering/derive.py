@@ -152,7 +152,7 @@ def imported_vector(loaded: LoadedModel, concept: str, directions: dict[int, tor
         fingerprint=loaded.fingerprint,
         directions={layer: (d.float() / max(norms[layer], 1e-12)).contiguous() for layer, d in directions.items()},
         raw_norms=norms,
-        act_norms={layer: float(norm_sum[layer] / max(norm_count[layer], 1)) for layer in directions},
+        act_norms={layer: float(norm_sum[layer] / norm_count[layer].clamp(min=1)) for layer in directions},
         method="gguf-import",
         metadata={
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

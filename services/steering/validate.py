@@ -213,11 +213,11 @@ def check_behavioural(loaded: LoadedModel, vectors: dict[str, ConceptVector]) ->
     if missing:
         return Check("behavioural", False, 0, 3, f"no usable vector for {missing}; run `steer derive`")
     prompts = [p for p, _ in BEHAVIOUR_PAIRS]
-    rows = []
+    rows: list[dict[int, torch.Tensor] | None] = [None] * 3  # the prompts unsteered, then steered
     for _, concept in BEHAVIOUR_PAIRS:
         cv = vectors[concept]
         rows.append(cv.additions(BEHAVIOUR_ALPHA_REL * activation_scale(loaded, cv), loaded.steering_layers))
-    out = generate(loaded, prompts + prompts, [None] * 3 + rows, GenerationSettings(max_new_tokens=24))
+    out = generate(loaded, prompts + prompts, rows, GenerationSettings(max_new_tokens=24))
     differ = [out[i].text != out[3 + i].text for i in range(3)]
     detail = "; ".join(f"{c}: {'differs' if d else 'SAME'}" for (_, c), d in zip(BEHAVIOUR_PAIRS, differ))
     return Check("behavioural", all(differ), sum(differ), 3, detail)

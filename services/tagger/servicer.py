@@ -24,7 +24,7 @@ MAX_TEXT_CHARS = 2000
 MAX_CONTEXT_TURNS = 8  # the proto promises "at most 8 are used": older turns are dropped
 
 
-def emotion(label: str) -> int:
+def emotion(label: str) -> tagger_pb2.Emotion:
     """`"happy"` -> `EMOTION_HAPPY`."""
     return tagger_pb2.Emotion.Value(f"EMOTION_{label.upper()}")
 
