@@ -48,6 +48,7 @@ tools:
 
 test: venv tools
 	$(VENV)/bin/ruff check services tests bench scripts
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 # The bench environment: .venv's packages plus the peers (requirements-bench.txt), which
