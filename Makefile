@@ -49,7 +49,7 @@ tools:
 test: venv tools
 	$(VENV)/bin/ruff check services tests bench scripts
 	$(VENV)/bin/mypy
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not heavy"
 
 # The bench environment: .venv's packages plus the peers (requirements-bench.txt), which
 # stay out of .venv. A .pth file adds .venv's site-packages after the bench's own.
@@ -71,7 +71,8 @@ reliability: prepare
 	rm -f docs/.reliability.json
 	RELIABILITY_OUT=docs/.reliability.json RELIABILITY_EXAMPLES=1000 LOAD_SECONDS=180 CANCELLED_STREAMS=400 \
 		$(PY) -m pytest -q -s --junitxml=docs/.reliability.xml tests/test_bad_input.py tests/test_isolation.py tests/test_bypass.py \
-		tests/test_faults.py tests/test_chat.py tests/test_load.py tests/test_security.py; \
+		tests/test_faults.py tests/test_chat.py tests/test_load.py tests/test_security.py \
+		tests/test_tagger.py::test_retraining_reproduces_the_checked_in_model; \
 		$(PY) scripts/reliability_report.py docs/.reliability.json docs/.reliability.xml docs/RELIABILITY.md
 
 # The AWQ environment (AutoAWQ, transformers 4.51.3) for AWQ checkpoints on a GPU; see requirements-awq.txt.

@@ -17,6 +17,7 @@ SUITES = {
     "test_chat": "Tagger down, logs",
     "test_load": "Load and cancellation",
     "test_security": "Security",
+    "test_tagger": "The tagger retrained from its data reproduces the checked-in model",
 }
 FIGURES = (("beside", "Valid streams beside fuzzed requests"), ("bypass", "Bypass attempts"), ("derive_kill", "kill -9 during steer derive"),
            ("validate_kill", "kill -9 during steer validate"), ("damaged_vectors", "Damaged vector files"),

@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each (and for the processes a
+    # test starts) instead of four threads fighting over two cores.
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import ipaddress
 import socket
@@ -15,6 +19,20 @@ from steering.registry import load_registry
 from steering.settings import Paths, paths_from_env
 
 SMOLLM = "smollm2-135m-instruct"
+
+
+# The files that take a minute or more, started first so that `make test`'s two workers
+# (--dist loadfile) finish together instead of one waiting on a long file picked up last.
+SLOW_FILES = ("test_faults.py", "test_bench.py", "test_tagger.py", "test_bad_input.py", "test_load.py",
+              "test_steering_effect.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+
+    items.sort(key=rank)  # stable: the order within a file, and of the other files, is kept
 
 
 @pytest.fixture(scope="session")
@@ -84,8 +102,12 @@ socket.socket.connect = _guarded(_real_connect)
 socket.socket.connect_ex = _guarded(_real_connect_ex)
 
 
-def pytest_sessionfinish(session, exitstatus) -> None:
-    # Tests that expect the guard to fire clear what they caused; anything left is a leak.
+@pytest.fixture(autouse=True)
+def no_outbound_connections():
+    """Tests that expect the guard to fire clear what they caused; anything left fails the test
+    that caused it (per test, so it holds in every worker process too)."""
+    yield
     if OUTBOUND_ATTEMPTS:
-        print(f"\nsocket guard: outbound connections attempted: {OUTBOUND_ATTEMPTS}")
-        session.exitstatus = 1
+        leaked = list(OUTBOUND_ATTEMPTS)
+        OUTBOUND_ATTEMPTS.clear()
+        pytest.fail(f"socket guard: outbound connections attempted: {leaked}")

@@ -1,4 +1,5 @@
-"""The `steer` command as a user runs it: help everywhere, one-line errors, JSON output."""
+"""The `steer` command as a user runs it: help everywhere, one-line errors, JSON output.
+The console script runs once as a process; the rest call its `main` in process (steer_cli.py)."""
 
 import json
 import subprocess
@@ -7,13 +8,20 @@ from pathlib import Path
 
 import pytest
 
+from steer_cli import steer as run
+
 STEER = str(Path(sys.executable).parent / "steer")
 COMMANDS = ("models", "prepare", "pieces", "derive", "pairs-consistency", "generate", "ab", "validate", "compare-twin", "report",
             "export-gguf", "import-gguf", "tag", "chat")
 
 
-def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([STEER, *args], capture_output=True, text=True, timeout=timeout)
+def test_the_console_script_runs_as_a_process() -> None:
+    res = subprocess.run([STEER, "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "usage: steer" in res.stdout
+    res = subprocess.run([STEER, "generate", "--prompts-file", "/nonexistent.jsonl"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == "steer: error: prompts file /nonexistent.jsonl does not exist"
 
 
 @pytest.mark.parametrize("command", ("", *COMMANDS))
@@ -69,18 +77,16 @@ def test_generate_json_one_object_per_prompt(tmp_path: Path) -> None:
     assert all(r["text"] and r["concept"] == "happy" and r["alpha"] == 4 for r in rows)
 
 
-def test_export_then_import_gguf(tmp_path: Path) -> None:
+def test_export_then_import_gguf(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "happy.gguf"
     res = run("export-gguf", "--concept", "happy", "--out", str(out))
     assert res.returncode == 0, res.stderr
     vectors = tmp_path / "vectors"
     (vectors / "pairs").mkdir(parents=True)
+    monkeypatch.setenv("STEER_VECTORS_DIR", str(vectors))
+
     def import_(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [STEER, "import-gguf", "--concept", "happy_copy", "--in", str(out), *extra],
-            capture_output=True, text=True, timeout=600,
-            env={**__import__("os").environ, "STEER_VECTORS_DIR": str(vectors)},
-        )
+        return run("import-gguf", "--concept", "happy_copy", "--in", str(out), *extra)
 
     env_run = import_()
     assert env_run.returncode == 0, env_run.stderr

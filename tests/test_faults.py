@@ -79,10 +79,10 @@ def _complete_files_only(folder: Path) -> list[str]:
 def test_kill_9_during_derive_leaves_only_complete_files_and_a_rerun_finishes(tmp_path: Path, figures) -> None:
     vectors = _store(tmp_path, with_model=False)
     out = vectors / MODEL
-    concepts = ["happy", "sad", "kind", "calm"]
+    concepts = ["happy", "sad"]
     cmd = [*STEER, "derive", "--model", MODEL, "--concepts", ",".join(concepts), "--quiet"]
     proc = subprocess.Popen(cmd, env=_env(vectors), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # Kill while the second concept is being written or derived.
+    # Kill while the second concept is being derived or written (one takes seconds; the poll is 50 ms).
     _kill_when(proc, lambda: (out / "happy.safetensors").exists())
     orphan = out / f".sad.safetensors.{_dead_pid()}.abc123.tmp"  # what a kill mid-write leaves
     orphan.write_bytes(b"half a file")
@@ -111,7 +111,8 @@ def test_kill_9_during_validate_keeps_the_old_record_and_a_rerun_finishes(tmp_pa
     vectors = _store(tmp_path, with_model=True)
     model_dir = vectors / MODEL
     before = (model_dir / "validation.json").read_bytes()
-    cmd = [*STEER, "validate", "--model", MODEL, "--concepts", "happy", "--seeds", "1", "--allowlist-seeds", "1", "--no-plots"]
+    cmd = [*STEER, "validate", "--model", MODEL, "--concepts", "happy", "--seeds", "1", "--allowlist-seeds", "1", "--no-plots",
+           "--no-search", "--max-new-tokens", "8"]  # what is tested is the record's safety under a kill
     proc = subprocess.Popen(cmd, env=_env(vectors), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
 

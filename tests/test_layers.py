@@ -13,6 +13,7 @@ from steering.layers import (
     DecoderLayers,
     LayerPathError,
     layer_output_tensor,
+    recorded_outputs,
     replace_layer_output,
     resolve_layers,
 )
@@ -298,3 +299,23 @@ def test_forward_hook_sees_hidden_states(arch: str) -> None:
         handle.remove()
     assert shapes == [(BATCH, SEQ, HIDDEN_SIZE)]
     assert logits.shape == (BATCH, SEQ, VOCAB_SIZE)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_recorded_outputs_are_the_hidden_states_and_the_hooks_leave(arch: str) -> None:
+    model, _ = tiny_model(arch)
+    layers = resolve_layers(model)
+    ids = torch.randint(0, VOCAB_SIZE, (2, 5))
+    with torch.no_grad():
+        hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+    # transformers may keep hooks of its own for output_hidden_states: ours must add none.
+    before = [dict(layers[i]._forward_hooks) for i in range(len(layers))]
+    with torch.no_grad(), recorded_outputs(layers, [0, NUM_LAYERS - 1]) as outputs:
+        model(input_ids=ids)
+    assert sorted(outputs) == [0, NUM_LAYERS - 1]
+    assert torch.equal(outputs[0], hidden[1])  # hidden_states[0] is the embeddings
+    assert outputs[NUM_LAYERS - 1].shape == (2, 5, HIDDEN_SIZE)
+    assert [dict(layers[i]._forward_hooks) for i in range(len(layers))] == before
+    with pytest.raises(RuntimeError), recorded_outputs(layers, range(len(layers))):
+        raise RuntimeError("a forward pass failed")
+    assert [dict(layers[i]._forward_hooks) for i in range(len(layers))] == before

@@ -1,6 +1,7 @@
 """Load and cancellation against the real generator over real gRPC.
 
-LOAD_SECONDS sets how long 32 streams run (default 40; `make reliability` runs longer)."""
+LOAD_SECONDS sets how long 32 streams run (default 20) and CANCELLED_STREAMS how many streams
+are cancelled (default 32): the developer loop's sizes; `make reliability` runs 180 s and 400."""
 
 import os
 import random
@@ -23,8 +24,8 @@ from steering.profiles import Profile
 from steering.registry import load_registry
 from grpc_helpers import StackInThread
 
-LOAD_SECONDS = float(os.environ.get("LOAD_SECONDS", "40"))
-CANCELLED = int(os.environ.get("CANCELLED_STREAMS", "200"))
+LOAD_SECONDS = float(os.environ.get("LOAD_SECONDS", "20"))
+CANCELLED = int(os.environ.get("CANCELLED_STREAMS", "32"))
 PROMPTS = ["Tell me about dinosaurs.", "I drew a cat!", "Why is snow cold?", "Can you sing?", "I lost my shoe."]
 CONCEPTS = ["happy", "empathy", ""]  # what Blip serves on SmolLM2, and no steering
 
@@ -82,7 +83,7 @@ def test_32_streams_hold_without_errors_or_memory_growth(stack, figures) -> None
     for t in threads:
         t.join()
     assert not errors, errors[:5]
-    assert outcomes.get("completed", 0) > 32 and set(outcomes) <= {"completed", "RESOURCE_EXHAUSTED"}, outcomes
+    assert outcomes.get("completed", 0) >= 32 and set(outcomes) <= {"completed", "RESOURCE_EXHAUSTED"}, outcomes
     # Memory: the first window after warm-up (a fifth of the run, at most a minute) against the last one.
     window = min(60.0, LOAD_SECONDS / 5)
     first = [rss for t, rss in samples if window <= t < 2 * window]

@@ -2,8 +2,6 @@
 full-precision vectors are refused on it unless forced, and a forced vector says so."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +14,7 @@ from steering.loading import LoadedModel, load_model
 from steering.registry import load_registry
 from steering.store import load_vector, vector_path
 from steering.twin import layer_cosines
+from steer_cli import steer
 
 TWIN = "smollm2-135m-instruct-int8"
 REFERENCE = "smollm2-135m-instruct"
@@ -74,17 +73,12 @@ def test_registry_refuses_unknown_or_non_float32_runtime_quantisation(tmp_path: 
             load_registry(tmp_path / "models.toml")
 
 
-def _steer(*args: str) -> subprocess.CompletedProcess:
-    steer = str(Path(sys.executable).parent / "steer")
-    return subprocess.run([steer, *args], capture_output=True, text=True, timeout=300)
-
-
 def test_cli_refuses_foreign_vectors_and_records_a_force() -> None:
     common = ["generate", "--model", TWIN, "--prompt", "Hi!", "--concept", "happy", "--alpha", "6",
               "--vectors-from", REFERENCE, "--max-new-tokens", "4", "--json"]
-    refused = _steer(*common)
+    refused = steer(*common)
     assert refused.returncode == 1 and "fingerprint" in refused.stderr and "Traceback" not in refused.stderr
-    forced = _steer(*common, "--force")
+    forced = steer(*common, "--force")
     assert forced.returncode == 0, forced.stderr
     assert "FORCED: happy vector derived on smollm2-135m-instruct" in forced.stderr
     row = json.loads(forced.stdout.strip().splitlines()[-1])

@@ -4,25 +4,20 @@ more negative than unsteered replies to the same prompts, through the `steer` CL
 
 import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-STEER = str(Path(sys.executable).parent / "steer")
+from steer_cli import steer
 PROMPTS = Path(__file__).parent / "data" / "sentiment_prompts.jsonl"
 # The strengths README recommends for SmolLM2 (alpha per layer, layers 12-18).
 ALPHA = {"happy": "8", "sad": "8"}
 
 
 def _sentiment(*extra: str) -> list[float]:
-    res = subprocess.run(
-        [STEER, "generate", "--model", "smollm2-135m-instruct", "--prompts-file", str(PROMPTS),
-         "--max-new-tokens", "48", "--batch-size", "16", "--json", *extra],
-        capture_output=True, text=True, timeout=900,
-    )
+    res = steer("generate", "--model", "smollm2-135m-instruct", "--prompts-file", str(PROMPTS),
+                "--max-new-tokens", "48", "--batch-size", "16", "--json", *extra)
     assert res.returncode == 0, res.stderr
     judge = SentimentIntensityAnalyzer()
     return [judge.polarity_scores(json.loads(line)["text"])["compound"] for line in res.stdout.splitlines()]

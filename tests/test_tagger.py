@@ -119,6 +119,7 @@ def test_every_training_row_counts_in_the_train_hash(turns: list[LabelledTurn]) 
         assert train_sha256(changed) != train_sha256(turns)
 
 
+@pytest.mark.heavy  # a minute and a half of embedding and 25 cross-validation fits: `make reliability`
 def test_retraining_reproduces_the_checked_in_model(
     model: TaggerModel, turns: list[LabelledTurn], heldout: list[LabelledTurn], heldout_x: np.ndarray
 ) -> None:

@@ -4,10 +4,7 @@ record (never a flag) decides what may be steered."""
 import dataclasses
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,8 +14,7 @@ from steering.record import assess, d_interval, decide, record_path, write_recor
 from steering.scoring import check_scorer, load_scorer
 from steering.store import load_store, read_vector, save_vector, stored_concepts, vector_path
 from steering.validate import check_behavioural, check_canary, check_hook_path, cohens_d
-
-STEER = str(Path(sys.executable).parent / "steer")
+from steer_cli import steer
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +179,7 @@ def test_missing_record_means_unvalidated(smollm, paths, vectors, tmp_path) -> N
     assert not state.steerable and state.reason.startswith("unvalidated")
 
 
-def test_steer_models_shows_state_of_validated_and_new_models(tmp_path) -> None:
+def test_steer_models_shows_state_of_validated_and_new_models(tmp_path, monkeypatch) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -192,8 +188,8 @@ def test_steer_models_shows_state_of_validated_and_new_models(tmp_path) -> None:
     registry = (Path(__file__).parents[1] / "models.toml").read_text()
     registry += '\n[models.tiny-new]\nsource = { kind = "local", path = "' + str(tmp_path / "tiny") + '" }\n'
     (tmp_path / "models.toml").write_text(registry)
-    env = {**os.environ, "STEER_REGISTRY": str(tmp_path / "models.toml")}
-    res = subprocess.run([STEER, "models", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    monkeypatch.setenv("STEER_REGISTRY", str(tmp_path / "models.toml"))
+    res = steer("models", "--json")
     assert res.returncode == 0, res.stderr
     rows = {r["name"]: r for r in map(json.loads, res.stdout.splitlines())}
     assert rows["smollm2-135m-instruct"]["steerable"] is True and "happy" in rows["smollm2-135m-instruct"]["servable"]
@@ -239,6 +235,29 @@ def test_redecide_takes_old_decisions_again_by_todays_rules(smollm, paths, vecto
     write_record(model_dir, new)
     state = assess(smollm.name, model_dir, smollm.fingerprint, vectors)
     assert state.concepts["happy"].servable and state.concepts["happy"].child_recommended_alpha is not None
+
+
+def test_a_partial_revalidation_keeps_only_entries_measured_alike(paths, tmp_path) -> None:
+    """`validate --concepts happy` keeps the stored record's other concepts when the fingerprint,
+    layers, sweep settings and baseline are the same (decided again by today's rules), and none
+    when any of them differs."""
+    from steering.record import merge_earlier
+
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    shutil.copy(record_path(paths.model_vectors("smollm2-135m-instruct")), record_path(model_dir))
+    stored = json.loads(record_path(model_dir).read_text())
+    remeasured = {k: v for k, v in stored.items() if k != "record_sha256"}
+    remeasured["concepts"] = {"happy": stored["concepts"]["happy"]}
+    merged, kept = merge_earlier(model_dir, remeasured)
+    assert kept == sorted(c for c in stored["concepts"] if c != "happy") and kept
+    assert set(merged["concepts"]) == set(stored["concepts"])
+    assert merged["concepts"]["sad"]["sweep"] == stored["concepts"]["sad"]["sweep"]
+    for change in ({"settings": dict(remeasured["settings"], max_new_tokens=8)}, {"fingerprint": "0" * 64},
+                   {"baseline": dict(remeasured["baseline"], ppl_median=1.0)}):
+        merged, kept = merge_earlier(model_dir, dict(remeasured, **change))
+        assert kept == [] and set(merged["concepts"]) == {"happy"}, change
+    assert merge_earlier(tmp_path / "nothing-here", remeasured) == (remeasured, [])
 
 
 def test_the_baseline_is_sampled_once_on_the_longer_seed_list() -> None:

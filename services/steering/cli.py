@@ -125,49 +125,10 @@ def _check_alpha(alpha: float) -> float:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .loading import fingerprint
-    from .profiles import BLIP_ALLOWLIST, Profile, served_alpha
-    from .record import assess
-    from .store import read_vector, stored_concepts
-
-    from .registry import with_dtype
     from .settings import dtype_override
+    from .status import registry_status
 
-    reg = _registry()
-    rows = []
-    for name, entry in reg.models.items():
-        entry = with_dtype(entry, dtype_override())  # the fingerprint that would load here
-        try:
-            fp, note = fingerprint(entry), ""
-        except SteeringError as exc:
-            fp, note = None, str(exc)
-        model_dir = _paths().model_vectors(name)
-        concepts = stored_concepts(model_dir)
-        matching = {}
-        for c in concepts:
-            try:
-                cv = read_vector(model_dir / f"{c}.safetensors")
-            except VectorError:
-                continue
-            if cv.fingerprint == fp:
-                matching[c] = cv
-        state = assess(name, model_dir, fp or "", matching)
-        rows.append({
-            "name": name,
-            "default": name == reg.default,
-            "source": entry.source.kind,
-            "dtype": entry.dtype,
-            "device": entry.device,
-            "quantization": entry.quantization,
-            "fingerprint": fp,
-            "vectors": len(matching) if fp else len(concepts),
-            "stale_vectors": len(concepts) - len(matching) if fp else 0,  # unknowable without the model's files
-            "steerable": state.steerable,
-            "state": state.reason,
-            "servable": state.servable,
-            "blip": [c for c in state.servable if c in BLIP_ALLOWLIST and served_alpha(state.concepts[c], Profile.BLIP) is not None],
-            "note": note,
-        })
+    rows = registry_status(_registry(), _paths().vectors, dtype_override())
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -406,7 +367,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     from .atomic import remove_orphans
     from .guard import load_guard
-    from .record import redecide, write_record
+    from .record import merge_earlier, write_record
     from .report import served_summary, write_report
     from .scoring import load_scorer
     from .validate import SweepSettings, baseline, check_load, load_eval_prompts, model_record, run_model_checks, sweep_concept
@@ -430,9 +391,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in vectors]
     if unknown:
         raise NotFoundError(f"no usable vector for {', '.join(unknown)} on {loaded.name}; run `steer derive`")
+    if args.max_new_tokens < 1:
+        raise ConfigError("--max-new-tokens must be at least 1")
     settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(args.seeds)),
                              allowlist_seeds=tuple(range(args.allowlist_seeds)), batch_size=args.batch_size,
-                             search=not args.no_search)
+                             max_new_tokens=args.max_new_tokens, search=not args.no_search)
     results: dict = {}
     base = None
     if all(c.passed for c in checks):
@@ -448,11 +411,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 bar.update()
     record = model_record(loaded, checks, results, settings, base, time.perf_counter() - start)
     if args.concepts:
-        kept = _earlier_concepts(model_dir, record, set(results))
+        record, kept = merge_earlier(model_dir, record)
         if kept:
-            print(f"  kept {len(kept)} concept(s) from the earlier record of this fingerprint and settings: {', '.join(sorted(kept))}")
-            # Kept entries are decided again by today's rules from their own figures.
-            record = redecide(dict(record, concepts=dict(sorted({**kept, **results}.items()))))
+            print(f"  kept {len(kept)} concept(s) from the earlier record of this fingerprint and settings: {', '.join(kept)}")
     path = write_record(model_dir, record)
     report = write_report(model_dir, record)
     for name, c in sorted(results.items()):
@@ -509,26 +470,6 @@ def cmd_compare_twin(args: argparse.Namespace) -> int:
     print(twin_markdown(result))
     print(f"wrote {own_dir / 'twin.json'} and {own_dir / 'twin.md'}")
     return 0
-
-
-def _earlier_concepts(model_dir: Path, record: dict, remeasured: set[str]) -> dict:
-    """Concept entries of the stored record that a partial re-validation keeps: only from a record
-    of the same fingerprint, sweep settings and baseline, so every entry is measured alike (the
-    allowlist's concepts may have been sampled with more seeds: their points say so)."""
-    from .record import record_path
-
-    try:
-        old = json.loads(record_path(model_dir).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    # A concept's points carry their own reply counts and its entry its own configuration and
-    # search, so the allowlist's seed count and the search settings may differ.
-    per_concept = ("allowlist_seeds", "search", "screen_alpha_rel", "screen_seeds")
-    settings = [{k: v for k, v in (r.get("settings") or {}).items() if k not in per_concept} for r in (old, record)]
-    same = settings[0] == settings[1] and all(old.get(k) == record.get(k) for k in ("fingerprint", "layers"))
-    base_old, base_new = old.get("baseline") or {}, record.get("baseline") or {}
-    same = same and all(base_old.get(k) == base_new.get(k) for k in ("ppl_median", "degenerate"))
-    return {c: e for c, e in old.get("concepts", {}).items() if c not in remeasured} if same else {}
 
 
 def _print_check(check) -> None:
@@ -655,6 +596,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allowlist-seeds", type=int, default=6,
                    help="seeds per prompt for the Blip allowlist's concepts, whose d decides what a child hears (default 6)")
     p.add_argument("--batch-size", type=int, default=64, help="rows per generation batch (default 64)")
+    p.add_argument("--max-new-tokens", type=int, default=24,
+                   help="tokens per reply (default 24); fewer is quicker and rougher, and the record says how many")
     p.add_argument("--no-search", action="store_true",
                    help="sweep every concept with the model's default band at a uniform alpha, without the configuration search")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 import transformers
 
-from .layers import layer_output_tensor
+from .layers import recorded_outputs
 from .loading import LoadedModel
 from .pairs import Concept
 from .vector import ConceptVector
@@ -51,16 +51,7 @@ def layer_activations(
     last = torch.empty(len(texts), n_layers, loaded.hidden_size)
     norm_sum = torch.zeros(n_layers, dtype=torch.float64)
     norm_count = torch.zeros(n_layers, dtype=torch.float64)
-    captured: dict[int, torch.Tensor] = {}
-
-    def capture(layer: int):
-        def hook(_m: torch.nn.Module, _i: tuple, output: object) -> None:
-            captured[layer] = layer_output_tensor(output).detach()
-
-        return hook
-
-    handles = [layers[i].register_forward_hook(capture(i)) for i in range(n_layers)]
-    try:
+    with recorded_outputs(layers, range(n_layers)) as captured:
         for start in range(0, len(texts), batch_size):
             chunk = list(texts[start : start + batch_size])
             enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=not loaded.has_chat_template)
@@ -77,9 +68,6 @@ def layer_activations(
                 norm_count[i] += norms.numel()
             if on_batch:
                 on_batch(len(chunk))
-    finally:
-        for handle in handles:
-            handle.remove()
     return last, norm_sum, norm_count
 
 

@@ -10,7 +10,8 @@ blocks) would silently steer nothing useful.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ __all__ = [
     "DecoderLayers",
     "LayerPathError",
     "layer_output_tensor",
+    "recorded_outputs",
     "replace_layer_output",
     "resolve_layers",
 ]
@@ -140,6 +142,26 @@ def layer_output_tensor(output: object) -> torch.Tensor:
         "Expected a decoder layer output that is a Tensor or a tuple whose first element "
         f"is the hidden-states Tensor, got {_describe_output(output)}."
     )
+
+
+@contextmanager
+def recorded_outputs(layers: DecoderLayers, indices: Iterable[int]) -> Iterator[dict[int, torch.Tensor]]:
+    """`{layer: its latest output [batch, seq, hidden], detached}` for the forward passes run
+    inside the block; the hooks are gone on every exit path. The one way we read activations."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def recorder(layer: int):
+        def hook(_module: torch.nn.Module, _inputs: tuple, output: object) -> None:
+            seen[layer] = layer_output_tensor(output).detach()
+
+        return hook
+
+    handles = [layers[i].register_forward_hook(recorder(i)) for i in indices]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def replace_layer_output(output: object, hidden: torch.Tensor) -> object:

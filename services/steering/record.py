@@ -209,6 +209,28 @@ class Steerability:
         return sorted(c for c, s in self.concepts.items() if s.servable)
 
 
+def merge_earlier(model_dir: Path, record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A partial re-validation's `record` with the concepts it did not measure taken from the
+    stored record, and their names. Only a record of the same fingerprint, layers, sweep settings
+    and baseline gives any, so every entry is measured alike (the allowlist's concepts may have
+    been sampled with more seeds, and searched differently: their entries say so). Kept entries
+    are decided again by today's rules from their own figures."""
+    try:
+        old = json.loads(record_path(model_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return record, []
+    per_concept = ("allowlist_seeds", "search", "screen_alpha_rel", "screen_seeds")
+    settings = [{k: v for k, v in (r.get("settings") or {}).items() if k not in per_concept} for r in (old, record)]
+    same = settings[0] == settings[1] and all(old.get(k) == record.get(k) for k in ("fingerprint", "layers"))
+    base_old, base_new = old.get("baseline") or {}, record.get("baseline") or {}
+    same = same and all(base_old.get(k) == base_new.get(k) for k in ("ppl_median", "degenerate"))
+    measured = record.get("concepts", {})
+    kept = {c: e for c, e in old.get("concepts", {}).items() if c not in measured} if same else {}
+    if not kept:
+        return record, []
+    return redecide(dict(record, concepts=dict(sorted({**kept, **measured}.items())))), sorted(kept)
+
+
 def assess(model: str, model_dir: Path, fingerprint: str, vectors: dict[str, ConceptVector] | None = None) -> Steerability:
     """Decide from the stored record whether `model` (loaded with `fingerprint`) and each
     of `vectors` may be steered. Anything missing, stale or altered means no."""

@@ -21,7 +21,7 @@ from .config import SteerConfig, candidate_bands
 from .derive import layer_activations, position_ids
 from .generate import Generation, GenerationSettings, generate
 from .guard import ThemeGuard
-from .layers import layer_output_tensor, resolve_layers
+from .layers import recorded_outputs, resolve_layers
 from .loading import LoadedModel, load_model
 from .profiles import BLIP_ALLOWLIST
 from .record import coherent, d_interval, decisions, negative_decisions, safe_for_children
@@ -141,21 +141,10 @@ def check_hook_path(loaded: LoadedModel) -> Check:
     bad = [i for i in loaded.steering_layers if not 0 <= i < len(layers)]
     if bad:
         return Check("hook_path", False, len(layers), detail=f"steering layers {bad} are outside 0..{len(layers) - 1}")
-    fired: dict[int, tuple[int, ...]] = {}
-
-    def seen(i: int):
-        def hook(_m: torch.nn.Module, _in: tuple, out: object) -> None:
-            fired[i] = tuple(layer_output_tensor(out).shape)
-
-        return hook
-
-    handles = [layers[i].register_forward_hook(seen(i)) for i in loaded.steering_layers]
-    try:
+    with recorded_outputs(layers, loaded.steering_layers) as outputs:
         enc = loaded.tokenizer(["Hello there."], return_tensors="pt").to(loaded.device)
         loaded.model(**enc)
-    finally:
-        for h in handles:
-            h.remove()
+    fired = {i: tuple(out.shape) for i, out in outputs.items()}
     silent = [i for i in loaded.steering_layers if i not in fired]
     wrong = [i for i, shape in fired.items() if len(shape) != 3 or shape[-1] != loaded.hidden_size]
     ok = not silent and not wrong
