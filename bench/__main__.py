@@ -33,6 +33,13 @@ PROMPTS = [
     "Why do leaves change colour?",
     "I finished my drawing of a rocket!",
 ]
+# A child's turns for Blip's Chat: tagged, mapped by the policy, some steered, some not.
+CHILD_TURNS = [
+    "I'm scared about the spelling test tomorrow.",
+    "I got a new puppy and he licked my face!",
+    "My goldfish died this morning.",
+    "How far away is the moon?",
+]
 
 
 def _parse() -> argparse.Namespace:
@@ -124,6 +131,15 @@ def main() -> int:
         results["tagger"] = asyncio.run(service_load.tagger_latency(tagger.address, PROMPTS, 5 if smoke else 100))
         results["memory"] = {"generator_peak_mb": round(generator.peak_memory_mb()),
                              "tagger_peak_mb": round(tagger.peak_memory_mb())}
+        generator.stop()  # one generator at a time: Blip's own measures Chat alone on the machine
+        log("Blip: time to first sentence through Chat")
+        blip = service_load.start("generator.server", ["--models", loaded.name, "--tagger", tagger.address,
+                                                     *_model_args(a)])
+        try:
+            results["chat_first_sentence"] = asyncio.run(
+                service_load.chat_first_sentence(blip.address, CHILD_TURNS, 2 if smoke else 12, 8 if smoke else 48))
+        finally:
+            blip.stop()
     finally:
         generator.stop()
         tagger.stop()

@@ -83,6 +83,8 @@ def markdown(r: dict) -> str:
         _row("beyond the engine's own time to first token: in process / through gRPC, p50 (ms)",
              f"{g['in_process_beyond_engine_ms_p50']} / {g['grpc_beyond_engine_ms_p50']}"),
         _row("tagger latency p50 / p95 (ms)", f"{t['p50_ms']} / {t['p95_ms']}"),
+        *([_row(f"Blip through Chat, 1 stream: time to first sentence p50 / p95 (ms, {c['turns']} turns)",
+                f"{c['p50_ms']} / {c['p95_ms']}")] if (c := r.get("chat_first_sentence")) else []),
         _row(f"derivation of {d['concepts']} concepts (s)", d["seconds"]),
         _row("generator peak memory (MB)", mem["generator_peak_mb"]),
         _row("tagger peak memory (MB)", mem["tagger_peak_mb"]),

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -17,6 +18,7 @@ from generator.events import Finished, TextDelta
 from generator.service import GenerateSpec, GeneratorService
 from protos.steering.v1 import generator_pb2 as gpb
 from protos.steering.v1 import generator_pb2_grpc, tagger_pb2, tagger_pb2_grpc
+from steering.guard import holds_sentence
 from steering.settings import REPO_ROOT
 
 
@@ -146,6 +148,32 @@ async def grpc_vs_in_process(service: GeneratorService, address: str, prompt: st
             "in_process_beyond_engine_ms_p50": round(med(local_extra), 2),
             "grpc_beyond_engine_ms_p50": round(med(remote_extra), 2),
             "added_ms": round(med(remote_extra) - med(local_extra), 2)}
+
+
+async def chat_first_sentence(address: str, turns: Sequence[str], runs: int, tokens: int) -> dict[str, Any]:
+    """Blip's time to first sentence at one stream, as the child's device sees it: from sending a
+    turn on Chat (tagging, policy, prefill, gate, decoding, the guard's check, release) to the first
+    reply text after which the reply holds a whole sentence. Each turn opens its own call."""
+    times = []
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        for i in range(runs + 1):  # the first warms up
+            call = stub.Chat(timeout=300)
+            start, first, reply = time.perf_counter(), None, ""
+            await call.write(gpb.ChatTurn(text=turns[i % len(turns)], max_tokens=tokens))
+            async for event in call:
+                if event.WhichOneof("event") != "reply":
+                    continue
+                kind = event.reply.WhichOneof("event")
+                reply += event.reply.text if kind == "text" else ""
+                if first is None and (kind == "finished" or (kind == "text" and holds_sentence(reply))):
+                    first = (time.perf_counter() - start) * 1000
+                if kind == "finished":
+                    break
+            await call.done_writing()
+            if i and first is not None:
+                times.append(first)
+    return {"turns": len(times), "p50_ms": round(percentile(times, 0.5), 1), "p95_ms": round(percentile(times, 0.95), 1)}
 
 
 async def tagger_latency(address: str, texts: list[str], runs: int) -> dict[str, float]:

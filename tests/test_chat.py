@@ -120,3 +120,54 @@ def test_a_label_this_generator_does_not_know_counts_as_no_tagger() -> None:
         tag_from_pb(newer)
     newer.label = tagger_pb2.EMOTION_HAPPY  # a known label with an unknown score beside it: the unknown one is dropped
     assert tag_from_pb(newer).scores == {"happy": pytest.approx(0.1)}
+
+
+def test_time_to_first_sentence_covers_the_turn_from_its_arrival_to_the_first_whole_sentence(service) -> None:
+    """steer_time_to_first_sentence_seconds: one observation per turn, at least the engine's own
+    time to first token (the tagging and policy come before it) and at most what the client,
+    which sent the turn before the server saw it, waited for the first whole sentence."""
+    import time
+
+    from steering.guard import holds_sentence
+
+    slot = service.slots[service.default]
+    registry, labels = slot.engine.metrics.registry, {"model": slot.loaded.name}
+
+    def observed() -> tuple[float, float]:
+        return (registry.get_sample_value("steer_time_to_first_sentence_seconds_count", labels) or 0.0,
+                registry.get_sample_value("steer_time_to_first_sentence_seconds_sum", labels) or 0.0)
+
+    async def body():
+        tagger = await serve_tagger(ServerSettings())
+        running = await serve(ServerSettings(), GeneratorConfig(tagger=f"127.0.0.1:{tagger.port}"), service=service)
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{running.server.port}") as channel:
+                call = generator_pb2_grpc.GeneratorStub(channel).Chat(timeout=120)
+                sent = time.perf_counter()
+                await call.write(pb.ChatTurn(text="I'm scared about the spelling test tomorrow.", max_tokens=48))
+                reply, waited, events = [], None, []
+                while True:
+                    event = await call.read()
+                    events.append(event)
+                    if event.WhichOneof("event") == "reply" and event.reply.WhichOneof("event") == "text":
+                        reply.append(event.reply.text)
+                        if waited is None and holds_sentence("".join(reply)):
+                            waited = time.perf_counter() - sent
+                    if event.WhichOneof("event") == "reply" and event.reply.WhichOneof("event") == "finished":
+                        waited = waited if waited is not None else time.perf_counter() - sent
+                        break
+                await call.done_writing()
+                return waited, events
+        finally:
+            await running.stop()
+            await tagger.stop()
+
+    count, total = observed()
+    waited, events = asyncio.run(body())
+    new_count, new_total = observed()
+    ttfs = new_total - total
+    finished = events[-1].reply.finished
+    assert new_count == count + 1
+    print(f"engine TTFT {finished.time_to_first_token_ms:.0f} ms, TTFS {ttfs * 1000:.0f} ms, client {waited * 1000:.0f} ms, "
+          f"reply {finished.seconds * 1000:.0f} ms")
+    assert finished.time_to_first_token_ms / 1000 <= ttfs <= waited, (finished.time_to_first_token_ms, ttfs, waited)

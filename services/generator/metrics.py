@@ -40,6 +40,13 @@ class GeneratorMetrics:
             "steer_time_to_first_token_seconds", "From submission to the first text sent", ["model"],
             buckets=_TTFT_BUCKETS, registry=r,
         )
+        # What a child waits for: Blip speaks nothing until a whole sentence is checked and released.
+        self.time_to_first_sentence = Histogram(
+            "steer_time_to_first_sentence_seconds",
+            "Chat: from a child's turn arriving (tagging, policy, prefill, gate, decoding, guard) to the first "
+            "text event after which the reply holds a whole sentence, or to the end of a reply without one",
+            ["model"], buckets=_TTFT_BUCKETS, registry=r,
+        )
         self.gate_decisions = Counter(
             "steer_gate_decisions", "Top-3 gate decisions (skip = steering not applied)", ["model", "decision"],
             registry=r,

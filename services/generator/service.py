@@ -14,7 +14,7 @@ from steering.config import SteerConfig
 from steering.errors import ConfigError, FailedPrecondition, InvalidArgument, NotFoundError, SteeringError, Unavailable
 from steering.gate import DEFAULT_THRESHOLD, concept_token_ids
 from steering.generate import MIN_TEMPERATURE, render_prompt
-from steering.guard import ThemeGuard
+from steering.guard import ThemeGuard, holds_sentence
 from steering.loading import LoadedModel
 from steering.pairs import load_concept
 from steering.profiles import Profile, alpha_ceiling, check_concept_name, load_profile_vectors, served_alpha
@@ -335,6 +335,7 @@ class GeneratorService:
         history: list[tuple[str, str]] = []
         child_turns: list[str] = []
         async for text, base in turns:
+            arrived = time.perf_counter()
             if not text.strip():
                 raise InvalidArgument("turn text is empty: send the child's words")
             concept: str | None = None
@@ -362,9 +363,15 @@ class GeneratorService:
                 max_tokens=base.max_tokens, stop=base.stop, gate=base.gate, kl=base.kl,
             )
             reply = []
+            slot = self.slot(base.model)
+            first_sentence = slot.engine.metrics.time_to_first_sentence.labels(slot.loaded.name)
+            waiting = True
             async for event in self.stream(spec):
                 if isinstance(event, TextDelta):
                     reply.append(event.text)
+                if waiting and (isinstance(event, Finished) or (isinstance(event, TextDelta) and holds_sentence("".join(reply)))):
+                    first_sentence.observe(time.perf_counter() - arrived)
+                    waiting = False
                 yield event
             history += [("user", text), ("assistant", "".join(reply))]
             child_turns.append(text)

@@ -137,6 +137,11 @@ def split_sentences(text: str) -> list[str]:
     return [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
 
 
+def holds_sentence(text: str) -> bool:
+    """`text` ends a sentence, or holds a whole one and has begun the next."""
+    return ends_sentence(text) or len(split_sentences(text)) > 1
+
+
 def _alternation(items: Sequence[str]) -> re.Pattern[str] | None:
     items = [i.strip() for i in items if i.strip()]
     if not items:
