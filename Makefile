@@ -46,9 +46,12 @@ tools:
 		(apt-get install -y -qq docker-compose >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null 2>&1)); } || \
 		echo "docker-compose not installed: its test will be skipped"
 
-test: venv tools
+# The models the tests load are converted once here, before the two workers start (each
+# would otherwise convert the same GGUF at the same time).
+test: prepare tools
 	$(VENV)/bin/ruff check services tests bench scripts
 	$(VENV)/bin/mypy
+	$(VENV)/bin/steer prepare --model smollm2-135m-instruct-int8
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not heavy"
 
 # The bench environment: .venv's packages plus the peers (requirements-bench.txt), which
