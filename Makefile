@@ -75,7 +75,7 @@ reliability: prepare
 	RELIABILITY_OUT=docs/.reliability.json RELIABILITY_EXAMPLES=1000 LOAD_SECONDS=180 CANCELLED_STREAMS=400 \
 		$(PY) -m pytest -q -s --junitxml=docs/.reliability.xml tests/test_bad_input.py tests/test_isolation.py tests/test_bypass.py \
 		tests/test_faults.py tests/test_chat.py tests/test_load.py tests/test_security.py \
-		tests/test_tagger.py::test_retraining_reproduces_the_checked_in_model; \
+		tests/test_tagger.py::test_retraining_reproduces_the_checked_in_model tests/test_bench.py; \
 		$(PY) scripts/reliability_report.py docs/.reliability.json docs/.reliability.xml docs/RELIABILITY.md
 
 # The AWQ environment (AutoAWQ, transformers 4.51.3) for AWQ checkpoints on a GPU; see requirements-awq.txt.

@@ -18,6 +18,7 @@ SUITES = {
     "test_load": "Load and cancellation",
     "test_security": "Security",
     "test_tagger": "The tagger retrained from its data reproduces the checked-in model",
+    "test_bench": "The bench's smoke run, end to end",
 }
 FIGURES = (("beside", "Valid streams beside fuzzed requests"), ("bypass", "Bypass attempts"), ("derive_kill", "kill -9 during steer derive"),
            ("validate_kill", "kill -9 during steer validate"), ("damaged_vectors", "Damaged vector files"),

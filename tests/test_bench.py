@@ -1,10 +1,13 @@
 """The bench's smoke run: tiny sizes, only checks that it runs end to end and writes
-well-formed results. Timings are never asserted in tests."""
+well-formed results. Timings are never asserted in tests. Two minutes of five processes
+starting and loading models: `make reliability` runs it, `make test` leaves it out."""
 
 import json
 import math
 import subprocess
 import sys
+
+import pytest
 
 from steering.settings import REPO_ROOT
 
@@ -13,6 +16,7 @@ def _positive(x: object) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.heavy
 def test_bench_smoke_writes_well_formed_results(tmp_path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(tmp_path)], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=900)
@@ -29,10 +33,12 @@ def test_bench_smoke_writes_well_formed_results(tmp_path) -> None:
     assert set(r["concurrency"]) == {"1", "2"}
     assert all(_positive(c["tokens_per_s"]) and c["ttft_ms_p95"] >= c["ttft_ms_p50"] > 0 for c in r["concurrency"].values())
     assert _positive(r["grpc_ttft"]["grpc_ms_p50"]) and _positive(r["tagger"]["p50_ms"])
+    chat = r["chat_first_sentence"]
+    assert chat["turns"] == 2 and chat["p95_ms"] >= chat["p50_ms"] > 0
     assert r["derivation"]["concepts"] == 1 and _positive(r["derivation"]["seconds"])
     assert _positive(r["memory"]["generator_peak_mb"]) and _positive(r["memory"]["tagger_peak_mb"])
     assert _positive(r["physical_limit"]["roofline_tokens_per_s"])
     names = {t["name"] for t in r["targets"]}
     assert "steering overhead, whole band" in names and any(n.startswith("gRPC added") for n in names)
     table = (tmp_path / "results.md").read_text()
-    assert "## Targets" in table and "| unsteered |" in table
+    assert "## Targets" in table and "| unsteered |" in table and "time to first sentence" in table
