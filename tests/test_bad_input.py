@@ -5,7 +5,7 @@ a message, never INTERNAL, UNKNOWN or a crash, and the servers serve normally af
 Each fuzzed Generate is also sent beside a valid steered stream already running, which must
 finish with exactly the text it has alone.
 
-RELIABILITY_EXAMPLES sets the cases per RPC (default 10, the developer loop; `make reliability` runs 1000)."""
+RELIABILITY_EXAMPLES sets the cases per RPC (default 6, the developer loop; `make reliability` runs 1000)."""
 
 import os
 import struct
@@ -24,7 +24,7 @@ from protos.steering.v1 import tagger_pb2
 from steering.profiles import Profile
 from grpc_helpers import StackInThread
 
-EXAMPLES = int(os.environ.get("RELIABILITY_EXAMPLES", "10"))
+EXAMPLES = int(os.environ.get("RELIABILITY_EXAMPLES", "6"))
 CLEAR = {
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED,
     grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED,

@@ -116,11 +116,11 @@ def test_kill_9_during_validate_keeps_the_old_record_and_a_rerun_finishes(tmp_pa
     proc = subprocess.Popen(cmd, env=_env(vectors), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
 
-    def sweeping() -> bool:  # the four checks are done and generation is under way
+    def generating() -> bool:  # the canary is done and the behavioural check is generating
         lines.append(proc.stdout.readline())
-        return "check behavioural" in lines[-1]
+        return "check canary_kl" in lines[-1]
 
-    _kill_when(proc, sweeping)
+    _kill_when(proc, generating)
     assert (model_dir / "validation.json").read_bytes() == before
     assert not list(model_dir.glob(".*.tmp"))
     vecs = {"happy": read_vector(model_dir / "happy.safetensors")}

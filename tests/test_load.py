@@ -1,7 +1,7 @@
 """Load and cancellation against the real generator over real gRPC.
 
 LOAD_SECONDS sets how long 32 streams run (default 20) and CANCELLED_STREAMS how many streams
-are cancelled (default 32): the developer loop's sizes; `make reliability` runs 180 s and 400."""
+are cancelled (default 24): the developer loop's sizes; `make reliability` runs 180 s and 400."""
 
 import os
 import random
@@ -25,7 +25,7 @@ from steering.registry import load_registry
 from grpc_helpers import StackInThread
 
 LOAD_SECONDS = float(os.environ.get("LOAD_SECONDS", "20"))
-CANCELLED = int(os.environ.get("CANCELLED_STREAMS", "32"))
+CANCELLED = int(os.environ.get("CANCELLED_STREAMS", "24"))
 PROMPTS = ["Tell me about dinosaurs.", "I drew a cat!", "Why is snow cold?", "Can you sing?", "I lost my shoe."]
 CONCEPTS = ["happy", "empathy", ""]  # what Blip serves on SmolLM2, and no steering
 
