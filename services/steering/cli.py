@@ -372,6 +372,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .scoring import load_scorer
     from .validate import SweepSettings, baseline, check_load, load_eval_prompts, model_record, run_model_checks, sweep_concept
 
+    if args.max_new_tokens < 1:  # before minutes of loading and checks
+        raise ConfigError("--max-new-tokens must be at least 1")
     paths = _paths()
     entry = _entry(args)
     start = time.perf_counter()
@@ -391,8 +393,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in vectors]
     if unknown:
         raise NotFoundError(f"no usable vector for {', '.join(unknown)} on {loaded.name}; run `steer derive`")
-    if args.max_new_tokens < 1:
-        raise ConfigError("--max-new-tokens must be at least 1")
     settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(args.seeds)),
                              allowlist_seeds=tuple(range(args.allowlist_seeds)), batch_size=args.batch_size,
                              max_new_tokens=args.max_new_tokens, search=not args.no_search)
