@@ -227,13 +227,13 @@ def _config(loaded, concept: str, generated_only: bool):
     alpha spreads over them, norm preservation), or the model's default band at a uniform alpha
     when the record has none; `--generated-only` overrides its positions."""
     from .config import SteerConfig
-    from .record import record_path
+    from .record import entry_config, record_path
 
     try:
-        entry = json.loads(record_path(_paths().model_vectors(loaded.name)).read_text(encoding="utf-8"))["concepts"][concept]
-        config = SteerConfig.from_dict(entry["config"])
+        recorded = entry_config(json.loads(record_path(_paths().model_vectors(loaded.name)).read_text(encoding="utf-8"))["concepts"][concept])
     except (OSError, ValueError, KeyError):
-        config = SteerConfig(loaded.steering_layers)
+        recorded = None
+    config = recorded or SteerConfig(loaded.steering_layers)
     return config.with_(positions="generated") if generated_only else config
 
 

@@ -209,6 +209,12 @@ class Steerability:
         return sorted(c for c, s in self.concepts.items() if s.servable)
 
 
+def entry_config(entry: dict[str, Any]) -> SteerConfig | None:
+    """The configuration a record's concept entry was swept with; None for an entry from before
+    the search, measured with the model's default band at a uniform alpha."""
+    return SteerConfig.from_dict(entry["config"]) if "config" in entry else None
+
+
 def merge_earlier(model_dir: Path, record: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """A partial re-validation's `record` with the concepts it did not measure taken from the
     stored record, and their names. Only a record of the same fingerprint, layers, sweep settings
@@ -263,7 +269,7 @@ def assess(model: str, model_dir: Path, fingerprint: str, vectors: dict[str, Con
         decided = decisions(sweep, replies) if sweep else {}
         status, recommended, max_alpha = decided.get("status", "failed"), decided.get("recommended_alpha"), decided.get("max_alpha")
         child_safe, child = decided.get("child_safe_alpha"), decided.get("child_recommended_alpha")
-        config = SteerConfig.from_dict(entry["config"]) if "config" in entry else None
+        config = entry_config(entry)
         negative = entry.get("negative")
         neg_status, _, neg_max = decide(negative.get("sweep", []), sign=-1.0, replies=replies) if negative else ("unvalidated", None, None)
         recorded = (entry.get("status"), entry.get("recommended_alpha"), entry.get("child_safe_alpha"), entry.get("child_recommended_alpha"))

@@ -9,7 +9,7 @@ import numpy as np
 from .atomic import atomic_path, write_text_atomic
 from .config import SteerConfig
 from .pairs import Concept
-from .record import DEGENERATE_EXCESS_MAX, GATE_D, PPL_RATIO_MAX, Effect, record_replies
+from .record import DEGENERATE_EXCESS_MAX, GATE_D, PPL_RATIO_MAX, Effect, entry_config, record_replies
 from .vector import ConceptVector
 
 REPORT_NAME = "validation.md"
@@ -84,10 +84,10 @@ def markdown(record: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     replies = record_replies(record)
-    default = SteerConfig(tuple(record["layers"])).name
+    default = SteerConfig(tuple(record["layers"]))
     for name, c in sorted(record["concepts"].items()):
         blip = c.get("child_recommended_alpha")
-        config = SteerConfig.from_dict(c["config"]).name if "config" in c else default
+        config = (entry_config(c) or default).name
         lines.append(f"| {name} | {config} | {c['status']} | {_fmt(c['recommended_alpha'])} | {effect_text(c, c['recommended_alpha'], replies)} "
                      f"| {_fmt(c['max_alpha'])} | {effect_text(c, c['max_alpha'], replies)} | {_fmt(c.get('child_safe_alpha'))} "
                      f"| {_fmt(blip)} | {effect_text(c, blip, replies)} | {c['largest_d']:.2f} |")
