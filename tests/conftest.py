@@ -23,8 +23,7 @@ SMOLLM = "smollm2-135m-instruct"
 
 # The files that take a minute or more, started first so that `make test`'s two workers
 # (--dist loadfile) finish together instead of one waiting on a long file picked up last.
-SLOW_FILES = ("test_faults.py", "test_bench.py", "test_tagger.py", "test_bad_input.py", "test_load.py",
-              "test_steering_effect.py")
+SLOW_FILES = ("test_faults.py", "test_bad_input.py", "test_load.py", "test_steering_effect.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
