@@ -17,8 +17,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from generator.server import GeneratorConfig, build_service
+from generator.engine import Steering
 from steering.atomic import write_text_atomic
+from steering.gate import concept_token_ids
 from steering.loading import load_model
+from steering.pairs import load_concept
 from steering.profiles import Profile
 from steering.registry import DTYPES, load_registry
 from steering.settings import paths_from_env
@@ -33,12 +36,16 @@ PROMPTS = [
     "Why do leaves change colour?",
     "I finished my drawing of a rocket!",
 ]
-# A child's turns for Blip's Chat: tagged, mapped by the policy, some steered, some not.
-CHILD_TURNS = [
-    "I'm scared about the spelling test tomorrow.",
-    "I got a new puppy and he licked my face!",
-    "My goldfish died this morning.",
-    "How far away is the moon?",
+# A child's conversations with Blip, one Chat call each, every turn new: each tagged, mapped by
+# the policy, some steered, some not (nervous, delighted, sad, curious). The first warms up.
+CONVERSATIONS = [
+    ["Hi Blip!", "I drew a dragon today."],
+    ["I'm scared about the spelling test tomorrow.", "I got a new puppy and he licked my face!",
+     "My goldfish died this morning.", "How far away is the moon?"],
+    ["I'm nervous about my first swimming lesson.", "We're going to the zoo on Saturday!",
+     "My best friend moved to another town.", "Why do cats purr?"],
+    ["I'm worried the thunder will be loud tonight.", "I lost my first tooth today!",
+     "Nobody wanted to play with me at recess.", "How do bees make honey?"],
 ]
 
 
@@ -107,12 +114,21 @@ def main() -> int:
     results["single_stream"] = measured
     results["peers_missing"] = missing
 
+    log("time to first token in process: the prefix cache off and on")
+    words = concept_token_ids(loaded, cv, load_concept(paths.pairs, cv.concept).words)
+    steering = Steering(cv.concept, {layer: cv.directions[layer] for layer in loaded.steering_layers}, a.alpha,
+                        a.alpha * 2, words)
+    firsts = single.prompt_ids(loaded, service_load.distinct(PROMPTS, 3 if smoke else 13))
+    results["first_token"] = single.first_token(loaded, steering, firsts)
+
     log("derivation")
     results["derivation"] = _derive_seconds(loaded.name, ["happy"] if smoke else None, _model_args(a))
 
     log("services: tagger and generator processes")
     tagger = service_load.start("tagger.server", [])
-    generator = service_load.start("generator.personal", ["--models", loaded.name,
+    # Without the content guard, so that time to first token is the first token's (the guard holds
+    # text to the end of its sentence; Blip's time to first sentence below measures it).
+    generator = service_load.start("generator.personal", ["--models", loaded.name, "--no-guard",
                                                         "--max-batch", "16", "--max-queue", "32", *_model_args(a)])
     try:
         servable = asyncio.run(service_load.served_concepts(generator.address, loaded.name))
@@ -121,10 +137,11 @@ def main() -> int:
             service_load.concurrency(generator.address, PROMPTS, servable, levels, tokens, runs))
         log("time to first token: in process and through gRPC")
         service = build_service(GeneratorConfig(models=(loaded.name,), profile=Profile.PERSONAL,
-                                                device=a.device, dtype=a.dtype))
+                                                device=a.device, dtype=a.dtype, guard=False))
         try:
             results["grpc_ttft"] = asyncio.run(
-                service_load.grpc_vs_in_process(service, generator.address, PROMPTS[0], a.concept, 3 if smoke else 9))
+                service_load.grpc_vs_in_process(service, generator.address,
+                                                service_load.distinct(PROMPTS, 4 if smoke else 10, 10**5), a.concept))
         finally:
             for slot in service.slots.values():
                 slot.engine.close()
@@ -132,14 +149,17 @@ def main() -> int:
         results["memory"] = {"generator_peak_mb": round(generator.peak_memory_mb()),
                              "tagger_peak_mb": round(tagger.peak_memory_mb())}
         generator.stop()  # one generator at a time: Blip's own measures Chat alone on the machine
-        log("Blip: time to first sentence through Chat")
-        blip = service_load.start("generator.server", ["--models", loaded.name, "--tagger", tagger.address,
-                                                     *_model_args(a)])
-        try:
-            results["chat_first_sentence"] = asyncio.run(
-                service_load.chat_first_sentence(blip.address, CHILD_TURNS, 2 if smoke else 12, 8 if smoke else 48))
-        finally:
-            blip.stop()
+        conversations = [c[:2] for c in CONVERSATIONS[:2]] if smoke else CONVERSATIONS
+        results["chat_first_sentence"] = {}
+        for name, mb in (("prefix_cache_off", "0"), ("prefix_cache_on", None)):
+            log(f"Blip: time to first sentence through Chat, {name.replace('_', ' ')}")
+            blip = service_load.start("generator.server", ["--models", loaded.name, "--tagger", tagger.address,
+                                                         *(["--prefix-cache-mb", mb] if mb else []), *_model_args(a)])
+            try:
+                results["chat_first_sentence"][name] = asyncio.run(
+                    service_load.chat_first_sentence(blip.address, conversations, 8 if smoke else 48))
+            finally:
+                blip.stop()
     finally:
         generator.stop()
         tagger.stop()

@@ -91,18 +91,26 @@ async def served_concepts(address: str, model: str) -> list[str]:
     return [c.name for m in resp.models if m.name == model for c in m.concepts if c.servable]
 
 
+def distinct(prompts: Sequence[str], n: int, start: int = 0) -> list[str]:
+    """n prompts no request has sent before (numbered questions), so a prefix cache can reuse
+    only what they share by design: the system prompt and the chat template's start."""
+    return [f"Question {start + i + 1}: {prompts[i % len(prompts)]}" for i in range(n)]
+
+
 async def concurrency(address: str, prompts: list[str], concepts: list[str], levels: Sequence[int], tokens: int,
                       runs: int) -> dict[str, dict]:
     out: dict[str, dict] = {}
+    sent = 0
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generator_pb2_grpc.GeneratorStub(channel)
-        await _stream(stub, prompts[0], concepts[0], 4)  # warm-up
+        await _stream(stub, distinct(prompts, 1, 10**6)[0], concepts[0], 4)  # warm-up
         for n in levels:
             rates, ttfts = [], []
             for _ in range(runs):
+                texts, sent = distinct(prompts, n, sent), sent + n
                 start = time.perf_counter()
                 results = await asyncio.gather(*(
-                    _stream(stub, prompts[i % len(prompts)], concepts[i % len(concepts)], tokens) for i in range(n)
+                    _stream(stub, texts[i], concepts[i % len(concepts)], tokens) for i in range(n)
                 ))
                 rates.append(sum(r[0] for r in results) / (time.perf_counter() - start))
                 ttfts += [r[1] for r in results]
@@ -114,15 +122,15 @@ async def concurrency(address: str, prompts: list[str], concepts: list[str], lev
     return out
 
 
-async def grpc_vs_in_process(service: GeneratorService, address: str, prompt: str, concept: str,
-                             runs: int) -> dict[str, float]:
+async def grpc_vs_in_process(service: GeneratorService, address: str, prompts: Sequence[str], concept: str) -> dict[str, float]:
     """Time to first text of one stream on an idle generator, in process and over gRPC, interleaved.
 
     The two run in different processes, whose engines do not decode at exactly the same speed,
     so the overhead is taken per request against the engine's own time to first text (measured
-    from the job's creation): what the caller waits beyond the engine, over gRPC minus in process."""
+    from the job's creation): what the caller waits beyond the engine, over gRPC minus in process.
+    Both sides get the same prompts, each new to them; the first warms up."""
 
-    async def local() -> tuple[float, float]:
+    async def local(prompt: str) -> tuple[float, float]:
         start, first, engine = time.perf_counter(), float("nan"), float("nan")
         async for event in service.stream(GenerateSpec(prompt=prompt, concept=concept, max_tokens=4)):
             if isinstance(event, TextDelta) and first != first:  # the first text (nan != nan)
@@ -134,10 +142,10 @@ async def grpc_vs_in_process(service: GeneratorService, address: str, prompt: st
     local_ms, remote_ms, local_extra, remote_extra = [], [], [], []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generator_pb2_grpc.GeneratorStub(channel)
-        await local()
-        await _stream(stub, prompt, concept, 4)
-        for _ in range(runs):
-            first, engine = await local()
+        await local(prompts[0])
+        await _stream(stub, prompts[0], concept, 4)
+        for prompt in prompts[1:]:
+            first, engine = await local(prompt)
             local_ms.append(first)
             local_extra.append(first - engine)
             _, first, engine = await _stream(stub, prompt, concept, 4)
@@ -150,29 +158,33 @@ async def grpc_vs_in_process(service: GeneratorService, address: str, prompt: st
             "added_ms": round(med(remote_extra) - med(local_extra), 2)}
 
 
-async def chat_first_sentence(address: str, turns: Sequence[str], runs: int, tokens: int) -> dict[str, Any]:
+async def chat_first_sentence(address: str, conversations: Sequence[Sequence[str]], tokens: int) -> dict[str, Any]:
     """Blip's time to first sentence at one stream, as the child's device sees it: from sending a
     turn on Chat (tagging, policy, prefill, gate, decoding, the guard's check, release) to the first
-    reply text after which the reply holds a whole sentence. Each turn opens its own call."""
+    reply text after which the reply holds a whole sentence. Each conversation is one Chat call
+    whose turns follow one another, as a child's do; the first conversation warms up."""
     times = []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generator_pb2_grpc.GeneratorStub(channel)
-        for i in range(runs + 1):  # the first warms up
-            call = stub.Chat(timeout=300)
-            start, first, reply = time.perf_counter(), None, ""
-            await call.write(gpb.ChatTurn(text=turns[i % len(turns)], max_tokens=tokens))
-            async for event in call:
-                if event.WhichOneof("event") != "reply":
-                    continue
-                kind = event.reply.WhichOneof("event")
-                reply += event.reply.text if kind == "text" else ""
-                if first is None and (kind == "finished" or (kind == "text" and holds_sentence(reply))):
-                    first = (time.perf_counter() - start) * 1000
-                if kind == "finished":
-                    break
+        for n, conversation in enumerate(conversations):
+            call = stub.Chat(timeout=600)
+            for turn in conversation:
+                start, first, reply = time.perf_counter(), None, ""
+                await call.write(gpb.ChatTurn(text=turn, max_tokens=tokens))
+                kind = None
+                while kind != "finished":
+                    event = await call.read()
+                    if event is grpc.aio.EOF:
+                        raise RuntimeError(f"Chat ended before the reply to {turn!r} finished")
+                    if event.WhichOneof("event") != "reply":
+                        continue
+                    kind = event.reply.WhichOneof("event")
+                    reply += event.reply.text if kind == "text" else ""
+                    if first is None and (kind == "finished" or (kind == "text" and holds_sentence(reply))):
+                        first = (time.perf_counter() - start) * 1000
+                if n and first is not None:
+                    times.append(first)
             await call.done_writing()
-            if i and first is not None:
-                times.append(first)
     return {"turns": len(times), "p50_ms": round(percentile(times, 0.5), 1), "p95_ms": round(percentile(times, 0.95), 1)}
 
 

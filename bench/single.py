@@ -2,6 +2,7 @@
 same model, prompts, layers, vector and alpha. Every configuration decodes exactly the same
 number of tokens per prompt (end-of-text suppressed until then), greedily."""
 
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -53,7 +54,8 @@ def _engine_runner(engine: Engine, tokens: int, steering: Steering | None, gate:
 
 
 def our_cases(loaded: LoadedModel, cv: ConceptVector, alpha: float, one_layer: int, tokens: int, pairs_dir) -> list[Case]:
-    engine = Engine(loaded, EngineSettings(max_batch=1, max_queue=4))
+    # No prefix cache: every run prefills its prompt, as the peers do.
+    engine = Engine(loaded, EngineSettings(max_batch=1, max_queue=4, prefix_cache_mb=0))
     band = loaded.steering_layers
     words = concept_token_ids(loaded, cv, load_concept(pairs_dir, cv.concept).words)
 
@@ -140,3 +142,33 @@ def measure(cases: list[Case], prompts: list[list[int]], runs: int) -> dict[str,
     for c in cases:
         c.close()
     return {name: {"runs_tokens_per_s": [round(r, 2) for r in rs], "texts": texts[name]} for name, rs in rates.items()}
+
+
+def first_token(loaded: LoadedModel, steering: Steering, prompts: list[list[int]]) -> dict[str, dict]:
+    """Time to first token in process, one request at a time, steered behind the gate (as a
+    request to the service is by default): the engine with its prefix cache off and on,
+    interleaved. Every prompt is new to both engines; the cache can only reuse what the
+    prompts share (the system prompt and the chat template's start)."""
+    engines = {"prefix_cache_off": Engine(loaded, EngineSettings(max_batch=1, max_queue=4, prefix_cache_mb=0)),
+               "prefix_cache_on": Engine(loaded, EngineSettings(max_batch=1, max_queue=4))}
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    try:
+        for i, ids in enumerate(prompts):  # the first warms each engine up
+            for name, engine in engines.items():
+                done, finished = threading.Event(), []
+
+                def emit(event: Event) -> None:
+                    if isinstance(event, Finished):
+                        finished.append(event)
+                        done.set()
+
+                engine.submit(Job(ids, emit, steering, max_tokens=4, gate=GateConfig(True)))
+                if not done.wait(600):
+                    raise TimeoutError("the engine did not finish a benchmark job in 10 minutes")
+                if i:
+                    times[name].append(finished[0].time_to_first_token_ms)
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return {name: {"p50_ms": round(statistics.median(t), 1), "runs": len(t),
+                   "prompt_tokens": round(statistics.mean(map(len, prompts[1:])), 1)} for name, t in times.items()}

@@ -33,8 +33,10 @@ def test_bench_smoke_writes_well_formed_results(tmp_path) -> None:
     assert set(r["concurrency"]) == {"1", "2"}
     assert all(_positive(c["tokens_per_s"]) and c["ttft_ms_p95"] >= c["ttft_ms_p50"] > 0 for c in r["concurrency"].values())
     assert _positive(r["grpc_ttft"]["grpc_ms_p50"]) and _positive(r["tagger"]["p50_ms"])
-    chat = r["chat_first_sentence"]
-    assert chat["turns"] == 2 and chat["p95_ms"] >= chat["p50_ms"] > 0
+    for side in ("prefix_cache_off", "prefix_cache_on"):
+        chat = r["chat_first_sentence"][side]
+        assert chat["turns"] == 2 and chat["p95_ms"] >= chat["p50_ms"] > 0
+        assert r["first_token"][side]["runs"] == 2 and _positive(r["first_token"][side]["p50_ms"])
     assert r["derivation"]["concepts"] == 1 and _positive(r["derivation"]["seconds"])
     assert _positive(r["memory"]["generator_peak_mb"]) and _positive(r["memory"]["tagger_peak_mb"])
     assert _positive(r["physical_limit"]["roofline_tokens_per_s"])

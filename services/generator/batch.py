@@ -21,6 +21,8 @@ from steering.derive import position_ids
 from steering.hooks import steer
 from steering.layers import DecoderLayers
 
+from .prefix import Past, past_length
+
 
 @dataclass
 class Rows:
@@ -53,19 +55,57 @@ def _forward(
 def prefill(
     model: PreTrainedModel, layers: DecoderLayers, prompts: Sequence[Sequence[int]], deltas: dict[int, torch.Tensor],
     pad_id: int = 0, switches: tuple[torch.Tensor, torch.Tensor] | None = None,
+    pasts: Sequence[Past | None] | None = None,
 ) -> Rows:
     """Run the prompts (token ids) as a new left-padded batch; `deltas[layer]` is [rows, hidden];
-    `switches`: per-row steer_prompt and preserve_norm (hooks.row_switches), default on and off."""
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad_id] * (width - len(p)) + list(p) for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    positions = position_ids(mask)
+    `switches`: per-row steer_prompt and preserve_norm (hooks.row_switches), default on and off.
+    `pasts[i]`, when given, holds the keys and values of prompt i's first tokens (a prefix
+    cache hit): only the rest of that prompt is run. Cached and new tokens are left-padded
+    separately, so a row may have masked columns between its two parts."""
+    pasts = list(pasts) if pasts is not None else [None] * len(prompts)
+    cached = [past_length(p) if p else 0 for p in pasts]
+    fresh = [list(p)[n:] for p, n in zip(prompts, cached)]
+    before, width = max(cached), max(len(f) for f in fresh)
+    ids = torch.tensor([[pad_id] * (width - len(f)) + f for f in fresh], device=model.device)
+    mask = torch.tensor([[0] * (before - n) + [1] * n + [0] * (width - len(f)) + [1] * len(f)
+                         for n, f in zip(cached, fresh)], device=model.device)
+    positions = position_ids(mask)[:, before:]
     if switches is None:
         switches = (torch.ones(len(prompts), dtype=torch.bool), torch.zeros(len(prompts), dtype=torch.bool))
     prompt_rows, preserve_rows = (t.to(model.device) for t in switches)
-    rows = Rows(DynamicCache(), mask, positions[:, -1:], torch.empty(0), deltas, prompt_rows, preserve_rows)
+    rows = Rows(_cache_of(pasts, before), mask, positions[:, -1:], torch.empty(0), deltas, prompt_rows, preserve_rows)
     rows.logits = _forward(model, layers, rows, ids, positions, logits_to_keep=1)[:, -1]
     return rows
+
+
+def _cache_of(pasts: Sequence[Past | None], width: int) -> DynamicCache:
+    """A cache holding every row's cached prefix, left-padded to `width` columns."""
+    cache = DynamicCache()
+    template = next((p for p in pasts if p), None)
+    if template is None or not width:
+        return cache
+    for layer, (k0, v0) in enumerate(template):
+        keys = [_left_pad(p[layer][0], width, -2) if p else k0.new_zeros(*k0.shape[:-2], width, k0.shape[-1])
+                for p in pasts]
+        values = [_left_pad(p[layer][1], width, -2) if p else v0.new_zeros(*v0.shape[:-2], width, v0.shape[-1])
+                  for p in pasts]
+        cache.update(torch.cat(keys), torch.cat(values), layer)
+    return cache
+
+
+def row_past(rows: Rows, row: int, length: int) -> Past:
+    """Copies of one row's keys and values at its first `length` real tokens (for the prefix cache)."""
+    columns = rows.mask[row].nonzero().flatten()[:length]
+    return [(layer.keys[row : row + 1].index_select(-2, columns), layer.values[row : row + 1].index_select(-2, columns))
+            for layer in cache_layers(rows.cache)]
+
+
+def caches_prefixes(model: PreTrainedModel) -> bool:
+    """Whether prompts' keys and values can be cached and reused: not with sliding-window
+    attention, whose cache layers count and drop columns on their own."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    types = getattr(config, "layer_types", None) or ()
+    return "sliding_attention" not in types and not getattr(config, "use_sliding_window", False)
 
 
 @torch.no_grad()

@@ -35,9 +35,10 @@ from steering.config import SteerConfig
 from steering.hooks import RowSteering, row_switches, stack_rows
 from steering.loading import LoadedModel
 
-from .batch import Rows, decode, merge, prefill, select, split_off
+from .batch import Rows, caches_prefixes, decode, merge, prefill, row_past, select, split_off
 from .events import Event, Failed, Finished, Gate, Guarded, KlSample, Reinjection, Started, TextDelta
 from .metrics import GeneratorMetrics
+from .prefix import Past, PrefixCache, SteeringKey, past_length, steering_key
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ class TextStream:
 class EngineSettings:
     max_batch: int = 8  # streams decoded together
     max_queue: int = 16  # requests waiting to join beyond that
+    prefix_cache_mb: int = 64  # keys and values of recent prompts, reused by prompts that begin alike; 0: off
 
 
 # The KL shadow catches up on the steered row's tokens this many at a time: one forward of a
@@ -396,9 +398,12 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, settings: EngineSettings = EngineSettings(),
                  metrics: GeneratorMetrics | None = None) -> None:
-        if settings.max_batch < 1 or settings.max_queue < 1:
-            raise ValueError("max_batch and max_queue must be at least 1")
+        if settings.max_batch < 1 or settings.max_queue < 1 or settings.prefix_cache_mb < 0:
+            raise ValueError("max_batch and max_queue must be at least 1, prefix_cache_mb at least 0")
         self.loaded, self.settings = loaded, settings
+        # Only the worker thread touches it.
+        self._prefixes = (PrefixCache(settings.prefix_cache_mb * 2**20)
+                          if settings.prefix_cache_mb and caches_prefixes(loaded.model) else None)
         self.metrics = metrics or GeneratorMetrics()
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=settings.max_queue)
         self._closing = threading.Event()
@@ -472,10 +477,13 @@ class Engine:
         if not ready:
             return None, []
         lm = self.loaded
+        keys = [steering_key(a) for a in additions]
+        pasts = [self._prefixes.lookup(k, p) if self._prefixes else None for k, p in zip(keys, prompts)]
         try:
             deltas = stack_rows(additions, lm.hidden_size, lm.model.dtype, lm.device)
             rows = prefill(lm.model, lm.layers, prompts, deltas, lm.tokenizer.pad_token_id or 0,
-                           row_switches(additions, lm.device))
+                           row_switches(additions, lm.device), pasts)
+            self._remember(rows, prompts, keys, pasts)
         except Exception as exc:  # the joiners' shared forward pass: the running batch is not in it
             for s in ready:
                 self._fail(s, exc)
@@ -496,6 +504,19 @@ class Engine:
             keep.append(start + main)
             joined.append(s)
         return (select(rows, keep), joined) if keep else (None, [])
+
+    def _remember(self, rows: Rows, prompts: list[list[int]], keys: list[SteeringKey], pasts: list[Past | None]) -> None:
+        """Count the prompt tokens reused and computed, and cache each prompt's keys and values
+        but its last token's."""
+        reused = sum(past_length(p) if p else 0 for p in pasts)
+        self.metrics.prefix_tokens.labels(self.loaded.name, "reused").inc(reused)
+        self.metrics.prefix_tokens.labels(self.loaded.name, "computed").inc(sum(map(len, prompts)) - reused)
+        if self._prefixes is None:
+            return
+        for row, (prompt, key, past) in enumerate(zip(prompts, keys, pasts)):
+            length = len(prompt) - 1
+            if length and (past is None or past_length(past) < length):
+                self._prefixes.store(key, prompt[:length], row_past(rows, row, length))
 
     def _set_row(self, rows: Rows, row: int, steering: RowSteering | None) -> None:
         additions = steering.additions if steering else {}

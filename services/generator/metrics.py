@@ -47,6 +47,10 @@ class GeneratorMetrics:
             "text event after which the reply holds a whole sentence, or to the end of a reply without one",
             ["model"], buckets=_TTFT_BUCKETS, registry=r,
         )
+        self.prefix_tokens = Counter(
+            "steer_prompt_tokens", "Prompt tokens prefilled, by whether the prefix cache held them (reused) or not",
+            ["model", "source"], registry=r,
+        )
         self.gate_decisions = Counter(
             "steer_gate_decisions", "Top-3 gate decisions (skip = steering not applied)", ["model", "decision"],
             registry=r,
