@@ -3,6 +3,7 @@ ceiling is withheld at a sentence boundary and goes on unsteered, a loop is cut 
 and a clean reply comes out exactly as it would without the guard."""
 
 import dataclasses
+import threading
 
 import pytest
 
@@ -73,6 +74,39 @@ def test_a_forced_loop_is_cut_the_same_way(smollm, paths, engine, guard) -> None
     print(f"\nforced happy @ {LOOP_ALPHA}: {unguarded.text!r}\nguarded: {guarded.text!r}\nevents: {guarded.guarded}")
     assert guarded.guarded and guarded.guarded[0].action == "regenerated_unsteered"
     assert not guard.check_reply("", guarded.text).flagged
+
+
+@dataclasses.dataclass(frozen=True)
+class _SlowGuard(ThemeGuard):
+    """The real guard, whose checks wait until the test lets them run."""
+
+    release: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def check_reply(self, sent: str, new: str):
+        assert self.release.wait(300), "the test never released the guard"
+        return super().check_reply(sent, new)
+
+
+def test_a_check_in_progress_stalls_no_other_row_and_changes_no_text(smollm, paths, engine, guard) -> None:
+    """The guard's checks run off the engine thread: while one row's sentence waits for its
+    check, another row decodes to its end; the held reply then comes out exactly as it does
+    when every check is instant (withheld at the same sentence, regenerated the same way)."""
+    instant = _run(engine, smollm, paths, SAD_PROMPT, "sad", SAD_ALPHA, guard)
+    slow = _SlowGuard(**{f.name: getattr(guard, f.name) for f in dataclasses.fields(guard)})
+    ids = smollm.tokenizer(render_prompt(smollm, SAD_PROMPT), add_special_tokens=False)["input_ids"]
+    cv = read_vector(paths.vectors / smollm.name / "sad.safetensors")
+    sad = Steering("sad", {layer: cv.directions[layer] for layer in smollm.steering_layers}, SAD_ALPHA, SAD_ALPHA,
+                   frozenset())
+    held = Collector()
+    engine.submit(Job(ids, held, sad, max_tokens=64, gate=GateConfig(enabled=False), guard=slow))
+    other = _run(engine, smollm, paths, "How do bees make honey?", None, 0.0, None, max_tokens=48)
+    assert other.finished.reason in ("length", "end_of_text") and other.text
+    assert not held.done.is_set() and not held.first_text.is_set()  # still waiting for its first check
+    slow.release.set()
+    assert held.done.wait(300)
+    assert held.text == instant.text and held.finished.reason == instant.finished.reason
+    assert [(g.action, g.withheld_chars) for g in held.guarded] == [(g.action, g.withheld_chars) for g in instant.guarded]
+    assert held.guarded, "the forced reply was not withheld: the test no longer shows a restart"
 
 
 def test_a_clean_reply_is_the_same_text_with_and_without_the_guard(smollm, paths, engine, guard) -> None:

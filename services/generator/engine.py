@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ThreadPoolExecutor, wait
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -30,7 +31,7 @@ import torch
 from steering.errors import ResourceExhausted, SteeringError, Unavailable
 from steering.gate import DEFAULT_THRESHOLD, decide
 from steering.generate import eos_ids, sample
-from steering.guard import ThemeGuard, ends_sentence
+from steering.guard import ThemeGuard, Verdict, ends_sentence
 from steering.config import SteerConfig
 from steering.hooks import RowSteering, row_switches, stack_rows
 from steering.loading import LoadedModel
@@ -163,6 +164,15 @@ SHADOW_CHUNK = 4
 GUARD_MAX_HELD = 240
 
 
+@dataclass
+class _Held:
+    """A sentence waiting for the guard's check."""
+
+    text: str
+    tokens: int  # the reply's length in tokens up to its end
+    rng: torch.Tensor  # the sampler's state then
+
+
 class StepResult(NamedTuple):
     token: int | None  # None: the stream has ended, or leaves the batch to restart
     alpha_changed: bool = False
@@ -184,8 +194,8 @@ class _Pending:
 class _Stream:
     """One request in the running batch (one row): its text, sampler and KL shadow."""
 
-    def __init__(self, loaded: LoadedModel, job: Job, eos: set[int]) -> None:
-        self.loaded, self.job, self.eos = loaded, job, eos
+    def __init__(self, loaded: LoadedModel, job: Job, eos: set[int], checks: Executor) -> None:
+        self.loaded, self.job, self.eos, self.checks = loaded, job, eos, checks
         st = job.steering
         self.base_alpha = self.alpha = st.alpha if st else 0.0
         self.main_steered = False
@@ -199,15 +209,24 @@ class _Stream:
         self.reinject_until = -1
         self.first_token_ms = 0.0
         self.reason: str | None = None  # set when the stream has ended
-        # The guard: text already sent, the tokens behind it, text waiting for its sentence to end.
+        # The guard: text already sent and the tokens behind it; text waiting for its sentence to
+        # end; whole sentences waiting for their check, in order; the check of the first of them.
         self.sent = ""
         self.sent_tokens = 0
         self.held = ""
+        self.waiting: deque[_Held] = deque()
+        self.checking: Future[Verdict] | None = None
+        self.ending = ""  # why the reply ended, while its last text waits for the guard
         self.restarting = False  # set when a guarded reply goes on unsteered from what was sent
         self.generator = torch.Generator(device=loaded.device)
         seed = job.sampling.seed if job.sampling.seed is not None else time.time_ns() % (2**63)
         self.generator.manual_seed(seed)
         self.started = time.perf_counter()
+
+    @property
+    def decoding(self) -> bool:
+        """Still a row of the batch: not ended, not restarting, not waiting for the guard's last checks."""
+        return self.reason is None and not self.restarting and not self.ending
 
     def additions(self, steered: bool) -> RowSteering | None:
         st = self.job.steering
@@ -315,11 +334,11 @@ class _Stream:
         if self.pending:
             self.pending[-1].token = token
         delta, stopped = self.text.push(self.generated)
-        first = self._send(delta, final=stopped) if delta or stopped else False
+        if stopped:
+            return self.finish("stop_sequence", delta=delta)
+        first = self._send(delta)
         if isinstance(first, StepResult):  # the guard withheld the text
             return first
-        if stopped:
-            return self.end("stop_sequence", first)
         if len(self.generated) >= job.max_tokens:
             return self.finish("length", first)
         reinjections = self._catch_up() if len(self.pending) >= SHADOW_CHUNK else 0
@@ -335,25 +354,37 @@ class _Stream:
 
     def _send(self, delta: str, final: bool = False) -> "bool | StepResult":
         """Without a guard, send the text now. With one, hold it until its sentence ends (or the
-        reply does), then check it: clean text goes out, flagged text is withheld."""
+        reply does), then have it checked off the engine thread, one sentence after another:
+        clean text goes out, flagged text is withheld. Returns whether text went out first, or
+        the withholding's result."""
         guard = self.job.guard
         if guard is None:
             return self._emit_text(delta) if delta else False
         self.held += delta
-        if not self.held.strip() or not (final or ends_sentence(self.held) or len(self.held) >= GUARD_MAX_HELD):
-            return False
-        verdict = guard.check_reply(self.sent, self.held)
-        if verdict.flagged:
-            return self._withhold(verdict.reason, verdict.themes)
-        first = self._emit_text(self.held)
-        self.sent, self.sent_tokens, self.held = self.sent + self.held, len(self.generated), ""
+        if self.held.strip() and (final or ends_sentence(self.held) or len(self.held) >= GUARD_MAX_HELD):
+            # The sampler's state now, so that a restart samples as it would had the check been instant.
+            self.waiting.append(_Held(self.held, len(self.generated), self.generator.get_state()))
+            self.held = ""
+        first = False
+        while self.waiting:
+            if self.checking is None:
+                self.checking = self.checks.submit(guard.check_reply, self.sent, self.waiting[0].text)
+            if not self.checking.done():
+                break
+            verdict, self.checking = self.checking.result(), None
+            sentence = self.waiting.popleft()
+            if verdict.flagged:
+                self.generator.set_state(sentence.rng)
+                return self._withhold(verdict.reason, verdict.themes, len(sentence.text))
+            first = self._emit_text(sentence.text) or first
+            self.sent, self.sent_tokens = self.sent + sentence.text, sentence.tokens
         return first
 
-    def _withhold(self, reason: str, themes: tuple[str, ...]) -> StepResult:
-        """Drop the held text. A steered reply goes on without steering from what was already
-        sent (the stream re-joins the batch with that as its prompt); any other reply ends."""
-        withheld = len(self.held)
-        self.held = ""
+    def _withhold(self, reason: str, themes: tuple[str, ...], withheld: int) -> StepResult:
+        """Drop the flagged text (`withheld` characters) and what was decoded after it while it
+        was being checked. A steered reply goes on without steering from what was already sent
+        (the stream re-joins the batch with that as its prompt); any other reply ends."""
+        self.held, self.waiting, self.ending = "", deque(), ""
         if self.main_steered:
             self.job.emit(Guarded(reason, themes, "regenerated_unsteered", withheld))
             self.main_steered, self.alpha, self.restarting = False, 0.0, True
@@ -365,14 +396,32 @@ class _Stream:
         result = self.end("guard")
         return result._replace(guard_action="cut")
 
-    def finish(self, reason: str, first_text: bool = False) -> StepResult:
-        """End-of-text or length: the guard checks the last words before the stream ends."""
-        if self.job.guard is not None:
-            sent = self._send(self.text.flush(self.generated), final=True)
-            if isinstance(sent, StepResult):
-                return sent
-            first_text = first_text or sent
-        return self.end(reason, first_text)
+    def finish(self, reason: str, first_text: bool = False, delta: str = "") -> StepResult:
+        """The reply is complete (end-of-text, length, a stop sequence). With a guard its last
+        text is checked before the stream ends; until then the stream waits out of the batch
+        (`drain`)."""
+        if self.job.guard is None:
+            first_text = (self._emit_text(delta) if delta else False) or first_text
+            return self.end(reason, first_text)
+        self.ending = reason
+        tail = delta if reason == "stop_sequence" else self.text.flush(self.generated)
+        sent = self._send(tail, final=True)
+        if isinstance(sent, StepResult):
+            return sent
+        return self.drain(first_text or sent)
+
+    def drain(self, first_text: bool = False) -> StepResult:
+        """A complete reply waiting for the guard's last checks: ends when they are clean."""
+        if self.job.cancelled.is_set():
+            return self.end("cancelled", first_text)
+        if self.job.deadline is not None and time.monotonic() >= self.job.deadline:
+            return self.end("deadline", first_text)
+        sent = self._send("")
+        if isinstance(sent, StepResult):
+            return sent
+        if self.checking is None and not self.waiting:
+            return self.end(self.ending, first_text or sent)
+        return StepResult(None, first_text=first_text or sent)
 
     def fail(self, exc: Exception) -> None:
         """This row alone went wrong: its caller gets the error, the batch goes on without it."""
@@ -407,6 +456,8 @@ class Engine:
         self.metrics = metrics or GeneratorMetrics()
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=settings.max_queue)
         self._closing = threading.Event()
+        # The guard's checks run here, off the engine thread: a row waiting for one stalls no other.
+        self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"guard-{loaded.name}")
         self._thread = threading.Thread(target=self._run, name=f"engine-{loaded.name}", daemon=True)
         self._thread.start()
 
@@ -425,6 +476,7 @@ class Engine:
         """Stop the worker: running streams and every job still queued end as cancelled."""
         self._closing.set()
         self._thread.join(timeout=30)
+        self._checks.shutdown(wait=False, cancel_futures=True)
         self._cancel_queued()  # a submit racing the worker's own drain still gets its Finished
 
     def _cancel_queued(self) -> None:
@@ -524,10 +576,9 @@ class Engine:
             d[row] = additions[layer].to(d.dtype) if layer in additions else 0
 
     def _step(self, batch: Rows, streams: list[_Stream]) -> tuple[list[int], torch.Tensor, int]:
-        """Sample every stream's token (row i is stream i). Returns the rows still live, the
-        token of each row and how many tokens were generated. A stream the guard restarts is
-        not live: it leaves the batch and joins again."""
-        name, m = self.loaded.name, self.metrics
+        """Sample every stream's token (row i is stream i). Returns the rows still decoding, the
+        token of each row and how many tokens were generated. A stream the guard restarts, or
+        one whose complete reply waits for the guard, leaves the batch."""
         tokens = torch.zeros(len(streams), dtype=torch.long, device=self.loaded.device)
         produced = 0
         for row, s in enumerate(streams):
@@ -538,22 +589,35 @@ class Engine:
                 self._fail(s, exc)
                 continue
             produced += max(0, len(s.generated) - before)  # a guard restart shortens the reply
-            if r.first_text:
-                m.time_to_first_token.labels(name).observe(s.first_token_ms / 1000)
-            if r.reinjections:
-                m.reinjections.labels(name).inc(r.reinjections)
-            if r.guard_action:
-                m.guard_actions.labels(name, r.guard_action).inc()
-            if r.token is None and s.reason is None:  # restarting
-                continue
+            self._account(s, r)
             if r.token is None:
-                m.finished.labels(name, s.reason).inc()
                 continue
             tokens[row] = r.token
             if r.alpha_changed:
                 self._set_row(batch, row, s.additions(True))
-        m.tokens.labels(name).inc(produced)
-        return [i for i, s in enumerate(streams) if s.reason is None and not s.restarting], tokens, produced
+        self.metrics.tokens.labels(self.loaded.name).inc(produced)
+        return [i for i, s in enumerate(streams) if s.decoding], tokens, produced
+
+    def _drain(self, draining: list[_Stream]) -> tuple[list[_Stream], list[_Stream]]:
+        """Streams whose complete reply waits for the guard: (still waiting, restarting)."""
+        for s in draining:
+            try:
+                self._account(s, s.drain())
+            except Exception as exc:
+                self._fail(s, exc)
+        waiting = [s for s in draining if s.reason is None and not s.restarting]
+        return waiting, [s for s in draining if s.restarting and s.reason is None]
+
+    def _account(self, s: _Stream, r: StepResult) -> None:
+        name, m = self.loaded.name, self.metrics
+        if r.first_text:
+            m.time_to_first_token.labels(name).observe(s.first_token_ms / 1000)
+        if r.reinjections:
+            m.reinjections.labels(name).inc(r.reinjections)
+        if r.guard_action:
+            m.guard_actions.labels(name, r.guard_action).inc()
+        if r.token is None and s.reason is not None:
+            m.finished.labels(name, s.reason).inc()
 
     def _run(self) -> None:
         name, m = self.loaded.name, self.metrics
@@ -561,10 +625,16 @@ class Engine:
         batch: Rows | None = None
         streams: list[_Stream] = []  # one per batch row
         restarts: list[_Stream] = []  # guarded streams waiting to join again, unsteered
+        draining: list[_Stream] = []  # complete replies waiting for the guard's last checks
         recent: deque[tuple[float, int]] = deque()  # (time, tokens) over the last 10 s
         while not self._closing.is_set():
-            room = self.settings.max_batch - len(streams) - len(restarts)
-            jobs = self._take(room, wait=batch is None and not restarts)
+            room = self.settings.max_batch - len(streams) - len(restarts) - len(draining)
+            jobs = self._take(room, wait=batch is None and not restarts and not draining)
+            if draining:
+                draining, back = self._drain(draining)
+                restarts += back
+                if batch is None and not restarts and not jobs and draining:  # nothing to decode meanwhile
+                    wait([s.checking for s in draining if s.checking], timeout=0.05, return_when=FIRST_COMPLETED)
             try:
                 with torch.no_grad():
                     joining, restarts = restarts + self._streams(jobs, eos), []
@@ -577,7 +647,8 @@ class Engine:
                     if batch is not None:
                         live, tokens, produced = self._step(batch, streams)
                         recent.append((time.monotonic(), produced))
-                        restarts = [s for s in streams if s.restarting]
+                        restarts = [s for s in streams if s.restarting and s.reason is None]
+                        draining += [s for s in streams if s.ending and s.reason is None and not s.restarting]
                         if len(live) < len(streams):
                             streams = [streams[i] for i in live]
                             batch = select(batch, live) if live else None
@@ -594,7 +665,7 @@ class Engine:
             m.tokens_per_second.labels(name).set(sum(n for _, n in recent) / 10)
             m.batch_streams.labels(name).set(len(streams))
             m.batch_occupancy.labels(name).set(len(streams) / self.settings.max_batch)
-        for s in streams + restarts:  # shutting down: end what is still running, and what waits
+        for s in streams + restarts + draining:  # shutting down: end what is still running, and what waits
             if s.reason is None:
                 s.end("cancelled")
         self._cancel_queued()
@@ -603,7 +674,7 @@ class Engine:
         streams = []
         for job in jobs:
             try:
-                streams.append(_Stream(self.loaded, job, eos))
+                streams.append(_Stream(self.loaded, job, eos, self._checks))
             except Exception as exc:
                 log.error("could not start a stream: %s", exc)
                 _tell(job, Failed(exc))
