@@ -20,6 +20,7 @@ from generator.server import GeneratorConfig, build_service
 from generator.engine import Steering
 from steering.atomic import write_text_atomic
 from steering.gate import concept_token_ids
+from steering.guard import load_guard
 from steering.loading import load_model
 from steering.pairs import load_concept
 from steering.profiles import Profile
@@ -59,6 +60,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--one-layer", type=int, default=15, help="the layer of the one-layer case")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: in process and for the services")
     p.add_argument("--dtype", choices=DTYPES, help="override the registry's dtype (its vectors must match)")
+    p.add_argument("--faster", default="smollm2-135m-instruct-int8",
+                   help="a faster registered model to measure beside the first on one stream ('' for none)")
     return p.parse_args()
 
 
@@ -90,7 +93,8 @@ def main() -> int:
     prompts = PROMPTS[:1] if smoke else PROMPTS[:3]
     levels = (1, 2) if smoke else (1, 2, 4, 8, 16)
     paths = paths_from_env()
-    loaded = load_model(load_registry(paths.registry).get(a.model), paths.cache, device=a.device, dtype=a.dtype)
+    registry = load_registry(paths.registry)
+    loaded = load_model(registry.get(a.model), paths.cache, device=a.device, dtype=a.dtype)
     cv = read_vector(paths.vectors / loaded.name / f"{a.concept}.safetensors")
     results: dict = {"machine": system.machine(), "model": loaded.name, "device": str(loaded.device),
                      "dtype": str(loaded.model.dtype).removeprefix("torch."), "started": time.strftime("%Y-%m-%d %H:%M"),
@@ -104,6 +108,11 @@ def main() -> int:
     ids = single.prompt_ids(loaded, prompts)
     peers, missing = single.peer_cases(loaded, cv, a.alpha, tokens)
     cases = single.our_cases(loaded, cv, a.alpha, a.one_layer, tokens, paths.pairs) + peers
+    faster = None
+    if a.faster:
+        faster = load_model(registry.get(a.faster), paths.cache, device=a.device, dtype=a.dtype)
+        own = paths.vectors / faster.name / f"{a.concept}.safetensors"
+        cases += single.faster_cases(faster, read_vector(own) if own.exists() else None, a.alpha, tokens)
     measured = single.measure(cases, ids, runs)
     for m in measured.values():
         m["tokens_per_s"] = round(statistics.median(m["runs_tokens_per_s"]), 2)
@@ -120,6 +129,10 @@ def main() -> int:
                         a.alpha * 2, words)
     firsts = single.prompt_ids(loaded, service_load.distinct(PROMPTS, 3 if smoke else 13))
     results["first_token"] = single.first_token(loaded, steering, firsts)
+
+    log("8 streams, one of them held by the content guard")
+    results["guard_hold"] = single.guard_hold(loaded, load_guard(paths.guard), ids, 2 if smoke else 8,
+                                              tokens if smoke else 48, runs)
 
     log("derivation")
     results["derivation"] = _derive_seconds(loaded.name, ["happy"] if smoke else None, _model_args(a))
@@ -173,6 +186,15 @@ def main() -> int:
                                  "roofline_tokens_per_s": round(roofline, 2),
                                  "achieved_unsteered_tokens_per_s": achieved,
                                  "fraction_of_roofline": round(achieved / roofline, 3)}
+    if faster is not None:
+        fast_weights = system.weight_bytes(faster.model)
+        fast_roofline = bandwidth * 1e9 / fast_weights
+        plain = results["single_stream"]["transformers_generate"]["tokens_per_s"]
+        results["faster"] = {
+            "model": faster.name, "weight_bytes": fast_weights, "roofline_tokens_per_s": round(fast_roofline, 2),
+            "cases": {name: {"tokens_per_s": m["tokens_per_s"], "vs_transformers_generate": round(m["tokens_per_s"] / plain, 3),
+                             "fraction_of_roofline": round(m["tokens_per_s"] / fast_roofline, 3)}
+                      for name, m in results["single_stream"].items() if name.startswith(faster.name)}}
     results["targets"] = targets(results)
 
     a.out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from generator.engine import Engine, EngineSettings, GateConfig, Job, KlConfig, 
 from generator.events import Event, Finished, TextDelta
 from steering.gate import concept_token_ids
 from steering.generate import render_prompt
+from steering.guard import ThemeGuard
 from steering.loading import LoadedModel
 from steering.pairs import load_concept
 from steering.vector import ConceptVector
@@ -69,6 +70,18 @@ def our_cases(loaded: LoadedModel, cv: ConceptVector, alpha: float, one_layer: i
         Case("steered_band_kl", _engine_runner(engine, tokens, steering(band), False, True)),
         Case("steered_band_gate", _engine_runner(engine, tokens, steering(band), True, False)),
     ]
+    return cases[:-1] + [Case(cases[-1].name, cases[-1].run, engine.close)]
+
+
+def faster_cases(loaded: LoadedModel, cv: ConceptVector | None, alpha: float, tokens: int) -> list[Case]:
+    """A faster registered model (its own fingerprint, vectors and record) in our engine,
+    unsteered and steered with its own vector, to set beside plain generate of the fp32 model."""
+    engine = Engine(loaded, EngineSettings(max_batch=1, max_queue=4, prefix_cache_mb=0))
+    cases = [Case(f"{loaded.name}_unsteered", _engine_runner(engine, tokens, None, False, False))]
+    if cv is not None:
+        band = loaded.steering_layers
+        st = Steering(cv.concept, {layer: cv.directions[layer] for layer in band}, alpha, alpha * 2, frozenset())
+        cases.append(Case(f"{loaded.name}_steered_band", _engine_runner(engine, tokens, st, False, False)))
     return cases[:-1] + [Case(cases[-1].name, cases[-1].run, engine.close)]
 
 
@@ -172,3 +185,41 @@ def first_token(loaded: LoadedModel, steering: Steering, prompts: list[list[int]
             engine.close()
     return {name: {"p50_ms": round(statistics.median(t), 1), "runs": len(t),
                    "prompt_tokens": round(statistics.mean(map(len, prompts[1:])), 1)} for name, t in times.items()}
+
+
+def guard_hold(loaded: LoadedModel, guard: ThemeGuard, prompts: list[list[int]], streams: int, tokens: int,
+               runs: int) -> dict[str, object]:
+    """`streams` unsteered streams at once, each `tokens` long; in every other run the first of
+    them has the content guard, which holds its text and checks it sentence by sentence. What
+    the others decode per second, with and without that guarded neighbour, interleaved."""
+    engine = Engine(loaded, EngineSettings(max_batch=streams, max_queue=streams, prefix_cache_mb=0))
+    rates: dict[str, list[float]] = {"without": [], "with": []}
+    try:
+        for run in range(2 * runs + 1):  # the first warms up
+            side = "with" if run % 2 else "without"
+            dones = [threading.Event() for _ in range(streams)]
+            ends: list[float] = [0.0] * streams
+            counts = [0] * streams
+
+            def emit_for(i: int) -> Callable[[Event], None]:
+                def emit(event: Event) -> None:
+                    if isinstance(event, Finished):
+                        counts[i], ends[i] = event.completion_tokens, time.perf_counter()
+                        dones[i].set()
+                return emit
+
+            start = time.perf_counter()
+            for i in range(streams):
+                engine.submit(Job(prompts[i % len(prompts)], emit_for(i), max_tokens=tokens, min_tokens=tokens,
+                                  guard=guard if side == "with" and i == 0 else None))
+            if not all(d.wait(600) for d in dones):
+                raise TimeoutError("a benchmark stream did not finish in 10 minutes")
+            if run:
+                rates[side].append(sum(counts[1:]) / (max(ends[1:]) - start))
+    finally:
+        engine.close()
+    med = {side: statistics.median(r) for side, r in rates.items()}
+    return {"streams": streams, "tokens": tokens, "runs": runs,
+            "others_tokens_per_s": {side: round(m, 2) for side, m in med.items()},
+            "runs_tokens_per_s": {side: [round(x, 2) for x in r] for side, r in rates.items()},
+            "drop": round(1 - med["with"] / med["without"], 3)}

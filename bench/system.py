@@ -44,10 +44,15 @@ def memory_bandwidth_gb_s(megabytes: int = 512, repeats: int = 5, device: torch.
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of distinct parameters (a tied embedding counts once)."""
+    """Bytes of distinct weights (a tied embedding counts once), with the int8 weights of
+    dynamically quantised Linear layers, which are not parameters."""
     seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+    tensors = list(model.parameters())
+    for module in model.modules():
+        if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
+            tensors += [t for t in (module.weight(), module.bias()) if t is not None]
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
     return total

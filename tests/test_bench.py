@@ -40,6 +40,10 @@ def test_bench_smoke_writes_well_formed_results(tmp_path) -> None:
     assert r["derivation"]["concepts"] == 1 and _positive(r["derivation"]["seconds"])
     assert _positive(r["memory"]["generator_peak_mb"]) and _positive(r["memory"]["tagger_peak_mb"])
     assert _positive(r["physical_limit"]["roofline_tokens_per_s"])
+    assert all(_positive(x) for x in r["guard_hold"]["others_tokens_per_s"].values())
+    fast = r["faster"]
+    assert fast["weight_bytes"] < r["physical_limit"]["weight_bytes"]  # the int8 weights are counted, and smaller
+    assert f"{fast['model']}_unsteered" in fast["cases"] and "A faster path" in (tmp_path / "results.md").read_text()
     names = {t["name"] for t in r["targets"]}
     assert "steering overhead, whole band" in names and any(n.startswith("gRPC added") for n in names)
     table = (tmp_path / "results.md").read_text()
