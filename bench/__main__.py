@@ -130,6 +130,11 @@ def main() -> int:
     firsts = single.prompt_ids(loaded, service_load.distinct(PROMPTS, 3 if smoke else 13))
     results["first_token"] = single.first_token(loaded, steering, firsts)
 
+    log("a long prompt joining a running stream: prefilled at once and in chunks")
+    long_prompt = " ".join(PROMPTS) * (1 if smoke else 6) + " Which of these should we talk about first?"
+    results["join_stall"] = single.join_stall(loaded, steering, ids[0], single.prompt_ids(loaded, [long_prompt])[0],
+                                              1 if smoke else 3)
+
     log("8 streams, one of them held by the content guard")
     results["guard_hold"] = single.guard_hold(loaded, load_guard(paths.guard), ids, 2 if smoke else 8,
                                               tokens if smoke else 48, runs)

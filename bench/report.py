@@ -101,6 +101,10 @@ def markdown(r: dict) -> str:
                f"the gate, {name.replace('_', ' ')} (ms)", f["p50_ms"]) for name, f in r["first_token"].items()),
         _row(f"{(h := r['guard_hold'])['streams']} streams of {h['tokens']} tokens: the others' tokens/s without / "
              "with one of them held by the content guard", " / ".join(map(str, h["others_tokens_per_s"].values()))),
+        *(_row(f"a {r['join_stall']['joiner_prompt_tokens']}-token prompt joins a running stream, prefilled "
+               f"{name.replace('_', ' ')}: the runner's longest wait for a token / the joiner's time to first token "
+               "(ms)", f"{c['runner_longest_gap_ms']} / {c['joiner_ttft_ms']}")
+          for name, c in r["join_stall"].items() if isinstance(c, dict)),
         _row("time to first token through gRPC, p50 (ms)", g["grpc_ms_p50"]),
         _row("beyond the engine's own time to first token: in process / through gRPC, p50 (ms)",
              f"{g['in_process_beyond_engine_ms_p50']} / {g['grpc_beyond_engine_ms_p50']}"),

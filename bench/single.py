@@ -223,3 +223,58 @@ def guard_hold(loaded: LoadedModel, guard: ThemeGuard, prompts: list[list[int]],
             "others_tokens_per_s": {side: round(m, 2) for side, m in med.items()},
             "runs_tokens_per_s": {side: [round(x, 2) for x in r] for side, r in rates.items()},
             "drop": round(1 - med["with"] / med["without"], 3)}
+
+
+def join_stall(loaded: LoadedModel, steering: Steering, runner_ids: list[int], long_ids: list[int], runs: int,
+               chunk: int = EngineSettings.prefill_chunk) -> dict[str, object]:
+    """One stream decodes; a steered request behind the gate with a long prompt joins it. The
+    running stream's longest wait between two tokens while the joiner is prefilled, and the
+    joiner's time to first token: its prompt prefilled at once, and `chunk` tokens per step."""
+    sides = {"at_once": 0, f"chunks_of_{chunk}": chunk}
+    gaps: dict[str, list[float]] = {name: [] for name in sides}
+    firsts: dict[str, list[float]] = {name: [] for name in sides}
+    engines = {name: Engine(loaded, EngineSettings(max_batch=2, max_queue=4, prefix_cache_mb=0, prefill_chunk=c))
+               for name, c in sides.items()}
+    try:
+        for run in range(runs + 1):  # the first warms up
+            for name, engine in engines.items():
+                stamps: list[float] = []
+                started, done, finished = threading.Event(), threading.Event(), threading.Event()
+                first_ms: list[float] = []
+
+                def runner(event: Event) -> None:
+                    if isinstance(event, TextDelta):
+                        stamps.append(time.perf_counter())
+                        started.set()
+                    elif isinstance(event, Finished):
+                        done.set()
+
+                def joiner(event: Event) -> None:
+                    if isinstance(event, Finished):
+                        first_ms.append(event.time_to_first_token_ms)
+                        finished.set()
+
+                running = Job(runner_ids, runner, max_tokens=1000, min_tokens=1000)
+                engine.submit(running)
+                if not started.wait(600):
+                    raise TimeoutError("the running stream never started")
+                time.sleep(0.3)
+                joined = time.perf_counter()
+                engine.submit(Job(long_ids, joiner, steering, max_tokens=4, min_tokens=4, gate=GateConfig(True)))
+                if not finished.wait(600):
+                    raise TimeoutError("the joiner did not finish")
+                running.cancelled.set()  # the next run starts on an idle engine
+                if not done.wait(600):
+                    raise TimeoutError("the running stream did not end")
+                # From the join to the runner's first token after the joiner's first.
+                until, after = joined + first_ms[0] / 1000, [t for t in stamps if t > joined]
+                window = [joined] + [t for t in after if t <= until] + [t for t in after if t > until][:1]
+                if run:
+                    gaps[name].append(max(b - a for a, b in zip(window, window[1:])) * 1000)
+                    firsts[name].append(first_ms[0])
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return {"joiner_prompt_tokens": len(long_ids), "runs": runs,
+            **{name: {"runner_longest_gap_ms": round(statistics.median(gaps[name]), 1),
+                      "joiner_ttft_ms": round(statistics.median(firsts[name]), 1)} for name in sides}}

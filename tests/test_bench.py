@@ -41,6 +41,7 @@ def test_bench_smoke_writes_well_formed_results(tmp_path) -> None:
     assert _positive(r["memory"]["generator_peak_mb"]) and _positive(r["memory"]["tagger_peak_mb"])
     assert _positive(r["physical_limit"]["roofline_tokens_per_s"])
     assert all(_positive(x) for x in r["guard_hold"]["others_tokens_per_s"].values())
+    assert all(_positive(c["runner_longest_gap_ms"]) for c in r["join_stall"].values() if isinstance(c, dict))
     fast = r["faster"]
     assert fast["weight_bytes"] < r["physical_limit"]["weight_bytes"]  # the int8 weights are counted, and smaller
     assert f"{fast['model']}_unsteered" in fast["cases"] and "A faster path" in (tmp_path / "results.md").read_text()

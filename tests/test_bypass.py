@@ -179,7 +179,7 @@ def test_blips_entry_point_cannot_become_the_personal_one(store, monkeypatch, tm
     # Every option it does have, given a value, still means Blip with the guard on.
     policy = tmp_path / "policy.toml"
     policy.write_text('profile = "personal"\n[tags]\nhappy = "happy"\n')
-    values = {"--policy": str(policy), "--dtype": "float32", "--port": "0", "--max-batch": "2", "--max-queue": "2", "--prefix-cache-mb": "0",
+    values = {"--policy": str(policy), "--dtype": "float32", "--port": "0", "--max-batch": "2", "--max-queue": "2", "--prefix-cache-mb": "0", "--prefill-chunk": "0",
               "--metrics-port": "0", "--tls-cert": "/nonexistent", "--tls-key": "/nonexistent", "--token-env": "HOME"}
     from generator.server import build_parser
 

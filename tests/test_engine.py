@@ -9,7 +9,7 @@ import torch
 
 from generator.batch import Rows, decode, merge, prefill, select
 from generator.engine import Engine, EngineSettings, GateConfig, Job, Steering
-from generator.events import Started
+from generator.events import Started, TextDelta
 from steering.generate import render_prompt
 from steering.layers import resolve_layers
 from steering.loading import LoadedModel
@@ -206,3 +206,35 @@ def test_kl_from_the_chunked_shadow_equals_kl_over_the_whole_text(smollm, paths,
     for s in samples[: min(n, len(reply))]:
         pos = len(ids) - 1 + s.token_index
         assert s.kl == pytest.approx(kl_divergence(steered[pos], plain[pos]), rel=1e-3, abs=1e-4)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_between_the_running_streams_steps(smollm, paths, engine) -> None:
+    """While a stream decodes, a joiner's long prompt is prefilled a chunk at a time with a
+    decoding step of the running stream between chunks; neither reply changes."""
+    long_prompt = ("I have a question about my garden. " * 8) + "Which flowers should I plant this spring?"
+    runner, r_alone = _job(smollm, paths, CHILD_PROMPTS[0], None, max_tokens=40)
+    engine.submit(runner)
+    joiner, j_alone = _job(smollm, paths, long_prompt, "happy", max_tokens=12)
+    engine.submit(joiner)
+    assert r_alone.done.wait(300) and j_alone.done.wait(300)
+
+    log: list[tuple[str, object]] = []
+    chunked = Engine(smollm, EngineSettings(max_batch=4, max_queue=8, prefill_chunk=8, prefix_cache_mb=0))
+    try:
+        runner, r = _job(smollm, paths, CHILD_PROMPTS[0], None, max_tokens=40)
+        joiner, j = _job(smollm, paths, long_prompt, "happy", max_tokens=12)
+        runner.emit = lambda e: (log.append(("runner", e)), r(e))
+        joiner.emit = lambda e: (log.append(("joiner", e)), j(e))
+        chunked.submit(runner)
+        assert r.first_text.wait(120)
+        chunked.submit(joiner)
+        assert r.done.wait(300) and j.done.wait(300)
+    finally:
+        chunked.close()
+    assert r.text == r_alone.text and j.text == j_alone.text
+    prompt_tokens = len(joiner.prompt_ids)
+    start = next(i for i, (who, e) in enumerate(log) if who == "joiner" and isinstance(e, Started))
+    first = next(i for i, (who, e) in enumerate(log) if who == "joiner" and isinstance(e, TextDelta))
+    between = sum(1 for who, e in log[start:first] if who == "runner" and isinstance(e, TextDelta))
+    print(f"joiner prompt {prompt_tokens} tokens; runner text pieces while it was prefilled: {between}")
+    assert between >= prompt_tokens // 8 - 2

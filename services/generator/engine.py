@@ -154,6 +154,8 @@ class EngineSettings:
     max_batch: int = 8  # streams decoded together
     max_queue: int = 16  # requests waiting to join beyond that
     prefix_cache_mb: int = 64  # keys and values of recent prompts, reused by prompts that begin alike; 0: off
+    # While other streams decode, a joiner's prompt is prefilled this many tokens per step; 0: at once.
+    prefill_chunk: int = 32
 
 
 # The KL shadow catches up on the steered row's tokens this many at a time: one forward of a
@@ -171,6 +173,20 @@ class _Held:
     text: str
     tokens: int  # the reply's length in tokens up to its end
     rng: torch.Tensor  # the sampler's state then
+
+
+@dataclass
+class _Admission:
+    """Streams joining the batch: their prefill rows (one or two each), and for every row the
+    keys and values of its prompt computed so far (from the prefix cache, then chunk by chunk)."""
+
+    streams: list["_Stream"] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # each stream's first row
+    prompts: list[list[int]] = field(default_factory=list)
+    additions: list[RowSteering | None] = field(default_factory=list)
+    keys: list[SteeringKey] = field(default_factory=list)
+    pasts: list[Past | None] = field(default_factory=list)
+    reused: int = 0  # prompt tokens the prefix cache gave
 
 
 class StepResult(NamedTuple):
@@ -447,8 +463,8 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, settings: EngineSettings = EngineSettings(),
                  metrics: GeneratorMetrics | None = None) -> None:
-        if settings.max_batch < 1 or settings.max_queue < 1 or settings.prefix_cache_mb < 0:
-            raise ValueError("max_batch and max_queue must be at least 1, prefix_cache_mb at least 0")
+        if settings.max_batch < 1 or settings.max_queue < 1 or settings.prefix_cache_mb < 0 or settings.prefill_chunk < 0:
+            raise ValueError("max_batch and max_queue must be at least 1, prefix_cache_mb and prefill_chunk at least 0")
         self.loaded, self.settings = loaded, settings
         # Only the worker thread touches it.
         self._prefixes = (PrefixCache(settings.prefix_cache_mb * 2**20)
@@ -509,39 +525,68 @@ class Engine:
         s.fail(exc)
         self.metrics.finished.labels(self.loaded.name, "failed").inc()
 
-    def _admit(self, streams: list[_Stream]) -> tuple[Rows | None, list[_Stream]]:
-        """Prefill the joiners (new streams, and guarded ones going on unsteered) together; each
-        one's gate picks the row it decodes with, and a stream monitoring KL splits its
-        unsteered row off as its shadow. Returns the joined rows and their streams: a joiner
-        that fails alone (its gate, say) is left out; a failed prefill fails every joiner."""
-        prompts: list[list[int]] = []
-        additions, starts, ready = [], [], []
+    def _admission(self, streams: list[_Stream]) -> "_Admission | None":
+        """The joiners (new streams, and guarded ones going on unsteered), their rows and what the
+        prefix cache holds of each row's prompt."""
+        adm = _Admission()
         for s in streams:
             try:
                 steerings = s.prefill_rows()
             except Exception as exc:
                 self._fail(s, exc)
                 continue
-            ready.append(s)
-            starts.append(len(prompts))
-            prompts += [s.prompt_ids] * len(steerings)
-            additions += steerings
-        if not ready:
-            return None, []
-        lm = self.loaded
-        keys = [steering_key(a) for a in additions]
-        pasts = [self._prefixes.lookup(k, p) if self._prefixes else None for k, p in zip(keys, prompts)]
+            adm.streams.append(s)
+            adm.starts.append(len(adm.prompts))
+            adm.prompts += [s.prompt_ids] * len(steerings)
+            adm.additions += steerings
+        if not adm.streams:
+            return None
+        adm.keys = [steering_key(a) for a in adm.additions]
+        adm.pasts = [self._prefixes.lookup(k, p) if self._prefixes else None for k, p in zip(adm.keys, adm.prompts)]
+        adm.reused = sum(past_length(p) if p else 0 for p in adm.pasts)
+        return adm
+
+    def _prefill_chunk(self, adm: "_Admission") -> bool:
+        """Run the next `prefill_chunk` tokens of every joiner row with more than that left, so a
+        long prompt is prefilled between decoding steps rather than in one long stall. False when
+        no row has that much left (the admission is ready to finish)."""
+        chunk, lm = self.settings.prefill_chunk, self.loaded
+        done = [past_length(p) if p else 0 for p in adm.pasts]
+        rows = [i for i, p in enumerate(adm.prompts) if chunk and len(p) - done[i] > chunk]
+        if not rows:
+            return False
+        # Only a row that steers its prompt steers these positions; none of them is a prompt's last.
+        additions = [a if a is not None and a.steer_prompt else None for a in (adm.additions[i] for i in rows)]
         try:
             deltas = stack_rows(additions, lm.hidden_size, lm.model.dtype, lm.device)
+            part = prefill(lm.model, lm.layers, [adm.prompts[i][: done[i] + chunk] for i in rows], deltas,
+                           lm.tokenizer.pad_token_id or 0, row_switches(additions, lm.device),
+                           [adm.pasts[i] for i in rows])
+            for j, i in enumerate(rows):
+                adm.pasts[i] = row_past(part, j, done[i] + chunk)
+        except Exception as exc:  # the joiners' own forward pass: the running batch is not in it
+            for s in adm.streams:
+                self._fail(s, exc)
+            adm.streams.clear()
+        return True
+
+    def _admit(self, adm: "_Admission") -> tuple[Rows | None, list[_Stream]]:
+        """Prefill what is left of the joiners' prompts together; each one's gate picks the row it
+        decodes with, and a stream monitoring KL splits its unsteered row off as its shadow.
+        Returns the joined rows and their streams: a joiner that fails alone (its gate, say) is
+        left out; a failed prefill fails every joiner."""
+        lm, prompts = self.loaded, adm.prompts
+        try:
+            deltas = stack_rows(adm.additions, lm.hidden_size, lm.model.dtype, lm.device)
             rows = prefill(lm.model, lm.layers, prompts, deltas, lm.tokenizer.pad_token_id or 0,
-                           row_switches(additions, lm.device), pasts)
-            self._remember(rows, prompts, keys, pasts)
+                           row_switches(adm.additions, lm.device), adm.pasts)
+            self._remember(rows, adm)
         except Exception as exc:  # the joiners' shared forward pass: the running batch is not in it
-            for s in ready:
+            for s in adm.streams:
                 self._fail(s, exc)
             return None, []
         keep, joined = [], []
-        for s, start, end in zip(ready, starts, [*starts[1:], len(prompts)]):
+        for s, start, end in zip(adm.streams, adm.starts, [*adm.starts[1:], len(prompts)]):
             restarting = s.restarting
             try:
                 main, shadow = s.choose_rows(rows.logits[start:end])
@@ -557,15 +602,15 @@ class Engine:
             joined.append(s)
         return (select(rows, keep), joined) if keep else (None, [])
 
-    def _remember(self, rows: Rows, prompts: list[list[int]], keys: list[SteeringKey], pasts: list[Past | None]) -> None:
-        """Count the prompt tokens reused and computed, and cache each prompt's keys and values
-        but its last token's."""
-        reused = sum(past_length(p) if p else 0 for p in pasts)
-        self.metrics.prefix_tokens.labels(self.loaded.name, "reused").inc(reused)
-        self.metrics.prefix_tokens.labels(self.loaded.name, "computed").inc(sum(map(len, prompts)) - reused)
+    def _remember(self, rows: Rows, adm: "_Admission") -> None:
+        """Count the prompt tokens the cache gave and those computed, and cache each prompt's keys
+        and values but its last token's."""
+        total = sum(map(len, adm.prompts))
+        self.metrics.prefix_tokens.labels(self.loaded.name, "reused").inc(adm.reused)
+        self.metrics.prefix_tokens.labels(self.loaded.name, "computed").inc(total - adm.reused)
         if self._prefixes is None:
             return
-        for row, (prompt, key, past) in enumerate(zip(prompts, keys, pasts)):
+        for row, (prompt, key, past) in enumerate(zip(adm.prompts, adm.keys, adm.pasts)):
             length = len(prompt) - 1
             if length and (past is None or past_length(past) < length):
                 self._prefixes.store(key, prompt[:length], row_past(rows, row, length))
@@ -625,11 +670,13 @@ class Engine:
         batch: Rows | None = None
         streams: list[_Stream] = []  # one per batch row
         restarts: list[_Stream] = []  # guarded streams waiting to join again, unsteered
+        admitting: _Admission | None = None  # joiners being prefilled
         draining: list[_Stream] = []  # complete replies waiting for the guard's last checks
         recent: deque[tuple[float, int]] = deque()  # (time, tokens) over the last 10 s
         while not self._closing.is_set():
-            room = self.settings.max_batch - len(streams) - len(restarts) - len(draining)
-            jobs = self._take(room, wait=batch is None and not restarts and not draining)
+            # New jobs wait in the queue while an admission is under way.
+            room = 0 if admitting else self.settings.max_batch - len(streams) - len(restarts) - len(draining)
+            jobs = self._take(room, wait=batch is None and not restarts and not draining and not admitting)
             if draining:
                 draining, back = self._drain(draining)
                 restarts += back
@@ -637,17 +684,21 @@ class Engine:
                     wait([s.checking for s in draining if s.checking], timeout=0.05, return_when=FIRST_COMPLETED)
             try:
                 with torch.no_grad():
-                    joining, restarts = restarts + self._streams(jobs, eos), []
+                    joining = restarts + self._streams(jobs, eos) if admitting is None else []
                     jobs = []
                     if joining:
-                        joined, joiners = self._admit(joining)
+                        admitting, restarts = self._admission(joining), []
+                    if admitting is not None and not (batch is not None and self._prefill_chunk(admitting)):
+                        (joined, joiners), admitting = self._admit(admitting), None
                         if joined is not None:
                             batch = joined if batch is None else merge(batch, joined)
                             streams += joiners
+                    elif admitting is not None and not admitting.streams:  # its forward pass failed
+                        admitting = None
                     if batch is not None:
                         live, tokens, produced = self._step(batch, streams)
                         recent.append((time.monotonic(), produced))
-                        restarts = [s for s in streams if s.restarting and s.reason is None]
+                        restarts += [s for s in streams if s.restarting and s.reason is None]
                         draining += [s for s in streams if s.ending and s.reason is None and not s.restarting]
                         if len(live) < len(streams):
                             streams = [streams[i] for i in live]
@@ -656,16 +707,17 @@ class Engine:
                             decode(self.loaded.model, self.loaded.layers, batch, tokens[live])
             except Exception as exc:  # the shared forward pass failed: every stream in it fails; the engine goes on
                 log.exception("the batch's forward pass failed")
-                for s in streams + restarts:
+                for s in streams + restarts + (admitting.streams if admitting else []):
                     if s.reason is None:
                         self._fail(s, exc)
-                batch, streams, restarts = None, [], []
+                batch, streams, restarts, admitting = None, [], [], None
             while recent and recent[0][0] < time.monotonic() - 10:
                 recent.popleft()
             m.tokens_per_second.labels(name).set(sum(n for _, n in recent) / 10)
             m.batch_streams.labels(name).set(len(streams))
             m.batch_occupancy.labels(name).set(len(streams) / self.settings.max_batch)
-        for s in streams + restarts + draining:  # shutting down: end what is still running, and what waits
+        # Shutting down: end what is still running, and what waits.
+        for s in streams + restarts + draining + (admitting.streams if admitting else []):
             if s.reason is None:
                 s.end("cancelled")
         self._cancel_queued()

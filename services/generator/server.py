@@ -120,6 +120,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-mb", type=int, default=EngineSettings.prefix_cache_mb,
                    help="memory for the keys and values of recent prompts, reused when a prompt begins like one "
                         "of them (a shared system prompt, a conversation so far); 0 switches it off")
+    p.add_argument("--prefill-chunk", type=int, default=EngineSettings.prefill_chunk,
+                   help="while other streams decode, prefill a new prompt this many tokens per step, so they do "
+                        "not stall on it; 0 prefills it at once")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (same host)")
     p.add_argument("--tls-cert", type=Path)
     p.add_argument("--tls-key", type=Path)
@@ -137,13 +140,13 @@ def parse_config(p: argparse.ArgumentParser, argv: list[str] | None, profile: Pr
         p.error(f"environment variable {a.token_env} is empty")
     if a.max_batch < 1 or a.max_queue < 1:
         p.error("--max-batch and --max-queue must be at least 1")
-    if a.prefix_cache_mb < 0:
-        p.error("--prefix-cache-mb must be 0 (off) or more")
+    if a.prefix_cache_mb < 0 or a.prefill_chunk < 0:
+        p.error("--prefix-cache-mb and --prefill-chunk must be 0 (off) or more")
     settings = ServerSettings(host=a.host, port=a.port, tls_cert=a.tls_cert, tls_key=a.tls_key, token=token)
     config = GeneratorConfig(
         models=tuple(m for m in (a.models or "").split(",") if m), profile=profile, policy=a.policy,
         tagger=a.tagger, tagger_token=token, fail_fast=a.tagger_fail_fast, device=a.device, dtype=a.dtype,
-        engine=EngineSettings(a.max_batch, a.max_queue, a.prefix_cache_mb), metrics_port=a.metrics_port,
+        engine=EngineSettings(a.max_batch, a.max_queue, a.prefix_cache_mb, a.prefill_chunk), metrics_port=a.metrics_port,
         guard=profile is Profile.BLIP or not getattr(a, "no_guard", False),
     )
     return settings, config, a.log_level
