@@ -21,12 +21,13 @@ from generator.engine import Steering
 from steering.atomic import write_text_atomic
 from steering.gate import concept_token_ids
 from steering.guard import load_guard
-from steering.loading import load_model
+from steering.loading import LoadedModel, load_model
 from steering.pairs import load_concept
 from steering.profiles import Profile
 from steering.registry import DTYPES, load_registry
 from steering.settings import paths_from_env
 from steering.store import read_vector
+from steering.vector import ConceptVector
 
 from . import service_load, single, system
 from .report import markdown, targets
@@ -68,6 +69,13 @@ def _parse() -> argparse.Namespace:
 def _model_args(a: argparse.Namespace) -> list[str]:
     """--device/--dtype for the processes the bench starts, so they run where it does."""
     return ["--device", a.device] + (["--dtype", a.dtype] if a.dtype else [])
+
+
+def _steering(loaded: LoadedModel, cv: ConceptVector, alpha: float) -> Steering:
+    """What the service would send the engine for this vector: the model's band, the gate's words."""
+    words = concept_token_ids(loaded, cv, load_concept(paths_from_env().pairs, cv.concept).words)
+    return Steering(cv.concept, {layer: cv.directions[layer] for layer in loaded.steering_layers}, alpha, alpha * 2,
+                    words)
 
 
 def _derive_seconds(model: str, concepts: list[str] | None, model_args: list[str]) -> dict:
@@ -124,11 +132,12 @@ def main() -> int:
     results["peers_missing"] = missing
 
     log("time to first token in process: the prefix cache off and on")
-    words = concept_token_ids(loaded, cv, load_concept(paths.pairs, cv.concept).words)
-    steering = Steering(cv.concept, {layer: cv.directions[layer] for layer in loaded.steering_layers}, a.alpha,
-                        a.alpha * 2, words)
-    firsts = single.prompt_ids(loaded, service_load.distinct(PROMPTS, 3 if smoke else 13))
-    results["first_token"] = single.first_token(loaded, steering, firsts)
+    steering = _steering(loaded, cv, a.alpha)
+    firsts = service_load.distinct(PROMPTS, 3 if smoke else 13)
+    results["first_token"] = single.first_token(loaded, steering, single.prompt_ids(loaded, firsts))
+    if faster is not None and (own := paths.vectors / faster.name / f"{a.concept}.safetensors").exists():
+        results["first_token_faster"] = single.first_token(faster, _steering(faster, read_vector(own), a.alpha),
+                                                           single.prompt_ids(faster, firsts))
 
     log("a long prompt joining a running stream: prefilled at once and in chunks")
     long_prompt = " ".join(PROMPTS) * (1 if smoke else 6) + " Which of these should we talk about first?"

@@ -99,6 +99,8 @@ def markdown(r: dict) -> str:
         _row("figure", "value"), _row("---", "---:"),
         *(_row(f"time to first token in process, p50, {f['prompt_tokens']:g}-token prompts each new, steered behind "
                f"the gate, {name.replace('_', ' ')} (ms)", f["p50_ms"]) for name, f in r["first_token"].items()),
+        *(_row(f"the same on {r['faster']['model']}, {name.replace('_', ' ')} (ms)", f["p50_ms"])
+          for name, f in r.get("first_token_faster", {}).items()),
         _row(f"{(h := r['guard_hold'])['streams']} streams of {h['tokens']} tokens: the others' tokens/s without / "
              "with one of them held by the content guard", " / ".join(map(str, h["others_tokens_per_s"].values()))),
         *(_row(f"a {r['join_stall']['joiner_prompt_tokens']}-token prompt joins a running stream, prefilled "

@@ -230,7 +230,7 @@ def join_stall(loaded: LoadedModel, steering: Steering, runner_ids: list[int], l
     """One stream decodes; a steered request behind the gate with a long prompt joins it. The
     running stream's longest wait between two tokens while the joiner is prefilled, and the
     joiner's time to first token: its prompt prefilled at once, and `chunk` tokens per step."""
-    sides = {"at_once": 0, f"chunks_of_{chunk}": chunk}
+    sides = {"at_once": 0, f"in_chunks_of_{chunk}": chunk}
     gaps: dict[str, list[float]] = {name: [] for name in sides}
     firsts: dict[str, list[float]] = {name: [] for name in sides}
     engines = {name: Engine(loaded, EngineSettings(max_batch=2, max_queue=4, prefix_cache_mb=0, prefill_chunk=c))

@@ -175,7 +175,7 @@ def test_personal_steers_away_only_where_the_record_validated_it(personal, tmp_p
 def test_every_tag_the_tagger_emits_maps_to_a_concept_blip_serves(blip) -> None:
     """The shipped policy sends no tag to a concept Blip would refuse (that turn would be replied
     to unsteered), and the nervous child gets empathy, as the write-up asks."""
-    from generator.policy import TAGS
+    from steering.vocabulary import TAGS
 
     assert set(blip.policy.concepts) == set(TAGS)
     assert blip.policy.concept_for("anxious") == "empathy"

@@ -29,3 +29,15 @@ def test_zero_enum_values_are_unspecified() -> None:
     for module in (generator_pb2, tagger_pb2):
         for enum in module.DESCRIPTOR.enum_types_by_name.values():
             assert enum.values_by_number[0].name.endswith("_UNSPECIFIED"), enum.name
+
+
+def test_the_tagger_enum_spells_the_shared_vocabulary() -> None:
+    """One vocabulary (steering.vocabulary) for the tagger, the policy and the converters: the
+    protobuf enum names the same tags, and the generator's converter reads them all."""
+    from generator.tagger_client import EMOTION_NAMES
+    from protos.steering.v1 import tagger_pb2
+    from steering.vocabulary import TAGS
+
+    names = [n.removeprefix("EMOTION_").lower() for n in tagger_pb2.Emotion.keys() if n != "EMOTION_UNSPECIFIED"]
+    assert sorted(names) == sorted(TAGS)
+    assert sorted(EMOTION_NAMES.values()) == sorted(TAGS)

@@ -37,7 +37,7 @@ from steering.hooks import RowSteering, row_switches, stack_rows
 from steering.loading import LoadedModel
 
 from .batch import Rows, caches_prefixes, decode, merge, prefill, row_past, select, split_off
-from .events import Event, Failed, Finished, Gate, Guarded, KlSample, Reinjection, Started, TextDelta
+from .events import Event, Failed, Finished, Gate, Guarded, KlSample, Reinjection, Started, StopReason, TextDelta
 from .metrics import GeneratorMetrics
 from .prefix import Past, PrefixCache, SteeringKey, past_length, steering_key
 
@@ -224,7 +224,7 @@ class _Stream:
         self.window: deque[float] = deque(maxlen=max(1, job.kl.window))
         self.reinject_until = -1
         self.first_token_ms = 0.0
-        self.reason: str | None = None  # set when the stream has ended
+        self.reason: StopReason | None = None  # set when the stream has ended
         # The guard: text already sent and the tokens behind it; text waiting for its sentence to
         # end; whole sentences waiting for their check, in order; the check of the first of them.
         self.sent = ""
@@ -232,7 +232,7 @@ class _Stream:
         self.held = ""
         self.waiting: deque[_Held] = deque()
         self.checking: Future[Verdict] | None = None
-        self.ending = ""  # why the reply ended, while its last text waits for the guard
+        self.ending: StopReason | None = None  # why the reply ended, while its last text waits for the guard
         self.restarting = False  # set when a guarded reply goes on unsteered from what was sent
         self.generator = torch.Generator(device=loaded.device)
         seed = job.sampling.seed if job.sampling.seed is not None else time.time_ns() % (2**63)
@@ -242,7 +242,7 @@ class _Stream:
     @property
     def decoding(self) -> bool:
         """Still a row of the batch: not ended, not restarting, not waiting for the guard's last checks."""
-        return self.reason is None and not self.restarting and not self.ending
+        return self.reason is None and not self.restarting and self.ending is None
 
     def additions(self, steered: bool) -> RowSteering | None:
         st = self.job.steering
@@ -334,9 +334,9 @@ class _Stream:
         """Take this step's token from the row's logits and send what text it completes."""
         job = self.job
         if job.cancelled.is_set():
-            return self.end("cancelled")
+            return self.end(StopReason.CANCELLED)
         if job.deadline is not None and time.monotonic() >= job.deadline:
-            return self.end("deadline")
+            return self.end(StopReason.DEADLINE)
         alpha = self.alpha
         if self.shadow is not None:
             self.pending.append(_Pending(len(self.generated), main, alpha))
@@ -345,18 +345,18 @@ class _Stream:
             main[list(self.eos)] = -torch.inf
         token = int(sample(main[None], job.sampling.temperature, job.sampling.top_p, self.generator)[0])
         if token in self.eos:
-            return self.finish("end_of_text")
+            return self.finish(StopReason.END_OF_TEXT)
         self.generated.append(token)
         if self.pending:
             self.pending[-1].token = token
         delta, stopped = self.text.push(self.generated)
         if stopped:
-            return self.finish("stop_sequence", delta=delta)
+            return self.finish(StopReason.STOP_SEQUENCE, delta=delta)
         first = self._send(delta)
         if isinstance(first, StepResult):  # the guard withheld the text
             return first
         if len(self.generated) >= job.max_tokens:
-            return self.finish("length", first)
+            return self.finish(StopReason.LENGTH, first)
         reinjections = self._catch_up() if len(self.pending) >= SHADOW_CHUNK else 0
         return StepResult(token, self.alpha != alpha, reinjections, first)
 
@@ -400,7 +400,7 @@ class _Stream:
         """Drop the flagged text (`withheld` characters) and what was decoded after it while it
         was being checked. A steered reply goes on without steering from what was already sent
         (the stream re-joins the batch with that as its prompt); any other reply ends."""
-        self.held, self.waiting, self.ending = "", deque(), ""
+        self.held, self.waiting, self.ending = "", deque(), None
         if self.main_steered:
             self.job.emit(Guarded(reason, themes, "regenerated_unsteered", withheld))
             self.main_steered, self.alpha, self.restarting = False, 0.0, True
@@ -409,10 +409,10 @@ class _Stream:
             self.text.emitted = self.sent
             return StepResult(None, guard_action="regenerated_unsteered")
         self.job.emit(Guarded(reason, themes, "cut", withheld))
-        result = self.end("guard")
+        result = self.end(StopReason.GUARD)
         return result._replace(guard_action="cut")
 
-    def finish(self, reason: str, first_text: bool = False, delta: str = "") -> StepResult:
+    def finish(self, reason: StopReason, first_text: bool = False, delta: str = "") -> StepResult:
         """The reply is complete (end-of-text, length, a stop sequence). With a guard its last
         text is checked before the stream ends; until then the stream waits out of the batch
         (`drain`)."""
@@ -420,7 +420,7 @@ class _Stream:
             first_text = (self._emit_text(delta) if delta else False) or first_text
             return self.end(reason, first_text)
         self.ending = reason
-        tail = delta if reason == "stop_sequence" else self.text.flush(self.generated)
+        tail = delta if reason is StopReason.STOP_SEQUENCE else self.text.flush(self.generated)
         sent = self._send(tail, final=True)
         if isinstance(sent, StepResult):
             return sent
@@ -429,27 +429,29 @@ class _Stream:
     def drain(self, first_text: bool = False) -> StepResult:
         """A complete reply waiting for the guard's last checks: ends when they are clean."""
         if self.job.cancelled.is_set():
-            return self.end("cancelled", first_text)
+            return self.end(StopReason.CANCELLED, first_text)
         if self.job.deadline is not None and time.monotonic() >= self.job.deadline:
-            return self.end("deadline", first_text)
+            return self.end(StopReason.DEADLINE, first_text)
         sent = self._send("")
         if isinstance(sent, StepResult):
             return sent
+        if self.ending is None:
+            raise RuntimeError("drain() is for a complete reply waiting for the guard")
         if self.checking is None and not self.waiting:
             return self.end(self.ending, first_text or sent)
         return StepResult(None, first_text=first_text or sent)
 
     def fail(self, exc: Exception) -> None:
         """This row alone went wrong: its caller gets the error, the batch goes on without it."""
-        self.reason, self.shadow, self.pending = "failed", None, []
+        self.reason, self.shadow, self.pending = StopReason.FAILED, None, []
         self.restarting = False
         _tell(self.job, Failed(exc))
 
-    def end(self, reason: str, first_text: bool = False) -> StepResult:
+    def end(self, reason: StopReason, first_text: bool = False) -> StepResult:
         self.reason = reason
-        reinjections = self._catch_up() if self.pending and reason != "cancelled" else 0  # the last KL samples
+        reinjections = self._catch_up() if self.pending and reason is not StopReason.CANCELLED else 0  # the last KL samples
         self.shadow = None
-        if reason not in ("stop_sequence", "guard", "cancelled") and self.job.guard is None:
+        if reason not in (StopReason.STOP_SEQUENCE, StopReason.GUARD, StopReason.CANCELLED) and self.job.guard is None:
             tail = self.text.flush(self.generated)
             if tail:
                 self.job.emit(TextDelta(tail))
@@ -501,7 +503,7 @@ class Engine:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 return
-            _tell(job, Finished("cancelled", len(job.prompt_ids), 0, 0.0, 0.0))
+            _tell(job, Finished(StopReason.CANCELLED, len(job.prompt_ids), 0, 0.0, 0.0))
 
     # the worker thread -------------------------------------------------------------
 
@@ -513,7 +515,7 @@ class Engine:
             except queue.Empty:
                 break
             if job.cancelled.is_set():
-                job.emit(Finished("cancelled", len(job.prompt_ids), 0, 0.0, 0.0))
+                job.emit(Finished(StopReason.CANCELLED, len(job.prompt_ids), 0, 0.0, 0.0))
                 continue
             jobs.append(job)
         self.metrics.queue_depth.labels(self.loaded.name).set(self._jobs.qsize())
@@ -523,7 +525,7 @@ class Engine:
         log.error("stream failed alone (%s: %s); the batch goes on", type(exc).__name__, exc,
                   exc_info=not isinstance(exc, SteeringError))
         s.fail(exc)
-        self.metrics.finished.labels(self.loaded.name, "failed").inc()
+        self.metrics.finished.labels(self.loaded.name, StopReason.FAILED).inc()
 
     def _admission(self, streams: list[_Stream]) -> "_Admission | None":
         """The joiners (new streams, and guarded ones going on unsteered), their rows and what the
@@ -699,7 +701,7 @@ class Engine:
                         live, tokens, produced = self._step(batch, streams)
                         recent.append((time.monotonic(), produced))
                         restarts += [s for s in streams if s.restarting and s.reason is None]
-                        draining += [s for s in streams if s.ending and s.reason is None and not s.restarting]
+                        draining += [s for s in streams if s.ending is not None and s.reason is None and not s.restarting]
                         if len(live) < len(streams):
                             streams = [streams[i] for i in live]
                             batch = select(batch, live) if live else None
@@ -719,7 +721,7 @@ class Engine:
         # Shutting down: end what is still running, and what waits.
         for s in streams + restarts + draining + (admitting.streams if admitting else []):
             if s.reason is None:
-                s.end("cancelled")
+                s.end(StopReason.CANCELLED)
         self._cancel_queued()
 
     def _streams(self, jobs: list[Job], eos: set[int]) -> list[_Stream]:

@@ -1,8 +1,21 @@
 """What a generation stream carries, as plain data; the servicer turns these into protobuf."""
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from steering.config import SteerConfig
+
+
+class StopReason(StrEnum):
+    """Why a stream ended (its value is the metrics' label)."""
+
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    END_OF_TEXT = "end_of_text"
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    GUARD = "guard"  # the content guard cut an unsteered reply
+    FAILED = "failed"  # this stream alone went wrong; its caller gets the error, not a Finished
 
 
 @dataclass(frozen=True)
@@ -61,7 +74,7 @@ class Guarded:
 
 @dataclass(frozen=True)
 class Finished:
-    reason: str  # length, stop_sequence, end_of_text, cancelled, deadline, guard
+    reason: StopReason
     prompt_tokens: int
     completion_tokens: int
     seconds: float

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from steering.errors import ConfigError, InvalidArgument, PermissionDenied
 from steering.profiles import Profile, check_concept_name
+from steering.vocabulary import TAGS
 
-TAGS = ("happy", "sad", "anxious", "excited", "calm", "empathetic", "none")
 DEFAULT_POLICY = Path(__file__).with_name("policy.toml")
 
 

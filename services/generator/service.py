@@ -20,6 +20,7 @@ from steering.pairs import load_concept
 from steering.profiles import Profile, alpha_ceiling, check_concept_name, load_profile_vectors, served_alpha
 from steering.record import ConceptState, Steerability, assess
 from steering.vector import ConceptVector
+from steering.vocabulary import CONTEXT_TURNS
 
 from .engine import Engine, EngineSettings, GateConfig, Job, KlConfig, Sampling, Steering
 from .events import Event, Failed, Finished, Notice, TextDelta
@@ -341,7 +342,7 @@ class GeneratorService:
             concept: str | None = None
             notice = ""
             try:
-                result = await tag(text, child_turns[-3:])
+                result = await tag(text, child_turns[-CONTEXT_TURNS:])
                 yield ChatTag(result)
                 concept = self.policy.concept_for(result.label)
             except Unavailable as exc:

@@ -21,12 +21,12 @@ from .tagger_client import EMOTION_NAMES as _EMOTION_NAMES, TaggerClient
 log = logging.getLogger(__name__)
 
 _STOP = {
-    "length": pb.STOP_REASON_LENGTH,
-    "stop_sequence": pb.STOP_REASON_STOP_SEQUENCE,
-    "end_of_text": pb.STOP_REASON_END_OF_TEXT,
-    "cancelled": pb.STOP_REASON_CANCELLED,
-    "deadline": pb.STOP_REASON_DEADLINE,
-    "guard": pb.STOP_REASON_GUARD,
+    ev.StopReason.LENGTH: pb.STOP_REASON_LENGTH,
+    ev.StopReason.STOP_SEQUENCE: pb.STOP_REASON_STOP_SEQUENCE,
+    ev.StopReason.END_OF_TEXT: pb.STOP_REASON_END_OF_TEXT,
+    ev.StopReason.CANCELLED: pb.STOP_REASON_CANCELLED,
+    ev.StopReason.DEADLINE: pb.STOP_REASON_DEADLINE,
+    ev.StopReason.GUARD: pb.STOP_REASON_GUARD,
 }
 _GATE = {
     "steer": pb.GATE_DECISION_STEER,

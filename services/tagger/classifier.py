@@ -38,17 +38,16 @@ from safetensors.numpy import save_file
 from steering.atomic import atomic_path
 from steering.embedding import load_embedder
 from steering.errors import ConfigError, ModelLoadError, NotFoundError
+from steering.vocabulary import CONTEXT_TURNS, EMOTIONS, NONE, TAGS
 
 from .words import WordGrams
 
-LABELS = ("happy", "sad", "anxious", "excited", "calm", "empathetic")
-NONE = "none"
-CLASSES = (*LABELS, NONE)
+LABELS = EMOTIONS
+CLASSES = TAGS
 
 EMBED_DIM = 384  # all-MiniLM-L6-v2
 FEATURE_DIM = 4 * EMBED_DIM  # embedding blocks: turn, context, max-pooled word pieces, low-layer mean
 LOW_LAYER = 4  # hidden layer (of 6) whose mean over the turn's word pieces is block 4
-CONTEXT_TURNS = 3  # the classifier looks at most this many turns back
 CONTEXT_WEIGHT = 0.5
 TURN_PREFIX = "A child says: "  # a second view of the turn, averaged with the plain one
 # Scale of the unit-length word block next to the embedding blocks; 1.0 and 1.3 tied in
