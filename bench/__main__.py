@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from generator.server import GeneratorConfig, build_service
-from generator.engine import Steering
+from generator.job import Steering
 from steering.atomic import write_text_atomic
 from steering.gate import concept_token_ids
 from steering.guard import load_guard

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
-from generator.engine import Engine, EngineSettings, GateConfig, Job, KlConfig, Steering
+from generator.engine import Engine, EngineSettings
+from generator.job import GateConfig, Job, KlConfig, Steering
 from generator.events import Event, Finished, TextDelta
 from steering.gate import concept_token_ids
 from steering.generate import render_prompt

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from generator.batch import Rows, decode, merge, prefill, select
-from generator.engine import Engine, EngineSettings, GateConfig, Job, Steering
+from generator.engine import Engine, EngineSettings
+from generator.job import GateConfig, Job, Steering
 from generator.events import Started, TextDelta
 from steering.generate import render_prompt
 from steering.layers import resolve_layers
@@ -179,7 +180,8 @@ def test_engine_settings_are_checked(smollm) -> None:
 def test_kl_from_the_chunked_shadow_equals_kl_over_the_whole_text(smollm, paths, engine) -> None:
     """The shadow catches up a few tokens at a time; its KL at every position must be what
     comparing the steered and unsteered model over the finished text gives."""
-    from generator.engine import KlConfig, kl_divergence
+    from generator.job import KlConfig
+    from generator.monitors import kl_divergence
     from generator.events import KlSample
     from steering.hooks import steer
 

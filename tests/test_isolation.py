@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from generator.engine import Engine, EngineSettings, GateConfig, Job, KlConfig, Sampling, Steering
+from generator.engine import Engine, EngineSettings
+from generator.job import GateConfig, Job, KlConfig, Sampling, Steering
 from generator.events import Finished, Reinjection, Started
 from generator.server import GeneratorConfig, build_service
 from protos.steering.v1 import generator_pb2 as pb

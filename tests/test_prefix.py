@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from generator.batch import caches_prefixes, decode, prefill, row_past
-from generator.engine import Engine, EngineSettings, GateConfig, Job, KlConfig, Steering
+from generator.engine import Engine, EngineSettings
+from generator.job import GateConfig, Job, KlConfig, Steering
 from generator.prefix import PrefixCache, past_length, steering_key
 from steering.generate import render_prompt
 from steering.hooks import RowSteering

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from generator.engine import Engine, EngineSettings, GateConfig, Job, Steering
+from generator.engine import Engine, EngineSettings
+from generator.job import GateConfig, Job, Steering
 from generator.events import TextDelta
 from generator.server import GeneratorConfig, build_service
 from generator.service import GenerateSpec

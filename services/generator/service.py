@@ -22,7 +22,8 @@ from steering.record import ConceptState, Steerability, assess
 from steering.vector import ConceptVector
 from steering.vocabulary import CONTEXT_TURNS
 
-from .engine import Engine, EngineSettings, GateConfig, Job, KlConfig, Sampling, Steering
+from .engine import Engine, EngineSettings
+from .job import GateConfig, Job, KlConfig, Sampling, Steering
 from .events import Event, Failed, Finished, Notice, TextDelta
 from .metrics import GeneratorMetrics
 from .policy import Policy

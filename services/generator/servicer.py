@@ -14,7 +14,7 @@ from steering.profiles import served_alpha
 from steering.record import ConceptState
 
 from . import events as ev
-from .engine import GateConfig, KlConfig, Sampling
+from .job import GateConfig, KlConfig, Sampling
 from .service import ChatConcept, ChatTag, GenerateSpec, GeneratorService, ModelSlot, TagResult, concept_config
 from .tagger_client import EMOTION_NAMES as _EMOTION_NAMES, TaggerClient
 
