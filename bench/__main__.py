@@ -178,9 +178,12 @@ def main() -> int:
         generator.stop()  # one generator at a time: Blip's own measures Chat alone on the machine
         conversations = [c[:2] for c in CONVERSATIONS[:2]] if smoke else CONVERSATIONS
         results["chat_first_sentence"] = {}
-        for name, mb in (("prefix_cache_off", "0"), ("prefix_cache_on", None)):
+        blips = [("prefix_cache_off", loaded.name, "0"), ("prefix_cache_on", loaded.name, None)]
+        if faster is not None:  # the faster path, served by Blip (its own record decides what it serves)
+            blips.append((f"{faster.name}_prefix_cache_on", faster.name, None))
+        for name, model, mb in blips:
             log(f"Blip: time to first sentence through Chat, {name.replace('_', ' ')}")
-            blip = service_load.start("generator.server", ["--models", loaded.name, "--tagger", tagger.address,
+            blip = service_load.start("generator.server", ["--models", model, "--tagger", tagger.address,
                                                          *(["--prefix-cache-mb", mb] if mb else []), *_model_args(a)])
             try:
                 results["chat_first_sentence"][name] = asyncio.run(

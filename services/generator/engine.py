@@ -13,6 +13,10 @@ off as the stream's shadow: it is fed the steered row's tokens a few at a time, 
 KL(steered || unsteered) compares the two distributions over the same text at every
 position while costing a fraction of a second decoding row.
 
+A joiner's prompt starts from the prefix cache's keys and values when an earlier prompt began
+alike; while a batch runs, the rest is prefilled a chunk per step so the running streams keep
+speaking. The content guard's checks run on a worker thread of their own.
+
 Everything a request needs lives in its `Stream` (stream.py); nothing per request is kept on
 the engine. The engine makes every model call (prefill, decoding, the KL shadow's catch-up
 inside the stream's step) and applies what each stream's step returns.
@@ -23,7 +27,7 @@ import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent import futures
 from dataclasses import dataclass, field
 
 import torch
@@ -57,7 +61,7 @@ class _Admission:
     """Streams joining the batch: their prefill rows (one or two each), and for every row the
     keys and values of its prompt computed so far (from the prefix cache, then chunk by chunk)."""
 
-    streams: list["Stream"] = field(default_factory=list)
+    streams: list[Stream] = field(default_factory=list)
     starts: list[int] = field(default_factory=list)  # each stream's first row
     prompts: list[list[int]] = field(default_factory=list)
     additions: list[RowSteering | None] = field(default_factory=list)
@@ -81,7 +85,7 @@ class Engine:
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=settings.max_queue)
         self._closing = threading.Event()
         # The guard's checks run here, off the engine thread: a row waiting for one stalls no other.
-        self._checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"guard-{loaded.name}")
+        self._checks = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"guard-{loaded.name}")
         self._thread = threading.Thread(target=self._run, name=f"engine-{loaded.name}", daemon=True)
         self._thread.start()
 
@@ -137,7 +141,7 @@ class Engine:
         s.fail(exc)
         self.metrics.finished.labels(self.loaded.name, StopReason.FAILED).inc()
 
-    def _admission(self, streams: list[Stream]) -> "_Admission | None":
+    def _admission(self, streams: list[Stream]) -> _Admission | None:
         """The joiners (new streams, and guarded ones going on unsteered), their rows and what the
         prefix cache holds of each row's prompt."""
         adm = _Admission()
@@ -158,7 +162,7 @@ class Engine:
         adm.reused = sum(past_length(p) if p else 0 for p in adm.pasts)
         return adm
 
-    def _prefill_chunk(self, adm: "_Admission") -> bool:
+    def _prefill_chunk(self, adm: _Admission) -> bool:
         """Run the next `prefill_chunk` tokens of every joiner row with more than that left, so a
         long prompt is prefilled between decoding steps rather than in one long stall. False when
         no row has that much left (the admission is ready to finish)."""
@@ -182,7 +186,7 @@ class Engine:
             adm.streams.clear()
         return True
 
-    def _admit(self, adm: "_Admission") -> tuple[Rows | None, list[Stream]]:
+    def _admit(self, adm: _Admission) -> tuple[Rows | None, list[Stream]]:
         """Prefill what is left of the joiners' prompts together; each one's gate picks the row it
         decodes with, and a stream monitoring KL splits its unsteered row off as its shadow.
         Returns the joined rows and their streams: a joiner that fails alone (its gate, say) is
@@ -214,7 +218,7 @@ class Engine:
             joined.append(s)
         return (select(rows, keep), joined) if keep else (None, [])
 
-    def _remember(self, rows: Rows, adm: "_Admission") -> None:
+    def _remember(self, rows: Rows, adm: _Admission) -> None:
         """Count the prompt tokens the cache gave and those computed, and cache each prompt's keys
         and values but its last token's."""
         total = sum(map(len, adm.prompts))
@@ -293,8 +297,8 @@ class Engine:
                 draining, back = self._drain(draining)
                 restarts += back
                 if batch is None and not restarts and not jobs and draining:  # nothing to decode meanwhile
-                    wait([s.guard.checking for s in draining if s.guard and s.guard.checking], timeout=0.05,
-                         return_when=FIRST_COMPLETED)
+                    futures.wait([s.guard.checking for s in draining if s.guard and s.guard.checking], timeout=0.05,
+                                 return_when=futures.FIRST_COMPLETED)
             try:
                 with torch.no_grad():
                     joining = restarts + self._streams(jobs, eos) if admitting is None else []
