@@ -53,11 +53,15 @@ def test_32_streams_hold_without_errors_or_memory_growth(stack, figures) -> None
     lock = threading.Lock()
     errors: list[str] = []
 
+    completed = [0] * 32
+
     def worker(seed: int) -> None:
+        """Streams until the time is up and it has completed one at least: every one of the 32
+        must get through, however slow the machine (a throughput floor would test the machine)."""
         rng = random.Random(seed)
         with grpc.insecure_channel(stack.generator_address) as channel:
             stub = generator_pb2_grpc.GeneratorStub(channel)
-            while time.monotonic() < stop:
+            while (time.monotonic() < stop or not completed[seed]) and not errors:
                 try:
                     events = list(stub.Generate(_request(rng), timeout=120))
                     kind = "completed" if events[-1].WhichOneof("event") == "finished" else "no finish"
@@ -70,6 +74,7 @@ def test_32_streams_hold_without_errors_or_memory_growth(stack, figures) -> None
                         time.sleep(int(retry) / 1000)
                 with lock:
                     outcomes[kind] = outcomes.get(kind, 0) + 1
+                completed[seed] += kind == "completed"
 
     process = psutil.Process()
     samples: list[tuple[float, int]] = []
@@ -83,7 +88,7 @@ def test_32_streams_hold_without_errors_or_memory_growth(stack, figures) -> None
     for t in threads:
         t.join()
     assert not errors, errors[:5]
-    assert outcomes.get("completed", 0) >= 32 and set(outcomes) <= {"completed", "RESOURCE_EXHAUSTED"}, outcomes
+    assert all(completed) and set(outcomes) <= {"completed", "RESOURCE_EXHAUSTED"}, outcomes
     # Memory: the first window after warm-up (a fifth of the run, at most a minute) against the last one.
     window = min(60.0, LOAD_SECONDS / 5)
     first = [rss for t, rss in samples if window <= t < 2 * window]
