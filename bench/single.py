@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -35,22 +36,28 @@ def prompt_ids(loaded: LoadedModel, prompts: list[str]) -> list[list[int]]:
     return [tok(render_prompt(loaded, p), add_special_tokens=not loaded.has_chat_template)["input_ids"] for p in prompts]
 
 
+def _complete(engine: Engine, ids: list[int], steering: Steering | None, **job: Any) -> tuple[Finished, str]:
+    """Run one job on the engine to its end: its Finished event and its text."""
+    done, parts, finished = threading.Event(), [], []
+
+    def emit(event: Event) -> None:
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        elif isinstance(event, Finished):
+            finished.append(event)
+            done.set()
+
+    engine.submit(Job(ids, emit, steering, **job))
+    if not done.wait(600):
+        raise TimeoutError("the engine did not finish a benchmark job in 10 minutes")
+    return finished[0], "".join(parts)
+
+
 def _engine_runner(engine: Engine, tokens: int, steering: Steering | None, gate: bool, kl: bool) -> Runner:
     def run(ids: list[int]) -> tuple[int, str]:
-        done, parts, finished = threading.Event(), [], []
-
-        def emit(event: Event) -> None:
-            if isinstance(event, TextDelta):
-                parts.append(event.text)
-            elif isinstance(event, Finished):
-                finished.append(event)
-                done.set()
-
-        engine.submit(Job(ids, emit, steering, max_tokens=tokens, min_tokens=tokens, gate=GateConfig(gate),
-                          kl=KlConfig(enabled=kl, threshold=0.0)))
-        if not done.wait(600):
-            raise TimeoutError("the engine did not finish a benchmark job in 10 minutes")
-        return finished[0].completion_tokens, "".join(parts)
+        finished, text = _complete(engine, ids, steering, max_tokens=tokens, min_tokens=tokens,
+                                   gate=GateConfig(gate), kl=KlConfig(enabled=kl, threshold=0.0))
+        return finished.completion_tokens, text
 
     return run
 
@@ -169,18 +176,9 @@ def first_token(loaded: LoadedModel, steering: Steering, prompts: list[list[int]
     try:
         for i, ids in enumerate(prompts):  # the first warms each engine up
             for name, engine in engines.items():
-                done, finished = threading.Event(), []
-
-                def emit(event: Event) -> None:
-                    if isinstance(event, Finished):
-                        finished.append(event)
-                        done.set()
-
-                engine.submit(Job(ids, emit, steering, max_tokens=4, gate=GateConfig(True)))
-                if not done.wait(600):
-                    raise TimeoutError("the engine did not finish a benchmark job in 10 minutes")
+                finished, _ = _complete(engine, ids, steering, max_tokens=4, gate=GateConfig(True))
                 if i:
-                    times[name].append(finished[0].time_to_first_token_ms)
+                    times[name].append(finished.time_to_first_token_ms)
     finally:
         for engine in engines.values():
             engine.close()

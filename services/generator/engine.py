@@ -162,11 +162,18 @@ class Engine:
         adm.reused = sum(past_length(p) if p else 0 for p in adm.pasts)
         return adm
 
+    def _prefill(self, prompts: list[list[int]], additions: list[RowSteering | None], pasts: list[Past | None]) -> Rows:
+        """One forward pass over new rows: each prompt after its cached part, with its own steering."""
+        lm = self.loaded
+        deltas = stack_rows(additions, lm.hidden_size, lm.model.dtype, lm.device)
+        return prefill(lm.model, lm.layers, prompts, deltas, lm.tokenizer.pad_token_id or 0,
+                       row_switches(additions, lm.device), pasts)
+
     def _prefill_chunk(self, adm: _Admission) -> bool:
         """Run the next `prefill_chunk` tokens of every joiner row with more than that left, so a
         long prompt is prefilled between decoding steps rather than in one long stall. False when
         no row has that much left (the admission is ready to finish)."""
-        chunk, lm = self.settings.prefill_chunk, self.loaded
+        chunk = self.settings.prefill_chunk
         done = [past_length(p) if p else 0 for p in adm.pasts]
         rows = [i for i, p in enumerate(adm.prompts) if chunk and len(p) - done[i] > chunk]
         if not rows:
@@ -174,10 +181,8 @@ class Engine:
         # Only a row that steers its prompt steers these positions; none of them is a prompt's last.
         additions = [a if a is not None and a.steer_prompt else None for a in (adm.additions[i] for i in rows)]
         try:
-            deltas = stack_rows(additions, lm.hidden_size, lm.model.dtype, lm.device)
-            part = prefill(lm.model, lm.layers, [adm.prompts[i][: done[i] + chunk] for i in rows], deltas,
-                           lm.tokenizer.pad_token_id or 0, row_switches(additions, lm.device),
-                           [adm.pasts[i] for i in rows])
+            part = self._prefill([adm.prompts[i][: done[i] + chunk] for i in rows], additions,
+                                 [adm.pasts[i] for i in rows])
             for j, i in enumerate(rows):
                 adm.pasts[i] = row_past(part, j, done[i] + chunk)
         except Exception as exc:  # the joiners' own forward pass: the running batch is not in it
@@ -193,9 +198,7 @@ class Engine:
         left out; a failed prefill fails every joiner."""
         lm, prompts = self.loaded, adm.prompts
         try:
-            deltas = stack_rows(adm.additions, lm.hidden_size, lm.model.dtype, lm.device)
-            rows = prefill(lm.model, lm.layers, prompts, deltas, lm.tokenizer.pad_token_id or 0,
-                           row_switches(adm.additions, lm.device), adm.pasts)
+            rows = self._prefill(prompts, adm.additions, adm.pasts)
             self._remember(rows, adm)
         except Exception as exc:  # the joiners' shared forward pass: the running batch is not in it
             for s in adm.streams:
