@@ -13,7 +13,7 @@ import pytest
 
 from generator.server import GeneratorConfig, build_service
 from protos.steering.v1 import generator_pb2 as pb
-from protos.steering.v1 import generator_pb2_grpc
+from protos.steering.v1 import generator_pb2_grpc, tagger_pb2
 from steering.errors import ConfigError
 from steering.profiles import BLIP_ALLOWLIST, Profile
 from steering.settings import paths_from_env
@@ -120,7 +120,7 @@ def test_a_blocked_vector_renamed_to_an_allowed_name_is_refused(store) -> None:
         assert "happy" in slot.refused
         [(code, details)] = _codes(service, [pb.GenerateRequest(prompt="hi", concept="happy", max_tokens=2)])
         assert code == grpc.StatusCode.FAILED_PRECONDITION and "refused" in details
-        [(code, _)] = _codes(service, [pb.GenerateRequest(prompt="hi", concept="empathy", max_tokens=2)])
+        [(code, _)] = _codes(service, [pb.GenerateRequest(prompt="hi", tag=tagger_pb2.EMOTION_ANXIOUS, max_tokens=2)])
         assert code == grpc.StatusCode.OK  # the others are still served
     finally:
         service.close()

@@ -64,14 +64,16 @@ def test_chat_tags_each_turn_and_steers_by_policy(service, caplog) -> None:
     assert labels[0] in ("excited", "happy")
     slot = service.slots[service.default]
 
-    def expected(label: str) -> str:
+    def expected(label: str) -> tuple[str, str]:
+        """(concept, mode) of a turn with this tag: "" for both where Chat serves the concept in no mode."""
         concept = service.policy.concept_for(label)
-        state = slot.steerability.concepts.get(concept or "")
-        return concept if state and service.ceiling(state) else ""  # not served here: unsteered, with a notice
+        if concept is None or label in service.unserved_policy_tags():
+            return "", ""  # a plain reply, with a notice when the concept is not served
+        return concept, str(service.chat_serving(slot, concept).mode)
 
-    assert concepts == [expected(label) for label in labels]
+    assert concepts == [expected(label)[0] for label in labels]
     starts = [e.reply.started for e in events if e.WhichOneof("event") == "reply" and e.reply.WhichOneof("event") == "started"]
-    assert [s.concept for s in starts] == concepts
+    assert [(s.concept, s.mode) for s in starts] == [expected(label) for label in labels]
     # The child's words are not in the INFO log.
     assert secret not in caplog.text and "beach" not in caplog.text
 

@@ -5,9 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers import models as tokenizer_models
-from transformers import PreTrainedTokenizerFast
 
 from steering.consistency import (
     concept_consistency,
@@ -19,11 +16,9 @@ from steering.consistency import (
 )
 from steering.derive import pair_activations
 from steering.errors import ConfigError
-from steering.layers import resolve_layers
 from steering.loading import LoadedModel
 from steering.pairs import Concept, Pair
-from steering.registry import ModelEntry, Source
-from tiny_models import VOCAB_SIZE, tiny_model
+from tiny_models import tiny_loaded
 
 STEERING_LAYERS = (1, 2)
 
@@ -50,15 +45,7 @@ def test_one_pair_is_refused(figure) -> None:
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:
-    model, template = tiny_model("llama")
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB_SIZE)}}
-    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                        eos_token="</s>", padding_side="left")
-    entry = ModelEntry(name="tiny", source=Source(kind="local", path=Path("unused")), layers=STEERING_LAYERS)
-    return LoadedModel(entry=entry, model=model, tokenizer=tokenizer, fingerprint="f" * 64,
-                       layers=resolve_layers(model, template), device=torch.device("cpu"))
+    return tiny_loaded(layers=STEERING_LAYERS)
 
 
 PAIR = Pair("t5 t6 t7", "t10 t11 t12", "t20 t21")  # sides of different lengths: padding is exercised

@@ -27,7 +27,7 @@ from grpc_helpers import StackInThread
 LOAD_SECONDS = float(os.environ.get("LOAD_SECONDS", "20"))
 CANCELLED = int(os.environ.get("CANCELLED_STREAMS", "24"))
 PROMPTS = ["Tell me about dinosaurs.", "I drew a cat!", "Why is snow cold?", "Can you sing?", "I lost my shoe."]
-CONCEPTS = ["happy", "empathy", ""]  # what Blip serves on SmolLM2, and no steering
+CONCEPTS = ["happy", ""]  # what Blip steers on SmolLM2 by Generate, and no steering
 
 
 @pytest.fixture(scope="module")

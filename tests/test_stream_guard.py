@@ -128,7 +128,7 @@ def test_in_the_blip_profile_a_forced_sad_reply_never_reaches_the_child(guard) -
         c = Collector()
         # Blip does not serve sad at all (no child-safe alpha passes the gate), so the job is built
         # for a concept it serves and then forced onto sad's vector, past anything Blip would allow.
-        slot, job = service.build_job(GenerateSpec(prompt=SAD_PROMPT, concept="empathy", max_tokens=64), c, None)
+        slot, job = service.build_job(GenerateSpec(prompt=SAD_PROMPT, concept="happy", max_tokens=64), c, None)
         assert job.guard is service.guard is not None
         sad = slot.vectors["sad"]
         forced = dataclasses.replace(job.steering, concept="sad", alpha=SAD_ALPHA, max_alpha=SAD_ALPHA,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import transformers
@@ -12,6 +13,9 @@ try:
     from transformers import PreTrainedConfig
 except ImportError:  # transformers 4.x (the AWQ environment) spells it PretrainedConfig
     from transformers import PretrainedConfig as PreTrainedConfig
+
+if TYPE_CHECKING:
+    from steering.loading import LoadedModel
 
 ARCHITECTURES: tuple[str, ...] = (
     "llama",
@@ -131,3 +135,27 @@ def tiny_model(arch: str, seed: int = 0) -> tuple[torch.nn.Module, str]:
     torch.manual_seed(seed)
     model = model_class(config).to(torch.float32).eval()
     return model, template
+
+
+def tiny_loaded(arch: str = "llama", layers: tuple[int, ...] = (1, 2)) -> "LoadedModel":
+    """A tiny random model with a word-level tokenizer (`t3` ... as words), as a LoadedModel
+    steered at `layers`: for structural tests of code that takes a loaded model."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    from steering.layers import resolve_layers
+    from steering.loading import LoadedModel
+    from steering.registry import ModelEntry, Source
+
+    model, template = tiny_model(arch)
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB_SIZE)}}
+    backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", padding_side="left")
+    entry = ModelEntry(name="tiny", source=Source(kind="local", path=Path("unused")), layers=layers)
+    return LoadedModel(entry=entry, model=model, tokenizer=tokenizer, fingerprint="f" * 64,
+                       layers=resolve_layers(model, template), device=torch.device("cpu"))

@@ -77,6 +77,9 @@ async def play(address: str, max_tokens: int) -> None:
                 which = r.WhichOneof("event")
                 if which == "text":
                     reply.append(r.text)
+                elif which == "started" and r.started.mode:
+                    at = f" at alpha {r.started.alpha:g}, layers {list(r.started.layers)}" if r.started.layers else ""
+                    print(f"  mode       {r.started.mode}{at}")
                 elif which == "gate":
                     gate = pb.GateDecision.Name(r.gate.decision).removeprefix("GATE_DECISION_").lower()
                     extra = f" ({r.gate.token.strip()!r} p={r.gate.probability:.2f})" if r.gate.token else ""
@@ -93,8 +96,8 @@ async def play(address: str, max_tokens: int) -> None:
                     messages = [pb.ChatMessage(role="system", content=system), *history, pb.ChatMessage(role="user", content=SCRIPT[turn])]
                     plain = [e.text async for e in client.generate(pb.GenerateRequest(
                         messages=pb.Conversation(messages=messages), max_tokens=max_tokens)) if e.WhichOneof("event") == "text"]
-                    print(_wrap("steered", "".join(reply)))
-                    print(_wrap("unsteered", "".join(plain)))
+                    print(_wrap("Blip", "".join(reply)))
+                    print(_wrap("plain", "".join(plain)))
                     history += [pb.ChatMessage(role="user", content=SCRIPT[turn]), pb.ChatMessage(role="assistant", content="".join(reply))]
                     turn, reply, events = turn + 1, [], []
 

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from steering.config import SteerConfig
+from steering.vocabulary import Mode
 
 
 class StopReason(StrEnum):
@@ -21,11 +22,12 @@ class StopReason(StrEnum):
 @dataclass(frozen=True)
 class Started:
     model: str
-    concept: str  # "" when unsteered
+    concept: str  # "" when the reply is neither steered nor instructed
     alpha: float
     layers: tuple[int, ...]
     prompt_tokens: int
     config: SteerConfig | None = None  # how the concept is steered (None when unsteered)
+    mode: Mode = Mode.NONE  # how the reply reaches the concept's register (prompt mode: concept set, alpha 0)
 
 
 @dataclass(frozen=True)

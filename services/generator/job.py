@@ -12,6 +12,7 @@ import torch
 from steering.config import SteerConfig
 from steering.gate import DEFAULT_THRESHOLD
 from steering.guard import ThemeGuard
+from steering.vocabulary import Mode
 
 from .events import Event
 
@@ -67,6 +68,10 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     deadline: float | None = None  # time.monotonic() by which to stop
     submitted: float = field(default_factory=time.perf_counter)
+    # How the reply reaches its concept's register; in prompt mode the instruction is already in
+    # the prompt and `instructed` names the concept (Started reports both).
+    mode: Mode = Mode.NONE
+    instructed: str = ""
 
 
 def tell(job: Job, event: Event) -> None:

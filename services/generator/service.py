@@ -7,7 +7,7 @@ import math
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from steering.config import SteerConfig
@@ -18,9 +18,9 @@ from steering.guard import ThemeGuard, holds_sentence
 from steering.loading import LoadedModel
 from steering.pairs import load_concept
 from steering.profiles import Profile, alpha_ceiling, check_concept_name, load_profile_vectors, served_alpha
-from steering.record import ConceptState, Steerability, assess
+from steering.record import BlipServing, ConceptState, Steerability, assess
 from steering.vector import ConceptVector
-from steering.vocabulary import CONTEXT_TURNS
+from steering.vocabulary import CONTEXT_TURNS, Mode
 
 from .engine import Engine, EngineSettings
 from .job import GateConfig, Job, KlConfig, Sampling, Steering
@@ -90,6 +90,8 @@ class GenerateSpec:
     stop: tuple[str, ...] = ()
     gate: GateConfig = GateConfig()
     kl: KlConfig = KlConfig()
+    # Set by Chat only, from the concept's record (`chat_serving`); a Generate request steers.
+    mode: Mode = Mode.STEER
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class ChatTag:
 
 @dataclass(frozen=True)
 class ChatConcept:
-    concept: str  # "" = no steering
+    concept: str  # "" = no steering and no instruction
 
 
 def _finite(name: str, value: float, low: float, high: float) -> float:
@@ -146,15 +148,15 @@ class GeneratorService:
         return self.slots[name]
 
     def unserved_policy_tags(self, name: str = "") -> dict[str, str]:
-        """Tags the policy maps to a concept this profile does not serve on the model (tag -> why):
-        a child's turn with such a tag gets an unsteered reply."""
+        """Tags the policy maps to a concept Chat does not serve on the model in any mode (tag -> why):
+        a child's turn with such a tag gets a plain reply."""
         slot = self.slot(name)
         unserved = {}
         for tag, concept in self.policy.concepts.items():
             if concept is None:
                 continue
             try:
-                self.concept_state(slot, concept)
+                self.chat_serving(slot, concept)
             except SteeringError as exc:
                 unserved[tag] = str(exc)
         return unserved
@@ -223,6 +225,24 @@ class GeneratorService:
             )
         return state
 
+    def chat_serving(self, slot: ModelSlot, concept: str) -> BlipServing:
+        """How a Chat reply reaches `concept`'s register: the mode the record chose for Blip
+        (steering, the instruction, or both). The personal profile also steers a concept the
+        record measured for steering only. FailedPrecondition: the turn is answered plainly."""
+        state = slot.steerability.concepts.get(concept)
+        if state is not None and state.blip is not None and not slot.refused.get(concept) and slot.steerability.steerable:
+            return state.blip
+        state = self.concept_state(slot, concept)  # says why the concept is not served
+        served = served_alpha(state, self.profile)
+        if self.profile is Profile.BLIP or served is None:
+            raise FailedPrecondition(
+                f"concept {concept!r} is not served to a child on {slot.loaded.name}: neither steering, nor its register "
+                "instruction, nor both passed the effect-size gate at a child-safe setting in its validation record"
+            )
+        effect = state.effect_at(served)
+        assert effect is not None, "a served alpha is one of the record's swept points"
+        return BlipServing(Mode.STEER, served, self.ceiling(state), effect)
+
     def ceiling(self, state: ConceptState) -> float:
         """The largest |alpha| served for a concept here; 0 when it is not served at all."""
         if served_alpha(state, self.profile) is None:
@@ -245,6 +265,21 @@ class GeneratorService:
             )
         return float(state.negative_max_alpha)
 
+    def _both_steering(self, slot: ModelSlot, concept: str) -> Steering:
+        """Chat's steering beside the register instruction: the alpha and bound its record measured
+        for the two together, which need not pass for steering alone."""
+        serving = self.chat_serving(slot, concept)
+        state = slot.steerability.concepts[concept]
+        if serving.mode is not Mode.BOTH or serving.alpha is None or serving.ceiling is None:
+            raise ValueError(f"concept {concept!r} is not served with its instruction and steering together")
+        return self._steering_at(slot, state, serving.alpha, serving.ceiling)
+
+    def _steering_at(self, slot: ModelSlot, state: ConceptState, alpha: float, max_alpha: float) -> Steering:
+        cv = slot.vectors[state.concept]
+        config = concept_config(slot, state)
+        per_unit = {layer: share * cv.directions[layer] for layer, share in config.layer_alphas(cv, 1.0).items()}
+        return Steering(state.concept, per_unit, alpha, max_alpha, slot.concept_words(state.concept), config)
+
     def _steering(self, slot: ModelSlot, concept: str, alpha: float | None) -> Steering:
         state = self.concept_state(slot, concept)
         max_alpha = alpha_ceiling(state, self.profile)
@@ -259,13 +294,28 @@ class GeneratorService:
             max_alpha, what = self._negative_ceiling(state, alpha), "validated max_alpha away from it"
         if abs(alpha) > max_alpha:
             raise InvalidArgument(f"alpha {alpha:g} is beyond concept {concept!r}'s {what} {max_alpha:g}")
-        cv = slot.vectors[concept]
-        config = concept_config(slot, state)
-        per_unit = {layer: share * cv.directions[layer] for layer, share in config.layer_alphas(cv, 1.0).items()}
-        return Steering(concept, per_unit, alpha, max_alpha, slot.concept_words(concept), config)
+        return self._steering_at(slot, state, alpha, max_alpha)
+
+    def _as_chat_answers(self, slot: ModelSlot, spec: GenerateSpec) -> GenerateSpec:
+        """A request by tag is answered as Chat answers that tag: the policy's concept in the mode
+        its record serves, the register instruction (prompt and both modes) added to the system prompt."""
+        concept = self.policy.concept_for(spec.tag or "")
+        if spec.concept or not concept:
+            return spec  # a concept and a tag together, an unknown tag, or none: _concept says so
+        serving = self.chat_serving(slot, concept)
+        alpha = spec.alpha if spec.alpha is not None and serving.mode is Mode.STEER else serving.alpha
+        spec = replace(spec, mode=serving.mode, alpha=alpha)
+        if not serving.instruction or (spec.prompt is None) == (spec.messages is None):
+            return spec
+        messages = spec.messages if spec.messages is not None else (("user", spec.prompt or ""),)
+        if messages and messages[0][0] == "system":
+            return replace(spec, messages=(("system", f"{messages[0][1]} {serving.instruction}"), *messages[1:]))
+        return replace(spec, prompt=None, messages=(("system", serving.instruction), *messages))
 
     def build_job(self, spec: GenerateSpec, emit: Callable[[Event], None], deadline: float | None) -> tuple[ModelSlot, Job]:
         slot = self.slot(spec.model)
+        if spec.tag:
+            spec = self._as_chat_answers(slot, spec)
         s = spec.sampling
         if not math.isfinite(s.temperature) or not (s.temperature == 0 or MIN_TEMPERATURE <= s.temperature <= 5):
             raise InvalidArgument(
@@ -290,8 +340,14 @@ class GeneratorService:
         if len(prompt_ids) + max_tokens > limit:
             raise InvalidArgument(f"prompt ({len(prompt_ids)} tokens) plus max_tokens exceeds the model's {limit}")
         concept = self._concept(spec)
-        steering = self._steering(slot, concept, spec.alpha) if concept else None
-        job = Job(prompt_ids, emit, steering, sampling, max_tokens, spec.stop, gate, kl, deadline=deadline, guard=self.guard)
+        mode = spec.mode if concept else Mode.NONE
+        steering = None
+        if mode is Mode.STEER and concept:
+            steering = self._steering(slot, concept, spec.alpha)
+        elif mode is Mode.BOTH and concept:
+            steering = self._both_steering(slot, concept)
+        job = Job(prompt_ids, emit, steering, sampling, max_tokens, spec.stop, gate, kl, deadline=deadline, guard=self.guard,
+                  mode=mode, instructed=concept if mode is Mode.PROMPT and concept else "")
         return slot, job
 
     # streaming -----------------------------------------------------------------------
@@ -341,6 +397,7 @@ class GeneratorService:
             if not text.strip():
                 raise InvalidArgument("turn text is empty: send the child's words")
             concept: str | None = None
+            serving: BlipServing | None = None
             notice = ""
             try:
                 result = await tag(text, child_turns[-CONTEXT_TURNS:])
@@ -352,17 +409,21 @@ class GeneratorService:
                 notice = f"tagger unavailable ({exc}): replying without steering"
             if concept:
                 try:
-                    self.concept_state(self.slot(base.model), concept)
+                    serving = self.chat_serving(self.slot(base.model), concept)
                 except FailedPrecondition as exc:
                     notice, concept = f"replying without steering: {exc}", None
             yield ChatConcept(concept or "")
             if notice:
                 yield Notice(notice)
-            messages = [("system", self.policy.system_prompt)] if self.policy.system_prompt else []
+            system = self.policy.system_prompt
+            if serving and serving.instruction:  # prompt and both modes: the register asked for in words
+                system = f"{system} {serving.instruction}".strip()
+            messages = [("system", system)] if system else []
             messages += history[-HISTORY_TURNS:] + [("user", text)]
             spec = GenerateSpec(
                 model=base.model, messages=tuple(messages), concept=concept, sampling=base.sampling,
                 max_tokens=base.max_tokens, stop=base.stop, gate=base.gate, kl=base.kl,
+                alpha=serving.alpha if serving else None, mode=serving.mode if serving else Mode.NONE,
             )
             reply = []
             slot = self.slot(base.model)

@@ -2,6 +2,7 @@
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -9,7 +10,7 @@ from protos.steering.v1 import generator_pb2 as pb
 from protos.steering.v1 import generator_pb2_grpc
 from protos.steering.v1 import tagger_pb2
 from steering.config import SteerConfig
-from steering.errors import InvalidArgument, Unavailable
+from steering.errors import InvalidArgument, SteeringError, Unavailable
 from steering.profiles import served_alpha
 from steering.record import ConceptState
 
@@ -84,7 +85,7 @@ def event_to_pb(event: ev.Event) -> pb.GenerateEvent:
         case ev.Started():
             return pb.GenerateEvent(started=pb.Started(model=event.model, concept=event.concept, alpha=event.alpha,
                                                        layers=list(event.layers), prompt_tokens=event.prompt_tokens,
-                                                       config=_config(event.config)))
+                                                       config=_config(event.config), mode=str(event.mode)))
         case ev.TextDelta():
             return pb.GenerateEvent(text=event.text)
         case ev.Gate():
@@ -173,7 +174,17 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             recommended_d_high=served.high if served else 0.0, replies=served.n if served else 0,
             ceiling_d=at_ceiling.d if at_ceiling else 0.0,
             config=_config(concept_config(slot, state)),
+            **self._chat_info(state, slot),
         )
+
+    def _chat_info(self, state: ConceptState, slot: ModelSlot) -> dict[str, Any]:
+        try:
+            chat = self.service.chat_serving(slot, state.concept)
+        except SteeringError:
+            return {}
+        e = chat.effect
+        return {"chat_mode": str(chat.mode), "chat_alpha": chat.alpha or 0.0, "chat_d": e.d, "chat_d_low": e.low,
+                "chat_d_high": e.high, "chat_replies": e.n}
 
     async def ListModels(self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         models = []

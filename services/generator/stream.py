@@ -18,6 +18,7 @@ from steering.gate import decide
 from steering.generate import sample
 from steering.hooks import RowSteering
 from steering.loading import LoadedModel
+from steering.vocabulary import Mode
 
 from .batch import Rows
 from .events import Failed, Finished, Gate, Guarded, Started, StopReason, TextDelta
@@ -140,8 +141,9 @@ class Stream:
         job, st = self.job, self.job.steering
         if self.restarting:
             return [None]
-        job.emit(Started(self.loaded.name, st.concept if st else "", self.alpha,
-                         tuple(sorted(st.directions)) if st else (), len(job.prompt_ids), st.config if st else None))
+        job.emit(Started(self.loaded.name, st.concept if st else job.instructed, self.alpha,
+                         tuple(sorted(st.directions)) if st else (), len(job.prompt_ids), st.config if st else None,
+                         job.mode or (Mode.STEER if st else Mode.NONE)))
         if st is None:
             return [None]
         if not job.gate.enabled and not job.kl.enabled:

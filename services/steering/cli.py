@@ -370,7 +370,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from .record import merge_earlier, write_record
     from .report import served_summary, write_report
     from .scoring import load_scorer
-    from .validate import SweepSettings, baseline, check_load, load_eval_prompts, model_record, run_model_checks, sweep_concept
+    from .profiles import BLIP_ALLOWLIST
+    from .validate import (SweepSettings, baseline, check_load, load_blip_setting, load_eval_prompts, model_record,
+                           run_model_checks, sweep_concept)
 
     if args.max_new_tokens < 1:  # before minutes of loading and checks
         raise ConfigError("--max-new-tokens must be at least 1")
@@ -395,21 +397,24 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise NotFoundError(f"no usable vector for {', '.join(unknown)} on {loaded.name}; run `steer derive`")
     settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(args.seeds)),
                              allowlist_seeds=tuple(range(args.allowlist_seeds)), batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, search=not args.no_search)
+                             max_new_tokens=args.max_new_tokens, search=not args.no_search,
+                             blip=load_blip_setting(paths.eval))
     results: dict = {}
-    base = None
+    base = blip_base = None
     if all(c.passed for c in checks):
         scorer = load_scorer(paths.eval)
         guard = load_guard(paths.guard)
         with tqdm(total=len(names) + 1, unit="concept", desc=f"validate {loaded.name}", disable=args.quiet) as bar:
             bar.set_postfix_str("unsteered baseline")
             base = baseline(loaded, settings, guard)
+            if BLIP_ALLOWLIST & set(names):  # the control of the allowlist concepts, measured as Blip speaks
+                blip_base = baseline(loaded, settings, guard, blip=True)
             bar.update()
             for name in names:
                 bar.set_postfix_str(name)
-                results[name] = sweep_concept(loaded, vectors[name], scorer, settings, base, guard, args.negative)
+                results[name] = sweep_concept(loaded, vectors[name], scorer, settings, base, guard, args.negative, blip_base)
                 bar.update()
-    record = model_record(loaded, checks, results, settings, base, time.perf_counter() - start)
+    record = model_record(loaded, checks, results, settings, base, time.perf_counter() - start, blip_base)
     if args.concepts:
         record, kept = merge_earlier(model_dir, record)
         if kept:

@@ -17,6 +17,7 @@ from typing import Any
 from .atomic import write_text_atomic
 from .config import SteerConfig
 from .vector import ConceptVector
+from .vocabulary import Mode
 
 RECORD_NAME = "validation.json"
 GATE_D = 0.5  # the lower end of d's 95% interval must exceed this for an alpha to be served
@@ -153,6 +154,32 @@ def negative_decisions(sweep: list[dict[str, Any]], replies: int = 0) -> dict[st
     return {"status": status, "recommended_alpha": recommended, "max_alpha": max_alpha, "effect": effect}
 
 
+def blip_decision(entry: dict[str, Any], replies: int = 0) -> dict[str, Any]:
+    """How Blip serves a concept whose entry measured the modes (`modes`): of steering alone at its
+    child-safe recommended alpha, the instruction alone, and the instruction with steering at its
+    own child-safe recommended alpha, the one with the largest d among those whose whole interval
+    clears the gate while coherent and child-safe. `mode` is None when none does.
+    An entry without modes was measured for steering only: steer, or nothing."""
+    candidates: list[tuple[Mode, dict[str, Any]]] = []
+    child = decide(entry["sweep"], replies=replies, child=True)[1]
+    if child is not None:
+        candidates.append((Mode.STEER, next(p for p in entry["sweep"] if p["alpha"] == child)))
+    modes = entry.get("modes")
+    if modes:
+        prompt = modes["prompt"]
+        if coherent(prompt) and safe_for_children(prompt) and Effect.of(prompt, replies).passes():
+            candidates.append((Mode.PROMPT, prompt))
+        both = decide(modes["both"], replies=replies, child=True)[1]
+        if both is not None:
+            candidates.append((Mode.BOTH, next(p for p in modes["both"] if p["alpha"] == both)))
+    if not candidates:
+        return {"mode": None, "alpha": None, "d": None, "d_low": None, "d_high": None, "n": None}
+    mode, point = max(candidates, key=lambda c: c[1]["d"])
+    effect = Effect.of(point, replies)
+    return {"mode": str(mode), "alpha": None if mode is Mode.PROMPT else point["alpha"], "d": point["d"],
+            "d_low": round(effect.low, 4), "d_high": round(effect.high, 4), "n": effect.n}
+
+
 def record_replies(record: dict[str, Any]) -> int:
     """Replies a side for sweep points written before they carried their own counts."""
     settings = record.get("settings", {})
@@ -168,8 +195,21 @@ def redecide(record: dict[str, Any]) -> dict[str, Any]:
         entry = {k: v for k, v in entry.items() if k not in ("d", "child_safe_d")} | decisions(entry["sweep"], replies)
         if "negative" in entry:
             entry["negative"] = entry["negative"] | negative_decisions(entry["negative"]["sweep"], replies)
+        if "modes" in entry:
+            entry["blip"] = blip_decision(entry, replies)
         concepts[name] = entry
     return {k: v for k, v in record.items() if k != "record_sha256"} | {"concepts": concepts}
+
+
+@dataclass(frozen=True)
+class BlipServing:
+    """How Blip's Chat serves a concept: the mode its record chose, and where."""
+
+    mode: Mode
+    alpha: float | None  # the steering's default alpha; None in prompt mode
+    ceiling: float | None  # the largest alpha served in this mode (its own child-safe bound); None in prompt mode
+    effect: Effect  # d where it is served, with its interval and reply count
+    instruction: str = ""  # added to Blip's system prompt in prompt and both modes
 
 
 @dataclass(frozen=True)
@@ -192,6 +232,7 @@ class ConceptState:
     # How the sweep steered (the configuration validation chose); None: the model's default
     # band at a uniform alpha, as records from before the search were measured.
     config: SteerConfig | None = None
+    blip: BlipServing | None = None  # None: Blip's Chat answers the concept's tags unsteered
 
     def effect_at(self, alpha: float | None) -> Effect | None:
         return next((e for e in self.effects if e.alpha == alpha), None)
@@ -207,6 +248,20 @@ class Steerability:
     @property
     def servable(self) -> list[str]:
         return sorted(c for c, s in self.concepts.items() if s.servable)
+
+
+def _blip_serving(entry: dict[str, Any], replies: int) -> BlipServing | None:
+    chosen = blip_decision(entry, replies)
+    if chosen["mode"] is None:
+        return None
+    mode = Mode(chosen["mode"])
+    effect = Effect(chosen["alpha"] or 0.0, chosen["d"], chosen["d_low"], chosen["d_high"], chosen["n"], chosen["n"])
+    instruction = entry.get("modes", {}).get("instruction", "")
+    if mode is Mode.PROMPT:
+        return BlipServing(mode, None, None, effect, instruction)
+    sweep = entry["sweep"] if mode is Mode.STEER else entry["modes"]["both"]
+    bounds = [b for b in (decide(sweep)[2], child_safe_alpha(sweep)) if b is not None]
+    return BlipServing(mode, chosen["alpha"], min(bounds), effect, instruction if mode is Mode.BOTH else "")
 
 
 def entry_config(entry: dict[str, Any]) -> SteerConfig | None:
@@ -225,7 +280,7 @@ def merge_earlier(model_dir: Path, record: dict[str, Any]) -> tuple[dict[str, An
         old = json.loads(record_path(model_dir).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return record, []
-    per_concept = ("allowlist_seeds", "search", "screen_alpha_rel", "screen_seeds")
+    per_concept = ("allowlist_seeds", "search", "screen_alpha_rel", "screen_seeds", "blip_system_prompt", "both_grid_rel")
     settings = [{k: v for k, v in (r.get("settings") or {}).items() if k not in per_concept} for r in (old, record)]
     same = settings[0] == settings[1] and all(old.get(k) == record.get(k) for k in ("fingerprint", "layers"))
     base_old, base_new = old.get("baseline") or {}, record.get("baseline") or {}
@@ -234,6 +289,8 @@ def merge_earlier(model_dir: Path, record: dict[str, Any]) -> tuple[dict[str, An
     kept = {c: e for c, e in old.get("concepts", {}).items() if c not in measured} if same else {}
     if not kept:
         return record, []
+    if "baseline_blip" in old and "baseline_blip" not in record:  # the control of kept entries measured as Blip speaks
+        record = dict(record, baseline_blip=old["baseline_blip"])
     return redecide(dict(record, concepts=dict(sorted({**kept, **measured}.items())))), sorted(kept)
 
 
@@ -277,6 +334,9 @@ def assess(model: str, model_dir: Path, fingerprint: str, vectors: dict[str, Con
             reason = (f"recorded status, recommended_alpha, child_safe_alpha or child_recommended_alpha {recorded!r} "
                       f"disagrees with its own figures ({status}, {recommended!r}, {child_safe!r}, {child!r})")
             states[concept] = ConceptState(concept, status, False, reason)
+        elif "blip" in entry and entry["blip"] != blip_decision(entry, replies):
+            reason = f"recorded Blip mode {entry['blip']!r} disagrees with its own figures {blip_decision(entry, replies)!r}"
+            states[concept] = ConceptState(concept, status, False, reason)
         elif negative and neg_status != negative.get("status"):
             reason = f"recorded negative-direction status {negative.get('status')!r} disagrees with its own figures ({neg_status})"
             states[concept] = ConceptState(concept, status, False, reason)
@@ -289,6 +349,6 @@ def assess(model: str, model_dir: Path, fingerprint: str, vectors: dict[str, Con
             states[concept] = ConceptState(
                 concept, status, passed, "passed" if passed else f"effect-size gate: {status}", recommended, max_alpha,
                 child_safe, child, neg_status, neg_max if passed and neg_status == "passed" else None,
-                tuple(Effect.of(p, replies) for p in sweep), config,
+                tuple(Effect.of(p, replies) for p in sweep), config, _blip_serving(entry, replies),
             )
     return Steerability(model, True, "validated", states)

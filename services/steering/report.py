@@ -38,7 +38,48 @@ def served_summary(entry: dict[str, Any], replies: int = 0) -> str:
     return (f"personal: alpha {_fmt(entry['recommended_alpha'])} d {effect_text(entry, entry['recommended_alpha'], replies)}, "
             f"max {_fmt(entry['max_alpha'])}; Blip: alpha {_fmt(entry.get('child_recommended_alpha'))} "
             f"d {effect_text(entry, entry.get('child_recommended_alpha'), replies)}, ceiling {_fmt(blip)}; "
-            f"largest d at any alpha {entry['largest_d']:.2f}")
+            f"largest d at any alpha {entry['largest_d']:.2f}" + (f"; Blip's Chat: {mode_text(entry['blip'])}" if "blip" in entry else ""))
+
+
+def mode_text(chosen: dict[str, Any]) -> str:
+    """The mode a Blip Chat reply is served in, e.g. `both at alpha 6.1, d 1.20 [0.89, 1.51] n 96`."""
+    if chosen["mode"] is None:
+        return "none (answered plainly)"
+    at = "" if chosen["alpha"] is None else f" at alpha {chosen['alpha']:g}"
+    return f"{chosen['mode']}{at}, d {chosen['d']:.2f} [{chosen['d_low']:.2f}, {chosen['d_high']:.2f}] n {chosen['n']}"
+
+
+def _point_text(point: dict[str, Any], replies: int) -> str:
+    return effect_text({"sweep": [point]}, point["alpha"], replies)
+
+
+def _modes_section(record: dict[str, Any], replies: int) -> list[str]:
+    measured = {name: c for name, c in sorted(record["concepts"].items()) if "modes" in c}
+    if not measured:
+        return []
+    base = record.get("baseline_blip") or {}
+    lines = [
+        "",
+        "## Blip's modes: steering, prompting, both",
+        "",
+        "The allowlist's concepts are measured as Blip speaks: every reply under Blip's system prompt, and d against "
+        f"unsteered replies under it ({_pct(base.get('flags'))} flagged, {_pct(base.get('degenerate'))} looping, "
+        f"{base.get('replies', '-')} replies). Steering alone is the sweep above. Prompt only adds the concept's one-sentence "
+        "register instruction to the system prompt, unsteered; both adds it and steers. Each mode is judged by the same "
+        "gate, coherence and child-safe rules; Blip's Chat serves the mode with the largest d among those that pass "
+        "(`none`: the concept's tags are answered plainly).",
+        "",
+        "| concept | instruction | steer: Blip alpha, d [95%] | prompt only: d [95%] | ppl ratio | looping | flagged "
+        "| both: alpha, d [95%], ppl ratio, flagged | served |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, c in measured.items():
+        m, steer = c["modes"], c.get("child_recommended_alpha")
+        p = m["prompt"]
+        both = "; ".join(f"{b['alpha']:g}: {_point_text(b, replies)}, {b['ppl_ratio']:.2f}, {_pct(b.get('flags'))}" for b in m["both"])
+        lines.append(f"| {name} | {m['instruction']} | {_fmt(steer)}: {effect_text(c, steer, replies)} | {_point_text(p, replies)} "
+                     f"| {p['ppl_ratio']:.2f} | {p['degenerate']:.2f} | {_pct(p.get('flags'))} | {both} | {mode_text(c['blip'])} |")
+    return lines
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -107,6 +148,7 @@ def markdown(record: dict[str, Any]) -> str:
         ]
         lines += [f"| {name} | {n['status']} | {_fmt(n['recommended_alpha'])} | {effect_text(n, n['recommended_alpha'], replies)} "
                   f"| {_fmt(n['max_alpha'])} |" for name, n in away.items()]
+    lines += _modes_section(record, replies)
     searched = {name: c["search"] for name, c in sorted(record["concepts"].items()) if c.get("search")}
     if searched:
         lines += [
@@ -133,10 +175,15 @@ def markdown(record: dict[str, Any]) -> str:
         lines += [f"### {name}", "", "| alpha | alpha/norm | d [95%] | ppl ratio | looping | flagged | flagged themes | example reply |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         examples = {**c.get("examples", {}), **c.get("negative", {}).get("examples", {})}
-        for p in c["sweep"] + c.get("negative", {}).get("sweep", []):
-            example = examples.get(str(p["alpha"]), "").replace("|", "/").replace("\n", " ")[:120]
+        rows = [(f"{p['alpha']:g}", p, examples.get(str(p["alpha"]), "")) for p in c["sweep"] + c.get("negative", {}).get("sweep", [])]
+        if "modes" in c:
+            m = c["modes"]
+            rows.append(("prompt only", m["prompt"], m["examples"].get("prompt", "")))
+            rows += [(f"both {p['alpha']:g}", p, m["examples"].get(f"both {p['alpha']}", "")) for p in m["both"]]
+        for label, p, example in rows:
+            example = example.replace("|", "/").replace("\n", " ")[:120]
             themes = ", ".join(f"{t} {n}" for t, n in p.get("flag_themes", {}).items()) or "-"
-            lines.append(f"| {p['alpha']:g} | {p['alpha_rel']:g} | {effect_text({'sweep': [p]}, p['alpha'], replies)} | {p['ppl_ratio']:.2f} | {p['degenerate']:.2f} "
+            lines.append(f"| {label} | {p['alpha_rel']:g} | {_point_text(p, replies)} | {p['ppl_ratio']:.2f} | {p['degenerate']:.2f} "
                          f"| {_pct(p.get('flags'))} | {themes} | {example} |")
         lines.append("")
     return "\n".join(lines)

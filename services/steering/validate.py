@@ -9,7 +9,7 @@ import datetime as dt
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +19,13 @@ import torch
 from .coherence import is_degenerate, perplexities
 from .config import SteerConfig, candidate_bands
 from .derive import layer_activations, position_ids
-from .generate import Generation, GenerationSettings, generate
+from .errors import ConfigError, NotFoundError
+from .generate import Generation, GenerationSettings, PromptLike, generate
 from .guard import ThemeGuard
 from .layers import recorded_outputs, resolve_layers
 from .loading import LoadedModel, load_model
 from .profiles import BLIP_ALLOWLIST
-from .record import coherent, d_interval, decisions, negative_decisions, safe_for_children
+from .record import blip_decision, coherent, d_interval, decisions, negative_decisions, safe_for_children
 from .registry import ModelEntry
 from .scoring import ConceptScorer
 from .vector import ConceptVector
@@ -50,6 +51,38 @@ BEHAVIOUR_PAIRS = (
 # (norm about 170) they are alphas of about 4, 6, 8 and 12.
 ALPHA_GRID_REL = (0.024, 0.036, 0.048, 0.072)
 BEHAVIOUR_ALPHA_REL = 0.048
+# Prompt and steering together are swept at the grid's middle strengths only: the instruction
+# already moves the register, and the grid's ends cost a third of a concept's validation more.
+BOTH_GRID_REL = (0.036, 0.048)
+
+
+@dataclass(frozen=True)
+class BlipSetting:
+    """How Blip speaks (`vectors/eval/blip.json`): its system prompt, and per allowlist concept the
+    one-sentence register instruction that prompt mode adds to it."""
+
+    system_prompt: str
+    instructions: Mapping[str, str]
+
+    def messages(self, prompt: str, concept: str | None = None) -> list[dict[str, str]]:
+        """A child's prompt under Blip's system prompt, with `concept`'s instruction when given."""
+        system = self.system_prompt + (f" {self.instructions[concept]}" if concept else "")
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+
+
+def load_blip_setting(eval_dir: Path) -> BlipSetting:
+    path = Path(eval_dir) / "blip.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        setting = BlipSetting(str(data["system_prompt"]), {str(k): str(v) for k, v in data["instructions"].items()})
+    except FileNotFoundError:
+        raise NotFoundError(f"Blip's setting {path} does not exist") from None
+    except (ValueError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"{path}: malformed Blip setting ({exc})") from None
+    missing = sorted(BLIP_ALLOWLIST - set(setting.instructions))
+    if missing or not setting.system_prompt.strip():
+        raise ConfigError(f"{path}: needs a system_prompt and an instruction for every allowlist concept (missing: {missing})")
+    return setting
 
 
 @dataclass(frozen=True)
@@ -85,6 +118,23 @@ class SweepSettings:
     search: bool = True
     screen_alpha_rel: float = 0.036
     screen_seeds: tuple[int, ...] = (0, 1)
+    # Given, an allowlist concept is measured as Blip speaks: every arm under Blip's system prompt
+    # against unsteered replies under it, and beside steering, the instruction alone (prompt mode)
+    # and the instruction with steering at `both_grid_rel` (both). None: as every other concept.
+    blip: BlipSetting | None = None
+    both_grid_rel: tuple[float, ...] = BOTH_GRID_REL
+
+
+def blip_measured(settings: SweepSettings, concept: str) -> bool:
+    return settings.blip is not None and concept in BLIP_ALLOWLIST
+
+
+def concept_prompts(settings: SweepSettings, concept: str, instructed: bool = False) -> list[PromptLike]:
+    """The evaluation prompts as a concept's replies are sampled: under Blip's system prompt (with
+    the concept's instruction when `instructed`) for an allowlist concept measured as Blip speaks."""
+    if settings.blip is None or not blip_measured(settings, concept):
+        return list(settings.prompts)
+    return [settings.blip.messages(p, concept if instructed else None) for p in settings.prompts]
 
 
 def seeds_for(settings: SweepSettings, concept: str) -> tuple[int, ...]:
@@ -240,7 +290,7 @@ class Baseline:
         return self.scores[concept]
 
 
-def _sample(loaded: LoadedModel, settings: SweepSettings, prompts: list[str], rows: list, seed: int) -> list[Generation]:
+def _sample(loaded: LoadedModel, settings: SweepSettings, prompts: Sequence[PromptLike], rows: list, seed: int) -> list[Generation]:
     out: list[Generation] = []
     gen = GenerationSettings(settings.max_new_tokens, settings.temperature, settings.top_p, seed)
     for start in range(0, len(prompts), settings.batch_size):
@@ -258,9 +308,13 @@ def flag_rate(guard: ThemeGuard, replies: Sequence[Generation]) -> tuple[list[bo
     return [v.flagged for v in verdicts], dict(sorted(themes.items()))
 
 
-def baseline(loaded: LoadedModel, settings: SweepSettings, guard: ThemeGuard) -> Baseline:
-    prompts = list(settings.prompts)
-    seeds = baseline_seeds(settings)
+def baseline(loaded: LoadedModel, settings: SweepSettings, guard: ThemeGuard, blip: bool = False) -> Baseline:
+    """Unsteered replies to the evaluation prompts; with `blip`, under Blip's system prompt (the
+    control of the allowlist concepts measured as Blip speaks)."""
+    if blip and settings.blip is None:
+        raise ValueError("a Blip baseline needs the settings' Blip system prompt")
+    prompts = [settings.blip.messages(p) for p in settings.prompts] if blip and settings.blip else list(settings.prompts)
+    seeds = settings.allowlist_seeds if blip else baseline_seeds(settings)
     replies = [g for seed in seeds for g in _sample(loaded, settings, prompts, [None] * len(prompts), seed)]
     degenerate = [is_degenerate(g.text) for g in replies]
     return Baseline(replies, perplexities(loaded, replies), degenerate, flag_rate(guard, replies)[0])
@@ -304,12 +358,13 @@ def _point(
 def _sweep(
     loaded: LoadedModel, cv: ConceptVector, scorer: ConceptScorer, settings: SweepSettings, base: Baseline,
     guard: ThemeGuard, config: SteerConfig, grid: list[tuple[float, float]], seeds: tuple[int, ...],
+    prompts: Sequence[PromptLike] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """A point per (alpha, relative alpha) of `grid` with `config`, and an example reply per alpha.
-    Every alpha of the grid is one batch per seed."""
-    prompts = list(settings.prompts)
+    """A point per (alpha, relative alpha) of `grid` with `config`, and an example reply per alpha
+    (alpha 0: unsteered). Every alpha of the grid is one batch per seed. `prompts`: the settings'."""
+    prompts = list(settings.prompts) if prompts is None else list(prompts)
     n = len(prompts)
-    rows = [config.row(cv, alpha) for alpha, _ in grid for _ in prompts]
+    rows = [config.row(cv, alpha) if alpha else None for alpha, _ in grid for _ in prompts]
     by_seed = [_sample(loaded, settings, prompts * len(grid), rows, seed) for seed in seeds]
     sweep, examples = [], {}
     for k, (alpha, rel) in enumerate(grid):
@@ -331,7 +386,7 @@ def _screen_key(point: dict[str, Any]) -> tuple[bool, bool, float]:
 
 def search_config(
     loaded: LoadedModel, cv: ConceptVector, scorer: ConceptScorer, settings: SweepSettings, base: Baseline,
-    guard: ThemeGuard,
+    guard: ThemeGuard, prompts: Sequence[PromptLike] | None = None,
 ) -> tuple[SteerConfig, list[dict[str, Any]]]:
     """The concept's steering configuration, and every candidate's screened point.
 
@@ -349,7 +404,7 @@ def search_config(
         if any(layer not in cv.directions for layer in config.layers):
             return
         [(alpha, rel)] = alpha_grid(config, cv, [settings.screen_alpha_rel])
-        point = _sweep(loaded, cv, scorer, settings, base, guard, config, [(alpha, rel)], seeds)[0][0]
+        point = _sweep(loaded, cv, scorer, settings, base, guard, config, [(alpha, rel)], seeds, prompts)[0][0]
         screened.append((config, point))
 
     default = default_config(loaded)
@@ -371,14 +426,26 @@ def sweep_concept(
     base: Baseline,
     guard: ThemeGuard,
     negative: bool = False,
+    blip_base: Baseline | None = None,
 ) -> dict[str, Any]:
     """The concept's record entry. With `negative`, steering away from the concept (alpha < 0)
     is swept too, as a direction of its own: only a passed negative sweep lets the personal
-    profile serve a negative alpha, and the Blip profile never does."""
-    config, screened = search_config(loaded, cv, scorer, settings, base, guard) if settings.search else (default_config(loaded), [])
+    profile serve a negative alpha, and the Blip profile never does.
+
+    An allowlist concept measured as Blip speaks (`settings.blip`) is swept under Blip's system
+    prompt against `blip_base`, and its entry's `modes` holds the two other ways Blip can reach
+    the register: the instruction alone, and the instruction with steering."""
+    concept = cv.concept
+    as_blip = blip_measured(settings, concept)
+    if as_blip and blip_base is None:
+        raise ValueError(f"{concept} is measured as Blip speaks: it needs the baseline under Blip's system prompt")
+    control = blip_base if as_blip and blip_base is not None else base
+    prompts = concept_prompts(settings, concept)
+    config, screened = (search_config(loaded, cv, scorer, settings, control, guard, prompts) if settings.search
+                        else (default_config(loaded), []))
     grid = alpha_grid(config, cv, settings.alpha_grid_rel)
-    seeds = seeds_for(settings, cv.concept)
-    sweep, examples = _sweep(loaded, cv, scorer, settings, base, guard, config, grid, seeds)
+    seeds = seeds_for(settings, concept)
+    sweep, examples = _sweep(loaded, cv, scorer, settings, control, guard, config, grid, seeds, prompts)
     entry = {
         **decisions(sweep),
         "vector_sha256": cv.content_sha256,
@@ -390,9 +457,22 @@ def sweep_concept(
     }
     if screened:
         entry["search"] = screened
+    if as_blip and settings.blip is not None:
+        instructed = concept_prompts(settings, concept, instructed=True)
+        [prompt_point], prompt_example = _sweep(loaded, cv, scorer, settings, control, guard, config, [(0.0, 0.0)], seeds, instructed)
+        both, both_examples = _sweep(loaded, cv, scorer, settings, control, guard, config,
+                                     alpha_grid(config, cv, settings.both_grid_rel), seeds, instructed)
+        entry["modes"] = {
+            "system_prompt": settings.blip.system_prompt,
+            "instruction": settings.blip.instructions[concept],
+            "prompt": prompt_point,
+            "both": both,
+            "examples": {"prompt": prompt_example["0.0"], **{f"both {a}": t for a, t in both_examples.items()}},
+        }
+        entry["blip"] = blip_decision(entry)
     if negative:
         away = [(-alpha, rel) for alpha, rel in grid]
-        neg_sweep, neg_examples = _sweep(loaded, cv, scorer, settings, base, guard, config, away, seeds)
+        neg_sweep, neg_examples = _sweep(loaded, cv, scorer, settings, control, guard, config, away, seeds, prompts)
         entry["negative"] = {
             **negative_decisions(neg_sweep),
             "sweep": neg_sweep,
@@ -411,8 +491,8 @@ def _baseline_figures(base: Baseline, n: int) -> dict[str, Any]:
 
 
 def model_record(loaded: LoadedModel, checks: list[Check], concepts: dict[str, dict[str, Any]], settings: SweepSettings,
-                 base: Baseline | None, seconds: float) -> dict[str, Any]:
-    return {
+                 base: Baseline | None, seconds: float, blip_base: Baseline | None = None) -> dict[str, Any]:
+    record = {
         "model": loaded.name,
         "fingerprint": loaded.fingerprint,
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -430,6 +510,8 @@ def model_record(loaded: LoadedModel, checks: list[Check], concepts: dict[str, d
             "search": settings.search,
             "screen_alpha_rel": settings.screen_alpha_rel,
             "screen_seeds": list(settings.screen_seeds),
+            "blip_system_prompt": settings.blip.system_prompt if settings.blip else None,
+            "both_grid_rel": list(settings.both_grid_rel),
         },
         # Over the first seeds' replies, the control of every concept off the allowlist, so a partial
         # re-validation can tell that its baseline is the earlier record's; and over all of them.
@@ -437,6 +519,9 @@ def model_record(loaded: LoadedModel, checks: list[Check], concepts: dict[str, d
         "baseline_allowlist": None if base is None else _baseline_figures(base, len(base.replies)),
         "concepts": concepts,
     }
+    if blip_base is not None:  # the control of the allowlist concepts measured as Blip speaks
+        record["baseline_blip"] = _baseline_figures(blip_base, len(blip_base.replies))
+    return record
 
 
 def load_eval_prompts(eval_dir: Path) -> tuple[str, ...]:

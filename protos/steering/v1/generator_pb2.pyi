@@ -111,20 +111,22 @@ class Conversation(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("model", "concept", "alpha", "layers", "prompt_tokens", "config")
+    __slots__ = ("model", "concept", "alpha", "layers", "prompt_tokens", "config", "mode")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONCEPT_FIELD_NUMBER: _ClassVar[int]
     ALPHA_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     model: str
     concept: str
     alpha: float
     layers: _containers.RepeatedScalarFieldContainer[int]
     prompt_tokens: int
     config: SteeringConfig
-    def __init__(self, model: _Optional[str] = ..., concept: _Optional[str] = ..., alpha: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., config: _Optional[_Union[SteeringConfig, _Mapping]] = ...) -> None: ...
+    mode: str
+    def __init__(self, model: _Optional[str] = ..., concept: _Optional[str] = ..., alpha: _Optional[float] = ..., layers: _Optional[_Iterable[int]] = ..., prompt_tokens: _Optional[int] = ..., config: _Optional[_Union[SteeringConfig, _Mapping]] = ..., mode: _Optional[str] = ...) -> None: ...
 
 class SteeringConfig(_message.Message):
     __slots__ = ("layers", "scale", "positions", "preserve_norm", "name")
@@ -259,7 +261,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ConceptInfo(_message.Message):
-    __slots__ = ("name", "status", "servable", "recommended_alpha", "max_alpha", "reason", "child_safe_alpha", "alpha_ceiling", "recommended_d", "recommended_d_low", "recommended_d_high", "replies", "ceiling_d", "config")
+    __slots__ = ("name", "status", "servable", "recommended_alpha", "max_alpha", "reason", "child_safe_alpha", "alpha_ceiling", "recommended_d", "recommended_d_low", "recommended_d_high", "replies", "ceiling_d", "config", "chat_mode", "chat_alpha", "chat_d", "chat_d_low", "chat_d_high", "chat_replies")
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     SERVABLE_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +276,12 @@ class ConceptInfo(_message.Message):
     REPLIES_FIELD_NUMBER: _ClassVar[int]
     CEILING_D_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
+    CHAT_MODE_FIELD_NUMBER: _ClassVar[int]
+    CHAT_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    CHAT_D_FIELD_NUMBER: _ClassVar[int]
+    CHAT_D_LOW_FIELD_NUMBER: _ClassVar[int]
+    CHAT_D_HIGH_FIELD_NUMBER: _ClassVar[int]
+    CHAT_REPLIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     status: str
     servable: bool
@@ -288,7 +296,13 @@ class ConceptInfo(_message.Message):
     replies: int
     ceiling_d: float
     config: SteeringConfig
-    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., servable: _Optional[bool] = ..., recommended_alpha: _Optional[float] = ..., max_alpha: _Optional[float] = ..., reason: _Optional[str] = ..., child_safe_alpha: _Optional[float] = ..., alpha_ceiling: _Optional[float] = ..., recommended_d: _Optional[float] = ..., recommended_d_low: _Optional[float] = ..., recommended_d_high: _Optional[float] = ..., replies: _Optional[int] = ..., ceiling_d: _Optional[float] = ..., config: _Optional[_Union[SteeringConfig, _Mapping]] = ...) -> None: ...
+    chat_mode: str
+    chat_alpha: float
+    chat_d: float
+    chat_d_low: float
+    chat_d_high: float
+    chat_replies: int
+    def __init__(self, name: _Optional[str] = ..., status: _Optional[str] = ..., servable: _Optional[bool] = ..., recommended_alpha: _Optional[float] = ..., max_alpha: _Optional[float] = ..., reason: _Optional[str] = ..., child_safe_alpha: _Optional[float] = ..., alpha_ceiling: _Optional[float] = ..., recommended_d: _Optional[float] = ..., recommended_d_low: _Optional[float] = ..., recommended_d_high: _Optional[float] = ..., replies: _Optional[int] = ..., ceiling_d: _Optional[float] = ..., config: _Optional[_Union[SteeringConfig, _Mapping]] = ..., chat_mode: _Optional[str] = ..., chat_alpha: _Optional[float] = ..., chat_d: _Optional[float] = ..., chat_d_low: _Optional[float] = ..., chat_d_high: _Optional[float] = ..., chat_replies: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "fingerprint", "loaded", "steerable", "reason", "concepts", "is_default")
