@@ -136,10 +136,10 @@ def test_blip_never_steers_away_from_a_concept(blip) -> None:
 
 
 def test_personal_steers_away_only_where_the_record_validated_it(personal, tmp_path, monkeypatch) -> None:
-    """No direction away from a concept passes in the committed record (happy's, on 96 replies a
-    side, falls just short: d -0.75, interval -1.05 to -0.46 at -8.2), so every negative alpha is
+    """No direction away from a concept passes in the committed record, so every negative alpha is
     refused there; the serving of a validated one is shown on a copy of the record whose happy
-    sweep away is shifted past the gate and decided again."""
+    sweep away (or, where none is recorded, its positive sweep mirrored) is shifted past the gate
+    and decided again."""
     slot = personal.slot("")
     assert all(s.negative_max_alpha is None for s in slot.steerability.concepts.values())
     for concept in [c for c, s in slot.steerability.concepts.items() if s.servable]:
