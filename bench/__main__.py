@@ -178,16 +178,18 @@ def main() -> int:
         generator.stop()  # one generator at a time: Blip's own measures Chat alone on the machine
         conversations = [c[:2] for c in CONVERSATIONS[:2]] if smoke else CONVERSATIONS
         results["chat_first_sentence"] = {}
-        blips = [("prefix_cache_off", loaded.name, "0"), ("prefix_cache_on", loaded.name, None)]
+        # The first is Blip as it was before the prefix cache and with the skip gate on by default.
+        blips = [("gate_on_prefix_cache_off", loaded.name, "0", True), ("prefix_cache_off", loaded.name, "0", False),
+                 ("prefix_cache_on", loaded.name, None, False)]
         if faster is not None:  # the faster path, served by Blip (its own record decides what it serves)
-            blips.append((f"{faster.name}_prefix_cache_on", faster.name, None))
-        for name, model, mb in blips:
+            blips.append((f"{faster.name}_prefix_cache_on", faster.name, None, False))
+        for name, model, mb, gate in blips:
             log(f"Blip: time to first sentence through Chat, {name.replace('_', ' ')}")
             blip = service_load.start("generator.server", ["--models", model, "--tagger", tagger.address,
                                                          *(["--prefix-cache-mb", mb] if mb else []), *_model_args(a)])
             try:
                 results["chat_first_sentence"][name] = asyncio.run(
-                    service_load.chat_first_sentence(blip.address, conversations, 8 if smoke else 48))
+                    service_load.chat_first_sentence(blip.address, conversations, 8 if smoke else 48, gate))
             finally:
                 blip.stop()
     finally:

@@ -52,8 +52,9 @@ def targets(results: dict) -> list[dict]:
         add(f"time to first token at 8 streams, p95 (ms; half of {BEFORE_TTFT_8_P95_MS} at 42bc5a5)",
             f"<= {BEFORE_TTFT_8_P95_MS / 2:g}", p95, p95 <= BEFORE_TTFT_8_P95_MS / 2)
     chat = results["chat_first_sentence"]
-    ratio = chat["prefix_cache_on"]["p50_ms"] / chat["prefix_cache_off"]["p50_ms"]
-    add("Blip time to first sentence, p50: prefix cache on / off", "<= 0.6", ratio, ratio <= 0.6)
+    ratio = chat["prefix_cache_on"]["p50_ms"] / chat["gate_on_prefix_cache_off"]["p50_ms"]
+    add("Blip time to first sentence, p50: today (prefix cache on, gate off) / before (cache off, gate on)",
+        "<= 0.6", ratio, ratio <= 0.6)
     return out
 
 
@@ -97,8 +98,8 @@ def markdown(r: dict) -> str:
     lines += [
         "", "## Latency, derivation, memory, the physical limit", "",
         _row("figure", "value"), _row("---", "---:"),
-        *(_row(f"time to first token in process, p50, {f['prompt_tokens']:g}-token prompts each new, steered behind "
-               f"the gate, {name.replace('_', ' ')} (ms)", f["p50_ms"]) for name, f in r["first_token"].items()),
+        *(_row(f"time to first token in process, p50, {f['prompt_tokens']:g}-token prompts each new, steered, "
+               f"{name.replace('_', ' ')} (ms)", f["p50_ms"]) for name, f in r["first_token"].items()),
         *(_row(f"the same on {r['faster']['model']}, {name.replace('_', ' ')} (ms)", f["p50_ms"])
           for name, f in r.get("first_token_faster", {}).items()),
         _row(f"{(h := r['guard_hold'])['streams']} streams of {h['tokens']} tokens: the others' tokens/s without / "

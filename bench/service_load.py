@@ -158,11 +158,13 @@ async def grpc_vs_in_process(service: GeneratorService, address: str, prompts: S
             "added_ms": round(med(remote_extra) - med(local_extra), 2)}
 
 
-async def chat_first_sentence(address: str, conversations: Sequence[Sequence[str]], tokens: int) -> dict[str, Any]:
+async def chat_first_sentence(address: str, conversations: Sequence[Sequence[str]], tokens: int,
+                              gate: bool = False) -> dict[str, Any]:
     """Blip's time to first sentence at one stream, as the child's device sees it: from sending a
     turn on Chat (tagging, policy, prefill, gate, decoding, the guard's check, release) to the first
     reply text after which the reply holds a whole sentence. Each conversation is one Chat call
-    whose turns follow one another, as a child's do; the first conversation warms up."""
+    whose turns follow one another, as a child's do; the first conversation warms up. `gate`:
+    every turn asks for the skip gate (off by default)."""
     times = []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generator_pb2_grpc.GeneratorStub(channel)
@@ -170,7 +172,7 @@ async def chat_first_sentence(address: str, conversations: Sequence[Sequence[str
             call = stub.Chat(timeout=600)
             for turn in conversation:
                 start, first, reply = time.perf_counter(), None, ""
-                await call.write(gpb.ChatTurn(text=turn, max_tokens=tokens))
+                await call.write(gpb.ChatTurn(text=turn, max_tokens=tokens, gate=gpb.GateSettings(enabled=gate)))
                 kind = None
                 while kind != "finished":
                     event = await call.read()

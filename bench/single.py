@@ -166,17 +166,20 @@ def measure(cases: list[Case], prompts: list[list[int]], runs: int) -> dict[str,
 
 
 def first_token(loaded: LoadedModel, steering: Steering, prompts: list[list[int]]) -> dict[str, dict]:
-    """Time to first token in process, one request at a time, steered behind the gate (as a
-    request to the service is by default): the engine with its prefix cache off and on,
-    interleaved. Every prompt is new to both engines; the cache can only reuse what the
-    prompts share (the system prompt and the chat template's start)."""
-    engines = {"prefix_cache_off": Engine(loaded, EngineSettings(max_batch=1, max_queue=4, prefix_cache_mb=0)),
-               "prefix_cache_on": Engine(loaded, EngineSettings(max_batch=1, max_queue=4))}
+    """Time to first token in process, one steered request at a time: the engine with its prefix
+    cache off and on, as a request to the service is by default (the skip gate off), and with the
+    cache on behind the gate (the default until the gate was measured never to skip), interleaved.
+    Every prompt is new to every engine; the cache can only reuse what the prompts share (the
+    system prompt and the chat template's start)."""
+    cases = {"prefix_cache_off": (0, False), "prefix_cache_on": (EngineSettings.prefix_cache_mb, False),
+             "prefix_cache_on_gate_on": (EngineSettings.prefix_cache_mb, True)}
+    engines = {name: Engine(loaded, EngineSettings(max_batch=1, max_queue=4, prefix_cache_mb=mb))
+               for name, (mb, _) in cases.items()}
     times: dict[str, list[float]] = {name: [] for name in engines}
     try:
         for i, ids in enumerate(prompts):  # the first warms each engine up
             for name, engine in engines.items():
-                finished, _ = _complete(engine, ids, steering, max_tokens=4, gate=GateConfig(True))
+                finished, _ = _complete(engine, ids, steering, max_tokens=4, gate=GateConfig(cases[name][1]))
                 if i:
                     times[name].append(finished.time_to_first_token_ms)
     finally:
@@ -226,7 +229,7 @@ def guard_hold(loaded: LoadedModel, guard: ThemeGuard, prompts: list[list[int]],
 
 def join_stall(loaded: LoadedModel, steering: Steering, runner_ids: list[int], long_ids: list[int], runs: int,
                chunk: int = EngineSettings.prefill_chunk) -> dict[str, object]:
-    """One stream decodes; a steered request behind the gate with a long prompt joins it. The
+    """One stream decodes; a steered request with a long prompt joins it. The
     running stream's longest wait between two tokens while the joiner is prefilled, and the
     joiner's time to first token: its prompt prefilled at once, and `chunk` tokens per step."""
     sides = {"at_once": 0, f"in_chunks_of_{chunk}": chunk}
@@ -259,7 +262,7 @@ def join_stall(loaded: LoadedModel, steering: Steering, runner_ids: list[int], l
                     raise TimeoutError("the running stream never started")
                 time.sleep(0.3)
                 joined = time.perf_counter()
-                engine.submit(Job(long_ids, joiner, steering, max_tokens=4, min_tokens=4, gate=GateConfig(True)))
+                engine.submit(Job(long_ids, joiner, steering, max_tokens=4, min_tokens=4))
                 if not finished.wait(600):
                     raise TimeoutError("the joiner did not finish")
                 running.cancelled.set()  # the next run starts on an idle engine

@@ -40,7 +40,7 @@ from steering.record import d_interval  # noqa: E402
 from steering.scoring import load_scorer  # noqa: E402
 from steering.settings import paths_from_env  # noqa: E402
 from steering.validate import cohens_d  # noqa: E402
-from steering.vocabulary import Mode  # noqa: E402
+from steering.vocabulary import Mode, instructed  # noqa: E402
 
 TURNS = ROOT / "services" / "tagger" / "data" / "heldout_fresh2.jsonl"
 THRESHOLDS = (0.1, 0.25, 0.5)
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             if serving.mode is Mode.PROMPT or serving.alpha is None:
                 entry["why"] = "served by its instruction alone: nothing for the gate or the KL monitor to act on"
                 continue
-            system = f"{service.policy.system_prompt} {serving.instruction}".strip()
+            system = instructed(service.policy.system_prompt, serving.instruction)
             prompts = [[{"role": "system", "content": system}, {"role": "user", "content": t}] for t in texts]
             words = slot.concept_words(concept)
             logits = first_token_logits(loaded, prompts)

@@ -34,6 +34,28 @@ async def collect(call) -> list:
     return [event async for event in call]
 
 
+async def chat(service: GeneratorService, turns: list[str], tagger_address: str | None, max_tokens: int = 12,
+               fail_fast: bool = False) -> list:
+    """One Chat call over real gRPC: each turn written after the last one's reply finished.
+    Returns every event, each reply read to its end."""
+    from protos.steering.v1 import generator_pb2 as pb
+    from protos.steering.v1 import generator_pb2_grpc
+
+    async def body(channel: grpc.aio.Channel, _running: Any) -> list:
+        call = generator_pb2_grpc.GeneratorStub(channel).Chat(timeout=120)
+        events = []
+        for text in turns:
+            await call.write(pb.ChatTurn(text=text, max_tokens=max_tokens))
+            while True:
+                events.append(await call.read())
+                if events[-1].WhichOneof("event") == "reply" and events[-1].reply.WhichOneof("event") == "finished":
+                    break
+        await call.done_writing()
+        return events
+
+    return await with_generator(service, body, GeneratorConfig(tagger=tagger_address, fail_fast=fail_fast))
+
+
 class StackInThread:
     """The real tagger and generator servers on an event loop of their own, in a thread, so
     that synchronous clients (Hypothesis tests, load loops) can call them over real gRPC."""

@@ -13,32 +13,14 @@ from serving.server import ServerSettings
 from steering.profiles import Profile
 from tagger.server import serve as serve_tagger
 
+from grpc_helpers import chat
+
 
 @pytest.fixture(scope="module")
 def service():
     svc = build_service(GeneratorConfig(profile=Profile.BLIP))
     yield svc
     svc.close()
-
-
-async def _chat(service, turns: list[str], tagger_address: str | None, fail_fast: bool = False) -> list[pb.ChatEvent]:
-    config = GeneratorConfig(tagger=tagger_address, fail_fast=fail_fast)
-    running = await serve(ServerSettings(), config, service=service)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.server.port}") as channel:
-            call = generator_pb2_grpc.GeneratorStub(channel).Chat(timeout=120)
-            events = []
-            for text in turns:
-                await call.write(pb.ChatTurn(text=text, max_tokens=12))
-                while True:
-                    event = await call.read()
-                    events.append(event)
-                    if event.WhichOneof("event") == "reply" and event.reply.WhichOneof("event") == "finished":
-                        break
-            await call.done_writing()
-            return events
-    finally:
-        await running.stop()
 
 
 def test_chat_tags_each_turn_and_steers_by_policy(service, caplog) -> None:
@@ -48,7 +30,7 @@ def test_chat_tags_each_turn_and_steers_by_policy(service, caplog) -> None:
     async def body():
         tagger = await serve_tagger(ServerSettings())
         try:
-            return await _chat(service, turns, f"127.0.0.1:{tagger.port}")
+            return await chat(service, turns, f"127.0.0.1:{tagger.port}")
         finally:
             await tagger.stop()
 
@@ -79,7 +61,7 @@ def test_chat_tags_each_turn_and_steers_by_policy(service, caplog) -> None:
 
 
 def test_tagger_down_replies_unsteered_and_says_so(service) -> None:
-    events = asyncio.run(_chat(service, ["I got a gold star today!"], "127.0.0.1:1"))
+    events = asyncio.run(chat(service, ["I got a gold star today!"], "127.0.0.1:1"))
     assert events[0].WhichOneof("event") == "concept" and events[0].concept == ""
     notices = [e.reply.notice.message for e in events if e.WhichOneof("event") == "reply" and e.reply.WhichOneof("event") == "notice"]
     assert notices and "tagger unavailable" in notices[0]
@@ -88,13 +70,13 @@ def test_tagger_down_replies_unsteered_and_says_so(service) -> None:
 
 def test_tagger_down_fails_fast_when_configured(service) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        asyncio.run(_chat(service, ["hello"], "127.0.0.1:1", fail_fast=True))
+        asyncio.run(chat(service, ["hello"], "127.0.0.1:1", fail_fast=True))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "tagger" in info.value.details()
 
 
 def test_empty_turn_is_invalid(service) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        asyncio.run(_chat(service, ["   "], "127.0.0.1:1"))
+        asyncio.run(chat(service, ["   "], "127.0.0.1:1"))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -102,7 +84,7 @@ def test_a_turn_the_tagger_refuses_is_invalid_argument_not_tagger_unavailable(se
     async def body():
         tagger = await serve_tagger(ServerSettings())
         try:
-            return await _chat(service, ["I like trains. " * 200], f"127.0.0.1:{tagger.port}")
+            return await chat(service, ["I like trains. " * 200], f"127.0.0.1:{tagger.port}")
         finally:
             await tagger.stop()
 

@@ -79,7 +79,7 @@ def test_greedy_stream_matches_in_process_generation() -> None:
     cv = slot.vectors["happy"]
     alpha = slot.steerability.concepts["happy"].recommended_alpha
     events = _generate(service, pb.GenerateRequest(prompt="What is your favourite game?", concept="happy",
-                                                   alpha=alpha, max_tokens=20, gate=pb.GateSettings(disabled=True)))
+                                                   alpha=alpha, max_tokens=20))
     streamed = "".join(e.text for e in events if e.WhichOneof("event") == "text").strip()
     ref = generate(slot.loaded, ["What is your favourite game?"], [cv.additions(alpha, slot.loaded.steering_layers)],
                    GenerationSettings(max_new_tokens=20))[0].text
@@ -141,11 +141,18 @@ def test_tag_is_mapped_by_the_policy(service) -> None:
 def test_gate_skips_when_a_concept_word_is_already_likely(service) -> None:
     conv = pb.Conversation(messages=[pb.ChatMessage(role="user", content="I got a puppy for my birthday!"),
                                      pb.ChatMessage(role="assistant", content="Wow, that is wonderful! I am so")])
-    events = _generate(service, pb.GenerateRequest(messages=conv, concept="happy", max_tokens=6))
+    on = pb.GateSettings(enabled=True)
+    events = _generate(service, pb.GenerateRequest(messages=conv, concept="happy", max_tokens=6, gate=on))
     gate = events[1].gate
     assert gate.decision == pb.GATE_DECISION_SKIP and gate.token.strip() == "glad" and gate.probability >= 0.25
-    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy", max_tokens=4))
+    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy", max_tokens=4,
+                                                   gate=on))
     assert events[1].gate.decision == pb.GATE_DECISION_STEER and len(events[1].gate.top3) == 3
+    # Off by default: a request that does not ask for it is steered without looking, and the
+    # deprecated `disabled` still turns it off where `enabled` asks for it.
+    for gate in (pb.GateSettings(), pb.GateSettings(enabled=True, disabled=True)):
+        events = _generate(service, pb.GenerateRequest(messages=conv, concept="happy", max_tokens=2, gate=gate))
+        assert events[1].gate.decision == pb.GATE_DECISION_DISABLED
 
 
 def test_kl_samples_and_forced_reinjection(service) -> None:
@@ -153,7 +160,7 @@ def test_kl_samples_and_forced_reinjection(service) -> None:
     slot = next(iter(service.slots.values()))
     ceiling = service.ceiling(slot.steerability.concepts["happy"])  # in Blip the child-safe ceiling caps re-injection
     events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy", alpha=ceiling - 2,
-                                                   max_tokens=12, kl=kl, gate=pb.GateSettings(disabled=True)))
+                                                   max_tokens=12, kl=kl))
     samples = [e.kl for e in events if e.WhichOneof("event") == "kl"]
     reinjections = [e.reinjection for e in events if e.WhichOneof("event") == "reinjection"]
     assert len(samples) >= 4 and all(s.kl >= 0 for s in samples) and samples[0].kl > 0  # the reply may end early

@@ -22,6 +22,8 @@ from steering.validate import load_blip_setting
 from steering.vocabulary import Mode
 from tagger.server import serve as serve_tagger
 
+from grpc_helpers import chat
+
 
 def _point(alpha: float, d: float, ppl: float = 1.0, flag_excess: float = 0.0) -> dict:
     return {"alpha": alpha, "alpha_rel": 0.0, "d": d, "n": 96, "n_control": 96, "ppl_ratio": ppl, "degenerate": 0.0,
@@ -99,26 +101,6 @@ def test_the_record_s_mode_is_decided_again_when_read(moded, tmp_path) -> None:
     assert state.blip is None and not state.servable and "Blip mode" in state.reason
 
 
-async def _chat(service, turns: list[str]) -> list[pb.ChatEvent]:
-    tagger = await serve_tagger(ServerSettings())
-    running = await serve(ServerSettings(), GeneratorConfig(tagger=f"127.0.0.1:{tagger.port}"), service=service)
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{running.server.port}") as channel:
-            call = generator_pb2_grpc.GeneratorStub(channel).Chat(timeout=120)
-            events = []
-            for text in turns:
-                await call.write(pb.ChatTurn(text=text, max_tokens=8))
-                while True:  # the turn's events, to its reply's end
-                    events.append(await call.read())
-                    if events[-1].WhichOneof("event") == "reply" and events[-1].reply.WhichOneof("event") == "finished":
-                        break
-            await call.done_writing()
-            return events
-    finally:
-        await running.stop()
-        await tagger.stop()
-
-
 def test_chat_serves_each_concept_in_its_recorded_mode(moded, monkeypatch) -> None:
     """Through gRPC with the real tagger: happy's turn gets the instruction and no steering,
     calm's the instruction and steering at the alpha measured for the two together; the
@@ -127,7 +109,14 @@ def test_chat_serves_each_concept_in_its_recorded_mode(moded, monkeypatch) -> No
     service = build_service(GeneratorConfig(profile=Profile.BLIP))
     try:
         turns = ["I got a gold star today and I'm so happy!", "I'm scared about the spelling test tomorrow."]
-        events = asyncio.run(_chat(service, turns))
+        async def body():
+            tagger = await serve_tagger(ServerSettings())
+            try:
+                return await chat(service, turns, f"127.0.0.1:{tagger.port}", max_tokens=8)
+            finally:
+                await tagger.stop()
+
+        events = asyncio.run(body())
         slot = service.slot("")
         info = {c.name: c for c in asyncio.run(_list_models(service)).models[0].concepts}
     finally:

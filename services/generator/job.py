@@ -28,7 +28,7 @@ class Sampling:
 
 @dataclass(frozen=True)
 class GateConfig:
-    enabled: bool = True
+    enabled: bool = False  # never skipped a child's turn when measured; costs a second prefill row
     threshold: float = DEFAULT_THRESHOLD
 
 

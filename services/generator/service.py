@@ -20,7 +20,7 @@ from steering.pairs import load_concept
 from steering.profiles import Profile, alpha_ceiling, check_concept_name, load_profile_vectors, served_alpha
 from steering.record import BlipServing, ConceptState, Steerability, assess
 from steering.vector import ConceptVector
-from steering.vocabulary import CONTEXT_TURNS, Mode
+from steering.vocabulary import CONTEXT_TURNS, Mode, instructed
 
 from .engine import Engine, EngineSettings
 from .job import GateConfig, Job, KlConfig, Sampling, Steering
@@ -309,7 +309,7 @@ class GeneratorService:
             return spec
         messages = spec.messages if spec.messages is not None else (("user", spec.prompt or ""),)
         if messages and messages[0][0] == "system":
-            return replace(spec, messages=(("system", f"{messages[0][1]} {serving.instruction}"), *messages[1:]))
+            return replace(spec, messages=(("system", instructed(messages[0][1], serving.instruction)), *messages[1:]))
         return replace(spec, prompt=None, messages=(("system", serving.instruction), *messages))
 
     def build_job(self, spec: GenerateSpec, emit: Callable[[Event], None], deadline: float | None) -> tuple[ModelSlot, Job]:
@@ -415,9 +415,8 @@ class GeneratorService:
             yield ChatConcept(concept or "")
             if notice:
                 yield Notice(notice)
-            system = self.policy.system_prompt
-            if serving and serving.instruction:  # prompt and both modes: the register asked for in words
-                system = f"{system} {serving.instruction}".strip()
+            # prompt and both modes: the register asked for in words
+            system = instructed(self.policy.system_prompt, serving.instruction if serving else "")
             messages = [("system", system)] if system else []
             messages += history[-HISTORY_TURNS:] + [("user", text)]
             spec = GenerateSpec(

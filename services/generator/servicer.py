@@ -43,7 +43,7 @@ def _sampling(msg: pb.Sampling) -> Sampling:
 
 
 def _gate(msg: pb.GateSettings) -> GateConfig:
-    return GateConfig(enabled=not msg.disabled, threshold=msg.threshold or GateConfig().threshold)
+    return GateConfig(enabled=msg.enabled and not msg.disabled, threshold=msg.threshold or GateConfig().threshold)
 
 
 def _kl(msg: pb.KlSettings) -> KlConfig:

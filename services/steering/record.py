@@ -250,8 +250,8 @@ class Steerability:
         return sorted(c for c, s in self.concepts.items() if s.servable)
 
 
-def _blip_serving(entry: dict[str, Any], replies: int) -> BlipServing | None:
-    chosen = blip_decision(entry, replies)
+def _blip_serving(entry: dict[str, Any], chosen: dict[str, Any]) -> BlipServing | None:
+    """What the record's Blip decision (`chosen`, from blip_decision) serves."""
     if chosen["mode"] is None:
         return None
     mode = Mode(chosen["mode"])
@@ -329,13 +329,14 @@ def assess(model: str, model_dir: Path, fingerprint: str, vectors: dict[str, Con
         config = entry_config(entry)
         negative = entry.get("negative")
         neg_status, _, neg_max = decide(negative.get("sweep", []), sign=-1.0, replies=replies) if negative else ("unvalidated", None, None)
+        blip = blip_decision(entry, replies)
         recorded = (entry.get("status"), entry.get("recommended_alpha"), entry.get("child_safe_alpha"), entry.get("child_recommended_alpha"))
         if recorded != (status, recommended, child_safe, child):
             reason = (f"recorded status, recommended_alpha, child_safe_alpha or child_recommended_alpha {recorded!r} "
                       f"disagrees with its own figures ({status}, {recommended!r}, {child_safe!r}, {child!r})")
             states[concept] = ConceptState(concept, status, False, reason)
-        elif "blip" in entry and entry["blip"] != blip_decision(entry, replies):
-            reason = f"recorded Blip mode {entry['blip']!r} disagrees with its own figures {blip_decision(entry, replies)!r}"
+        elif "blip" in entry and entry["blip"] != blip:
+            reason = f"recorded Blip mode {entry['blip']!r} disagrees with its own figures {blip!r}"
             states[concept] = ConceptState(concept, status, False, reason)
         elif negative and neg_status != negative.get("status"):
             reason = f"recorded negative-direction status {negative.get('status')!r} disagrees with its own figures ({neg_status})"
@@ -349,6 +350,6 @@ def assess(model: str, model_dir: Path, fingerprint: str, vectors: dict[str, Con
             states[concept] = ConceptState(
                 concept, status, passed, "passed" if passed else f"effect-size gate: {status}", recommended, max_alpha,
                 child_safe, child, neg_status, neg_max if passed and neg_status == "passed" else None,
-                tuple(Effect.of(p, replies) for p in sweep), config, _blip_serving(entry, replies),
+                tuple(Effect.of(p, replies) for p in sweep), config, _blip_serving(entry, blip),
             )
     return Steerability(model, True, "validated", states)

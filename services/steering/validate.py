@@ -29,6 +29,7 @@ from .record import blip_decision, coherent, d_interval, decisions, negative_dec
 from .registry import ModelEntry
 from .scoring import ConceptScorer
 from .vector import ConceptVector
+from .vocabulary import instructed
 
 # The write-up's canary is a random unit vector at alpha 4 on its models' scale. Residual
 # norms differ about 50-fold between our models, so the canary's alpha is taken relative to
@@ -66,7 +67,7 @@ class BlipSetting:
 
     def messages(self, prompt: str, concept: str | None = None) -> list[dict[str, str]]:
         """A child's prompt under Blip's system prompt, with `concept`'s instruction when given."""
-        system = self.system_prompt + (f" {self.instructions[concept]}" if concept else "")
+        system = instructed(self.system_prompt, self.instructions[concept] if concept else "")
         return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
 
 

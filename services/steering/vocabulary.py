@@ -20,3 +20,9 @@ class Mode(StrEnum):
     STEER = "steer"  # steering vectors only
     PROMPT = "prompt"  # a one-sentence register instruction added to the system prompt, unsteered
     BOTH = "both"  # the instruction and steering together
+
+
+def instructed(system_prompt: str, instruction: str) -> str:
+    """Blip's system prompt with a concept's register instruction after it (prompt and both
+    modes), as validation measured it and Chat serves it."""
+    return f"{system_prompt} {instruction}".strip()

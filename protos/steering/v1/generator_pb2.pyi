@@ -57,12 +57,14 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GateSettings(_message.Message):
-    __slots__ = ("disabled", "threshold")
+    __slots__ = ("disabled", "threshold", "enabled")
     DISABLED_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
     disabled: bool
     threshold: float
-    def __init__(self, disabled: _Optional[bool] = ..., threshold: _Optional[float] = ...) -> None: ...
+    enabled: bool
+    def __init__(self, disabled: _Optional[bool] = ..., threshold: _Optional[float] = ..., enabled: _Optional[bool] = ...) -> None: ...
 
 class KlSettings(_message.Message):
     __slots__ = ("enabled", "window", "threshold", "alpha_step", "every")
