@@ -9,6 +9,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import functools
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from steering.profiles import Profile
 from steering.registry import DTYPES, load_registry
 from steering.settings import paths_from_env
 from steering.store import read_vector
+from steering.threads import in_passing_thread, single_threaded
 from steering.vector import ConceptVector
 
 from . import service_load, single, system
@@ -97,12 +99,17 @@ def _derive_seconds(model: str, concepts: list[str] | None, model_args: list[str
 def main() -> int:
     a = _parse()
     smoke = a.smoke
+    # This thread stays single-threaded, so the thread being measured holds the one OpenMP team
+    # (steering/threads.py); loading and every measure get `threads`.
+    threads = torch.get_num_threads()
+    single_threaded()
     tokens, runs = (4, 1) if smoke else (40, 3)
     prompts = PROMPTS[:1] if smoke else PROMPTS[:3]
     levels = (1, 2) if smoke else (1, 2, 4, 8, 16)
     paths = paths_from_env()
     registry = load_registry(paths.registry)
-    loaded = load_model(registry.get(a.model), paths.cache, device=a.device, dtype=a.dtype)
+    loaded = in_passing_thread(functools.partial(load_model, device=a.device, dtype=a.dtype), registry.get(a.model),
+                               paths.cache, threads=threads)
     cv = read_vector(paths.vectors / loaded.name / f"{a.concept}.safetensors")
     results: dict = {"machine": system.machine(), "model": loaded.name, "device": str(loaded.device),
                      "dtype": str(loaded.model.dtype).removeprefix("torch."), "started": time.strftime("%Y-%m-%d %H:%M"),
@@ -115,13 +122,14 @@ def main() -> int:
     log("single stream: ours and the peers")
     ids = single.prompt_ids(loaded, prompts)
     peers, missing = single.peer_cases(loaded, cv, a.alpha, tokens)
-    cases = single.our_cases(loaded, cv, a.alpha, a.one_layer, tokens, paths.pairs) + peers
+    cases = single.our_cases(loaded, cv, a.alpha, a.one_layer, tokens, paths.pairs, threads) + peers
     faster = None
     if a.faster:
-        faster = load_model(registry.get(a.faster), paths.cache, device=a.device, dtype=a.dtype)
+        faster = in_passing_thread(functools.partial(load_model, device=a.device, dtype=a.dtype),
+                                   registry.get(a.faster), paths.cache, threads=threads)
         own = paths.vectors / faster.name / f"{a.concept}.safetensors"
-        cases += single.faster_cases(faster, read_vector(own) if own.exists() else None, a.alpha, tokens)
-    measured = single.measure(cases, ids, runs)
+        cases += single.faster_cases(faster, read_vector(own) if own.exists() else None, a.alpha, tokens, threads)
+    measured = single.measure(cases, ids, runs, threads)
     for m in measured.values():
         m["tokens_per_s"] = round(statistics.median(m["runs_tokens_per_s"]), 2)
     ours = measured["steered_band"]["texts"]
@@ -134,19 +142,19 @@ def main() -> int:
     log("time to first token in process: the prefix cache off and on")
     steering = _steering(loaded, cv, a.alpha)
     firsts = service_load.distinct(PROMPTS, 3 if smoke else 13)
-    results["first_token"] = single.first_token(loaded, steering, single.prompt_ids(loaded, firsts))
+    results["first_token"] = single.first_token(loaded, steering, single.prompt_ids(loaded, firsts), threads)
     if faster is not None and (own := paths.vectors / faster.name / f"{a.concept}.safetensors").exists():
         results["first_token_faster"] = single.first_token(faster, _steering(faster, read_vector(own), a.alpha),
-                                                           single.prompt_ids(faster, firsts))
+                                                           single.prompt_ids(faster, firsts), threads)
 
     log("a long prompt joining a running stream: prefilled at once and in chunks")
     long_prompt = " ".join(PROMPTS) * (1 if smoke else 6) + " Which of these should we talk about first?"
     results["join_stall"] = single.join_stall(loaded, steering, ids[0], single.prompt_ids(loaded, [long_prompt])[0],
-                                              1 if smoke else 3)
+                                              1 if smoke else 3, threads)
 
     log("8 streams, one of them held by the content guard")
     results["guard_hold"] = single.guard_hold(loaded, load_guard(paths.guard), ids, 2 if smoke else 8,
-                                              tokens if smoke else 48, runs)
+                                              tokens if smoke else 48, runs, threads)
 
     log("derivation")
     results["derivation"] = _derive_seconds(loaded.name, ["happy"] if smoke else None, _model_args(a))
@@ -197,7 +205,8 @@ def main() -> int:
         tagger.stop()
 
     log("memory bandwidth")
-    bandwidth = system.memory_bandwidth_gb_s(64 if smoke else 512, device=loaded.device)
+    bandwidth = in_passing_thread(functools.partial(system.memory_bandwidth_gb_s, device=loaded.device),
+                                  64 if smoke else 512, threads=threads)
     weights = system.weight_bytes(loaded.model)
     roofline = bandwidth * 1e9 / weights
     achieved = results["single_stream"]["unsteered"]["tokens_per_s"]

@@ -1,6 +1,11 @@
 """One stream at a time, in process: our engine in each configuration and the peers on the
 same model, prompts, layers, vector and alpha. Every configuration decodes exactly the same
-number of tokens per prompt (end-of-text suppressed until then), greedily."""
+number of tokens per prompt (end-of-text suppressed until then), greedily.
+
+Each measure runs while no other thread holds an OpenMP team (steering/threads.py): the
+bench's main thread runs single-threaded, an engine lives for one measure, and a peer runs
+on a thread that ends with its run. Otherwise an idle engine's team would slow whatever runs
+beside it, by up to half."""
 
 import statistics
 import threading
@@ -18,6 +23,7 @@ from steering.gate import concept_token_ids
 from steering.generate import render_prompt
 from steering.guard import ThemeGuard
 from steering.loading import LoadedModel
+from steering.threads import in_passing_thread
 from steering.pairs import load_concept
 from steering.vector import ConceptVector
 
@@ -28,7 +34,6 @@ Runner = Callable[[list[int]], tuple[int, str]]  # prompt ids -> (tokens generat
 class Case:
     name: str
     run: Runner
-    close: Callable[[], None] = lambda: None
 
 
 def prompt_ids(loaded: LoadedModel, prompts: list[str]) -> list[list[int]]:
@@ -53,44 +58,51 @@ def _complete(engine: Engine, ids: list[int], steering: Steering | None, **job: 
     return finished[0], "".join(parts)
 
 
-def _engine_runner(engine: Engine, tokens: int, steering: Steering | None, gate: bool, kl: bool) -> Runner:
+def _engine_runner(loaded: LoadedModel, threads: int, tokens: int, steering: Steering | None, gate: bool,
+                   kl: bool) -> Runner:
+    """An engine of its own for each run (no prefix cache: every run prefills its prompt, as
+    the peers do), closed when the run ends, so no idle engine's team outlives it."""
     def run(ids: list[int]) -> tuple[int, str]:
-        finished, text = _complete(engine, ids, steering, max_tokens=tokens, min_tokens=tokens,
-                                   gate=GateConfig(gate), kl=KlConfig(enabled=kl, threshold=0.0))
+        engine = Engine(loaded, EngineSettings(max_batch=1, max_queue=4, prefix_cache_mb=0, threads=threads))
+        try:
+            finished, text = _complete(engine, ids, steering, max_tokens=tokens, min_tokens=tokens,
+                                       gate=GateConfig(gate), kl=KlConfig(enabled=kl, threshold=0.0))
+        finally:
+            engine.close()
         return finished.completion_tokens, text
 
     return run
 
 
-def our_cases(loaded: LoadedModel, cv: ConceptVector, alpha: float, one_layer: int, tokens: int, pairs_dir) -> list[Case]:
-    # No prefix cache: every run prefills its prompt, as the peers do.
-    engine = Engine(loaded, EngineSettings(max_batch=1, max_queue=4, prefix_cache_mb=0))
+def our_cases(loaded: LoadedModel, cv: ConceptVector, alpha: float, one_layer: int, tokens: int, pairs_dir,
+              threads: int) -> list[Case]:
     band = loaded.steering_layers
     words = concept_token_ids(loaded, cv, load_concept(pairs_dir, cv.concept).words)
 
     def steering(layers: tuple[int, ...]) -> Steering:
         return Steering(cv.concept, {layer: cv.directions[layer] for layer in layers}, alpha, alpha * 2, words)
 
-    cases = [
-        Case("unsteered", _engine_runner(engine, tokens, None, False, False)),
-        Case("steered_one_layer", _engine_runner(engine, tokens, steering((one_layer,)), False, False)),
-        Case("steered_band", _engine_runner(engine, tokens, steering(band), False, False)),
-        Case("steered_band_kl", _engine_runner(engine, tokens, steering(band), False, True)),
-        Case("steered_band_gate", _engine_runner(engine, tokens, steering(band), True, False)),
+    def runner(st: Steering | None, gate: bool = False, kl: bool = False) -> Runner:
+        return _engine_runner(loaded, threads, tokens, st, gate, kl)
+
+    return [
+        Case("unsteered", runner(None)),
+        Case("steered_one_layer", runner(steering((one_layer,)))),
+        Case("steered_band", runner(steering(band))),
+        Case("steered_band_kl", runner(steering(band), kl=True)),
+        Case("steered_band_gate", runner(steering(band), gate=True)),
     ]
-    return cases[:-1] + [Case(cases[-1].name, cases[-1].run, engine.close)]
 
 
-def faster_cases(loaded: LoadedModel, cv: ConceptVector | None, alpha: float, tokens: int) -> list[Case]:
+def faster_cases(loaded: LoadedModel, cv: ConceptVector | None, alpha: float, tokens: int, threads: int) -> list[Case]:
     """A faster registered model (its own fingerprint, vectors and record) in our engine,
     unsteered and steered with its own vector, to set beside plain generate of the fp32 model."""
-    engine = Engine(loaded, EngineSettings(max_batch=1, max_queue=4, prefix_cache_mb=0))
-    cases = [Case(f"{loaded.name}_unsteered", _engine_runner(engine, tokens, None, False, False))]
+    cases = [Case(f"{loaded.name}_unsteered", _engine_runner(loaded, threads, tokens, None, False, False))]
     if cv is not None:
         band = loaded.steering_layers
         st = Steering(cv.concept, {layer: cv.directions[layer] for layer in band}, alpha, alpha * 2, frozenset())
-        cases.append(Case(f"{loaded.name}_steered_band", _engine_runner(engine, tokens, st, False, False)))
-    return cases[:-1] + [Case(cases[-1].name, cases[-1].run, engine.close)]
+        cases.append(Case(f"{loaded.name}_steered_band", _engine_runner(loaded, threads, tokens, st, False, False)))
+    return cases
 
 
 # ---- the peers ------------------------------------------------------------------------
@@ -145,56 +157,53 @@ def peer_cases(loaded: LoadedModel, cv: ConceptVector, alpha: float, tokens: int
     return cases, missing
 
 
-def measure(cases: list[Case], prompts: list[list[int]], runs: int) -> dict[str, dict]:
-    """Each case over all prompts, `runs` times, interleaved so drift hits every case alike."""
+def measure(cases: list[Case], prompts: list[list[int]], runs: int, threads: int) -> dict[str, dict]:
+    """Each case over all prompts, `runs` times, interleaved so drift hits every case alike;
+    each run on a thread that ends with it."""
     rates: dict[str, list[float]] = {c.name: [] for c in cases}
     texts: dict[str, list[str]] = {}
     for c in cases:  # warm-up: allocator, first-use lookups
-        c.run(prompts[0])
+        in_passing_thread(c.run, prompts[0], threads=threads)
     for _ in range(runs):
         for c in cases:
             n, start, out = 0, time.perf_counter(), []
             for ids in prompts:
-                k, text = c.run(ids)
+                k, text = in_passing_thread(c.run, ids, threads=threads)
                 n += k
                 out.append(text)
             rates[c.name].append(n / (time.perf_counter() - start))
             texts[c.name] = out
-    for c in cases:
-        c.close()
     return {name: {"runs_tokens_per_s": [round(r, 2) for r in rs], "texts": texts[name]} for name, rs in rates.items()}
 
 
-def first_token(loaded: LoadedModel, steering: Steering, prompts: list[list[int]]) -> dict[str, dict]:
+def first_token(loaded: LoadedModel, steering: Steering, prompts: list[list[int]], threads: int) -> dict[str, dict]:
     """Time to first token in process, one steered request at a time: the engine with its prefix
     cache off and on, as a request to the service is by default (the skip gate off), and with the
-    cache on behind the gate (the default until the gate was measured never to skip), interleaved.
-    Every prompt is new to every engine; the cache can only reuse what the prompts share (the
-    system prompt and the chat template's start)."""
+    cache on behind the gate (the default until the gate was measured never to skip). One engine
+    after another, so only the measured one holds an OpenMP team. Every prompt is new to every
+    engine; the cache can only reuse what the prompts share (the system prompt and the chat
+    template's start)."""
     cases = {"prefix_cache_off": (0, False), "prefix_cache_on": (EngineSettings.prefix_cache_mb, False),
              "prefix_cache_on_gate_on": (EngineSettings.prefix_cache_mb, True)}
-    engines = {name: Engine(loaded, EngineSettings(max_batch=1, max_queue=4, prefix_cache_mb=mb))
-               for name, (mb, _) in cases.items()}
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    try:
-        for i, ids in enumerate(prompts):  # the first warms each engine up
-            for name, engine in engines.items():
-                finished, _ = _complete(engine, ids, steering, max_tokens=4, gate=GateConfig(cases[name][1]))
-                if i:
-                    times[name].append(finished.time_to_first_token_ms)
-    finally:
-        for engine in engines.values():
+    out = {}
+    for name, (mb, gate) in cases.items():
+        engine = Engine(loaded, EngineSettings(max_batch=1, max_queue=4, prefix_cache_mb=mb, threads=threads))
+        try:  # the first prompt warms the engine up
+            times = [_complete(engine, ids, steering, max_tokens=4, gate=GateConfig(gate))[0].time_to_first_token_ms
+                     for ids in prompts][1:]
+        finally:
             engine.close()
-    return {name: {"p50_ms": round(statistics.median(t), 1), "runs": len(t),
-                   "prompt_tokens": round(statistics.mean(map(len, prompts[1:])), 1)} for name, t in times.items()}
+        out[name] = {"p50_ms": round(statistics.median(times), 1), "runs": len(times),
+                     "prompt_tokens": round(statistics.mean(map(len, prompts[1:])), 1)}
+    return out
 
 
 def guard_hold(loaded: LoadedModel, guard: ThemeGuard, prompts: list[list[int]], streams: int, tokens: int,
-               runs: int) -> dict[str, object]:
+               runs: int, threads: int) -> dict[str, object]:
     """`streams` unsteered streams at once, each `tokens` long; in every other run the first of
     them has the content guard, which holds its text and checks it sentence by sentence. What
     the others decode per second, with and without that guarded neighbour, interleaved."""
-    engine = Engine(loaded, EngineSettings(max_batch=streams, max_queue=streams, prefix_cache_mb=0))
+    engine = Engine(loaded, EngineSettings(max_batch=streams, max_queue=streams, prefix_cache_mb=0, threads=threads))
     rates: dict[str, list[float]] = {"without": [], "with": []}
     try:
         for run in range(2 * runs + 1):  # the first warms up
@@ -228,18 +237,19 @@ def guard_hold(loaded: LoadedModel, guard: ThemeGuard, prompts: list[list[int]],
 
 
 def join_stall(loaded: LoadedModel, steering: Steering, runner_ids: list[int], long_ids: list[int], runs: int,
-               chunk: int = EngineSettings.prefill_chunk) -> dict[str, object]:
+               threads: int, chunk: int = EngineSettings.prefill_chunk) -> dict[str, object]:
     """One stream decodes; a steered request with a long prompt joins it. The
     running stream's longest wait between two tokens while the joiner is prefilled, and the
-    joiner's time to first token: its prompt prefilled at once, and `chunk` tokens per step."""
+    joiner's time to first token: its prompt prefilled at once, and `chunk` tokens per step.
+    Each run has an engine of its own, so only the measured one holds an OpenMP team."""
     sides = {"at_once": 0, f"in_chunks_of_{chunk}": chunk}
     gaps: dict[str, list[float]] = {name: [] for name in sides}
     firsts: dict[str, list[float]] = {name: [] for name in sides}
-    engines = {name: Engine(loaded, EngineSettings(max_batch=2, max_queue=4, prefix_cache_mb=0, prefill_chunk=c))
-               for name, c in sides.items()}
-    try:
-        for run in range(runs + 1):  # the first warms up
-            for name, engine in engines.items():
+    for run in range(runs + 1):  # the first warms up
+        for name, c in sides.items():
+            engine = Engine(loaded, EngineSettings(max_batch=2, max_queue=4, prefix_cache_mb=0, prefill_chunk=c,
+                                                   threads=threads))
+            try:
                 stamps: list[float] = []
                 started, done, finished = threading.Event(), threading.Event(), threading.Event()
                 first_ms: list[float] = []
@@ -265,7 +275,7 @@ def join_stall(loaded: LoadedModel, steering: Steering, runner_ids: list[int], l
                 engine.submit(Job(long_ids, joiner, steering, max_tokens=4, min_tokens=4))
                 if not finished.wait(600):
                     raise TimeoutError("the joiner did not finish")
-                running.cancelled.set()  # the next run starts on an idle engine
+                running.cancelled.set()
                 if not done.wait(600):
                     raise TimeoutError("the running stream did not end")
                 # From the join to the runner's first token after the joiner's first.
@@ -274,9 +284,8 @@ def join_stall(loaded: LoadedModel, steering: Steering, runner_ids: list[int], l
                 if run:
                     gaps[name].append(max(b - a for a, b in zip(window, window[1:])) * 1000)
                     firsts[name].append(first_ms[0])
-    finally:
-        for engine in engines.values():
-            engine.close()
+            finally:
+                engine.close()
     return {"joiner_prompt_tokens": len(long_ids), "runs": runs,
             **{name: {"runner_longest_gap_ms": round(statistics.median(gaps[name]), 1),
                       "joiner_ttft_ms": round(statistics.median(firsts[name]), 1)} for name in sides}}

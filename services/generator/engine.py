@@ -36,6 +36,7 @@ from steering.errors import ResourceExhausted, SteeringError, Unavailable
 from steering.generate import eos_ids
 from steering.hooks import RowSteering, row_switches, stack_rows
 from steering.loading import LoadedModel
+from steering.threads import single_threaded
 
 from .batch import Rows, caches_prefixes, decode, merge, prefill, row_past, select, split_off
 from .events import Failed, Finished, StopReason
@@ -54,6 +55,7 @@ class EngineSettings:
     prefix_cache_mb: int = 64  # keys and values of recent prompts, reused by prompts that begin alike; 0: off
     # While other streams decode, a joiner's prompt is prefilled this many tokens per step; 0: at once.
     prefill_chunk: int = 32
+    threads: int = 0  # intra-op threads of the engine's thread; 0: its creator's (steering/threads.py)
 
 
 @dataclass
@@ -75,8 +77,9 @@ class Engine:
 
     def __init__(self, loaded: LoadedModel, settings: EngineSettings = EngineSettings(),
                  metrics: GeneratorMetrics | None = None) -> None:
-        if settings.max_batch < 1 or settings.max_queue < 1 or settings.prefix_cache_mb < 0 or settings.prefill_chunk < 0:
-            raise ValueError("max_batch and max_queue must be at least 1, prefix_cache_mb and prefill_chunk at least 0")
+        if min(settings.max_batch, settings.max_queue) < 1 or min(settings.prefix_cache_mb, settings.prefill_chunk,
+                                                                   settings.threads) < 0:
+            raise ValueError("max_batch and max_queue must be at least 1, prefix_cache_mb, prefill_chunk and threads at least 0")
         self.loaded, self.settings = loaded, settings
         # Only the worker thread touches it.
         self._prefixes = (PrefixCache(settings.prefix_cache_mb * 2**20)
@@ -85,7 +88,10 @@ class Engine:
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=settings.max_queue)
         self._closing = threading.Event()
         # The guard's checks run here, off the engine thread: a row waiting for one stalls no other.
-        self._checks = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"guard-{loaded.name}")
+        # Single-threaded, so the engine's thread keeps the process's one OpenMP team (threads.py).
+        self._checks = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"guard-{loaded.name}",
+                                                  initializer=single_threaded)
+        self._threads = settings.threads or torch.get_num_threads()
         self._thread = threading.Thread(target=self._run, name=f"engine-{loaded.name}", daemon=True)
         self._thread.start()
 
@@ -284,6 +290,8 @@ class Engine:
             m.finished.labels(name, s.reason).inc()
 
     def _run(self) -> None:
+        # Set here: a helper thread may have lowered the default for new threads.
+        torch.set_num_threads(self._threads)
         name, m = self.loaded.name, self.metrics
         eos = set(eos_ids(self.loaded))
         batch: Rows | None = None

@@ -16,6 +16,7 @@ from steering.loading import load_model
 from steering.profiles import Profile
 from steering.registry import DTYPES, load_registry
 from steering.settings import paths_from_env
+from steering.threads import in_passing_thread
 
 from .engine import EngineSettings
 from .metrics import GeneratorMetrics, MetricsServer
@@ -91,7 +92,8 @@ async def serve(settings: ServerSettings, config: GeneratorConfig, service: Gene
     running = await start_server(settings, lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(servicer, s), [SERVICE])
     if service is None:
         try:
-            service = await asyncio.to_thread(build_service, config)
+            # Loaded on a thread that ends, so its OpenMP team does not outlive it (steering/threads.py).
+            service = await asyncio.to_thread(in_passing_thread, build_service, config)
         except BaseException:
             await running.stop()
             raise

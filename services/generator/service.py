@@ -6,6 +6,7 @@ import asyncio
 import math
 import threading
 import time
+from concurrent import futures
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from steering.loading import LoadedModel
 from steering.pairs import load_concept
 from steering.profiles import Profile, alpha_ceiling, check_concept_name, load_profile_vectors, served_alpha
 from steering.record import BlipServing, ConceptState, Steerability, assess
+from steering.threads import single_threaded
 from steering.vector import ConceptVector
 from steering.vocabulary import CONTEXT_TURNS, Mode, instructed
 
@@ -135,11 +137,16 @@ class GeneratorService:
         self.default = default
         self.profile = profile
         self.policy = policy
+        # Requests are tokenised and their steering built here, off the event loop; single-threaded,
+        # so the engines' threads keep the process's OpenMP teams (steering/threads.py).
+        self._preparing = futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="prepare",
+                                                     initializer=single_threaded)
 
     def close(self) -> None:
         """Stop every model's engine (their running streams end as cancelled)."""
         for slot in self.slots.values():
             slot.engine.close()
+        self._preparing.shutdown(wait=False, cancel_futures=True)
 
     def slot(self, name: str) -> ModelSlot:
         name = name or self.default
@@ -366,7 +373,7 @@ class GeneratorService:
         deadline = time.monotonic() + timeout_s if timeout_s is not None else None
         # Tokenising and a concept's first word lookup take real time: keep them off the event loop.
         try:
-            slot, job = await asyncio.to_thread(self.build_job, spec, emit, deadline)
+            slot, job = await loop.run_in_executor(self._preparing, self.build_job, spec, emit, deadline)
             slot.engine.submit(job)
         except SteeringError as exc:
             self.metrics.refusals.labels(_reason(exc)).inc()
