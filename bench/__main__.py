@@ -111,7 +111,7 @@ def main() -> int:
     loaded = in_passing_thread(functools.partial(load_model, device=a.device, dtype=a.dtype), registry.get(a.model),
                                paths.cache, threads=threads)
     cv = read_vector(paths.vectors / loaded.name / f"{a.concept}.safetensors")
-    results: dict = {"machine": system.machine(), "model": loaded.name, "device": str(loaded.device),
+    results: dict = {"machine": system.machine(threads), "model": loaded.name, "device": str(loaded.device),
                      "dtype": str(loaded.model.dtype).removeprefix("torch."), "started": time.strftime("%Y-%m-%d %H:%M"),
                      "smoke": smoke, "settings": {"tokens": tokens, "runs": runs, "prompts": prompts,
                                                   "concept": a.concept, "alpha": a.alpha, "one_layer": a.one_layer,

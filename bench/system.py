@@ -9,7 +9,8 @@ import time
 import torch
 
 
-def machine() -> dict:
+def machine(threads: int) -> dict:
+    """The machine, and the intra-op threads each measure runs with."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -19,7 +20,7 @@ def machine() -> dict:
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

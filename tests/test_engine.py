@@ -7,7 +7,7 @@ isolation check that matters runs the real SmolLM2 with nine different concepts 
 import pytest
 import torch
 
-from generator.batch import Rows, decode, merge, prefill, select
+from steering.batch import Rows, decode, merge, prefill, select
 from generator.engine import Engine, EngineSettings
 from generator.job import GateConfig, Job, Steering
 from generator.events import Started, TextDelta

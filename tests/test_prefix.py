@@ -5,10 +5,10 @@ cache as without it while it really skips the shared tokens (the real SmolLM2)."
 import pytest
 import torch
 
-from generator.batch import caches_prefixes, decode, prefill, row_past
+from steering.batch import caches_prefixes, decode, past_length, prefill, row_past
 from generator.engine import Engine, EngineSettings
 from generator.job import GateConfig, Job, KlConfig, Steering
-from generator.prefix import PrefixCache, past_length, steering_key
+from generator.prefix import PrefixCache, steering_key
 from steering.generate import render_prompt
 from steering.hooks import RowSteering
 from steering.layers import resolve_layers

@@ -32,17 +32,17 @@ from dataclasses import dataclass, field
 
 import torch
 
+from steering.batch import Past, Rows, caches_prefixes, decode, merge, past_length, prefill, row_past, select, split_off
 from steering.errors import ResourceExhausted, SteeringError, Unavailable
 from steering.generate import eos_ids
 from steering.hooks import RowSteering, row_switches, stack_rows
 from steering.loading import LoadedModel
 from steering.threads import single_threaded
 
-from .batch import Rows, caches_prefixes, decode, merge, prefill, row_past, select, split_off
 from .events import Failed, Finished, StopReason
 from .job import Job, tell
 from .metrics import GeneratorMetrics
-from .prefix import Past, PrefixCache, SteeringKey, past_length, steering_key
+from .prefix import PrefixCache, SteeringKey, steering_key
 from .stream import StepResult, Stream
 
 log = logging.getLogger(__name__)

@@ -18,12 +18,8 @@ from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
-import torch
-
+from steering.batch import Past, past_length
 from steering.hooks import RowSteering
-
-# Per decoder layer: (keys, values), each [1, kv heads, tokens, head dim].
-Past = list[tuple[torch.Tensor, torch.Tensor]]
 
 # How the prompt positions of a row were steered; None: not at all.
 SteeringKey = Hashable | None
@@ -34,10 +30,6 @@ class _Entry:
     past: Past
     bytes: int
     keys: list[tuple[SteeringKey, tuple[int, ...]]] = field(default_factory=list)
-
-
-def past_length(past: Past) -> int:
-    return past[0][0].shape[-2] if past else 0
 
 
 def _prefix(past: Past, length: int) -> Past:

@@ -14,13 +14,13 @@ from typing import NamedTuple
 
 import torch
 
+from steering.batch import Rows
 from steering.gate import decide
 from steering.generate import sample
 from steering.hooks import RowSteering
 from steering.loading import LoadedModel
 from steering.vocabulary import Mode
 
-from .batch import Rows
 from .events import Failed, Finished, Gate, Guarded, Started, StopReason, TextDelta
 from .job import Job, tell
 from .monitors import GuardMonitor, KlMonitor, Withhold

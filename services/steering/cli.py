@@ -354,126 +354,55 @@ def cmd_import_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_vectors(loaded):
-    from .store import load_store, stored_concepts
-
-    model_dir = _paths().model_vectors(loaded.name)
-    return load_store(model_dir, stored_concepts(model_dir), fingerprint=loaded.fingerprint,
-                      hidden_size=loaded.hidden_size, layers=loaded.steering_layers)
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .atomic import remove_orphans
-    from .guard import load_guard
-    from .record import merge_earlier, write_record
-    from .report import served_summary, write_report
-    from .scoring import load_scorer
-    from .profiles import BLIP_ALLOWLIST
-    from .validate import (SweepSettings, baseline, check_load, load_blip_setting, load_eval_prompts, model_record,
-                           run_model_checks, sweep_concept)
+    from .report import served_summary
+    from .validate_model import ValidationOptions, validate_model
 
     if args.max_new_tokens < 1:  # before minutes of loading and checks
         raise ConfigError("--max-new-tokens must be at least 1")
-    paths = _paths()
-    entry = _entry(args)
-    start = time.perf_counter()
-    load, loaded = check_load(entry, paths.cache, args.device)
-    _print_check(load)
-    if loaded is None:
-        raise SteeringError(f"validation of {entry.name} stopped: the model did not load ({load.detail})")
-    model_dir = paths.model_vectors(loaded.name)
-    for folder in (model_dir, model_dir / "plots"):  # what a killed earlier run left half-written
-        if folder.is_dir():
-            remove_orphans(folder)
-    vectors, refused = _model_vectors(loaded)
-    for concept, reason in refused.items():
+    options = ValidationOptions(
+        concepts=tuple(args.concepts.split(",")) if args.concepts else (), seeds=args.seeds,
+        allowlist_seeds=args.allowlist_seeds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+        search=not args.no_search, negative=args.negative, plots=not args.no_plots, progress=not args.quiet)
+    run = validate_model(_entry(args), _paths(), args.device, options, on_check=_print_check)
+    for concept, reason in run.refused.items():
         print(f"  refused vector {concept}: {reason}", file=sys.stderr)
-    checks = [load, *run_model_checks(loaded, vectors, on_check=_print_check)]
-    names = args.concepts.split(",") if args.concepts else sorted(vectors)
-    unknown = [n for n in names if n not in vectors]
-    if unknown:
-        raise NotFoundError(f"no usable vector for {', '.join(unknown)} on {loaded.name}; run `steer derive`")
-    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(args.seeds)),
-                             allowlist_seeds=tuple(range(args.allowlist_seeds)), batch_size=args.batch_size,
-                             max_new_tokens=args.max_new_tokens, search=not args.no_search,
-                             blip=load_blip_setting(paths.eval))
-    results: dict = {}
-    base = blip_base = None
-    if all(c.passed for c in checks):
-        scorer = load_scorer(paths.eval)
-        guard = load_guard(paths.guard)
-        with tqdm(total=len(names) + 1, unit="concept", desc=f"validate {loaded.name}", disable=args.quiet) as bar:
-            bar.set_postfix_str("unsteered baseline")
-            base = baseline(loaded, settings, guard)
-            if BLIP_ALLOWLIST & set(names):  # the control of the allowlist concepts, measured as Blip speaks
-                blip_base = baseline(loaded, settings, guard, blip=True)
-            bar.update()
-            for name in names:
-                bar.set_postfix_str(name)
-                results[name] = sweep_concept(loaded, vectors[name], scorer, settings, base, guard, args.negative, blip_base)
-                bar.update()
-    record = model_record(loaded, checks, results, settings, base, time.perf_counter() - start, blip_base)
-    if args.concepts:
-        record, kept = merge_earlier(model_dir, record)
-        if kept:
-            print(f"  kept {len(kept)} concept(s) from the earlier record of this fingerprint and settings: {', '.join(kept)}")
-    path = write_record(model_dir, record)
-    report = write_report(model_dir, record)
-    for name, c in sorted(results.items()):
+    if run.kept:
+        print(f"  kept {len(run.kept)} concept(s) from the earlier record of this fingerprint and settings: "
+              f"{', '.join(run.kept)}")
+    for name, c in sorted(run.results.items()):
         print(f"  {name:<12} {c['status']:<9} {served_summary(c)}")
         if "negative" in c:
             n = c["negative"]
             print(f"  {'':<12} away from it: {n['status']:<9} recommended={n['recommended_alpha']} "
                   f"(effect {n['effect']})  max=-{n['max_alpha']}")
-    print(f"wrote {path} and {report} in {record['duration_s']:.0f}s")
-    if not all(c.passed for c in checks):
-        failed = next(c for c in checks if not c.passed)
-        raise SteeringError(f"{loaded.name} is not steerable: check {failed.name} failed ({failed.detail})")
-    if not args.no_plots:
-        _write_plots(loaded.name, record, vectors)
+    record, report, *plots = run.written
+    print(f"wrote {record} and {report} in {run.duration_s:.0f}s")
+    if run.failed is not None:
+        raise SteeringError(f"{run.model} is not steerable: check {run.failed.name} failed ({run.failed.detail})")
+    for path in plots:
+        print(f"wrote {path}")
     return 0
 
 
 def cmd_compare_twin(args: argparse.Namespace) -> int:
-    from .atomic import write_text_atomic
-    from .scoring import load_scorer
-    from .store import load_store, stored_concepts
-    from .guard import load_guard
-    from .twin import compare_twin, twin_markdown
-    from .validate import SweepSettings, load_eval_prompts
+    from .twin import run_comparison, twin_markdown
 
-    paths = _paths()
     reference = _registry().get(args.reference)
     twin = _load(args)
     if reference.name == twin.name:
         raise ConfigError("--reference must name another model than --model")
-    ref_dir, own_dir = paths.model_vectors(reference.name), paths.model_vectors(twin.name)
-    names = [c for c in stored_concepts(own_dir) if c in set(stored_concepts(ref_dir))]
-    if not names:
-        raise NotFoundError(f"no concept has vectors for both {twin.name} and {reference.name}; run `steer derive` for each")
-    common = dict(fingerprint=twin.fingerprint, hidden_size=twin.hidden_size, layers=twin.steering_layers)
-    own, refused = load_store(own_dir, names, **common)
-    # The force is the point here; each vector records it in its metadata.
-    forced = {name: _concept_vector(twin, name, reference.name, force=True) for name in names}
+    effect = [c.strip() for c in (args.effect_concepts or "").split(",") if c.strip()]
+    result, written, refused = run_comparison(twin, reference.name, _paths(), effect, args.seeds,
+                                              on_concept=lambda c: print(f"  effect size: {c}", file=sys.stderr))
     for name, reason in refused.items():
         print(f"  refused {name}: {reason}", file=sys.stderr)
-    effect = [c.strip() for c in (args.effect_concepts or "").split(",") if c.strip()]
-    missing = [c for c in effect if c not in own]
-    if missing:
-        raise NotFoundError(f"no usable twin vector for {', '.join(missing)}")
-    seeds = tuple(range(args.seeds))
-    # Both vectors are swept with the same (default) configuration: the comparison is of the vectors.
-    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=seeds, allowlist_seeds=seeds, search=False)
-    start = time.perf_counter()
-    result = compare_twin(twin, reference.name, own, forced, load_scorer(paths.eval), load_guard(paths.guard), settings, effect,
-                          on_concept=lambda c: print(f"  effect size: {c}", file=sys.stderr))
-    result["duration_s"] = round(time.perf_counter() - start, 1)
-    write_text_atomic(own_dir / "twin.json", json.dumps(result, indent=2) + "\n")
-    write_text_atomic(own_dir / "twin.md", twin_markdown(result))
+    for name, forced in result["forced"].items():
+        if forced:
+            print(f"FORCED: {name} vector derived on {reference.name} is applied to {twin.name} "
+                  f"({twin.fingerprint[:16]})", file=sys.stderr)
     print(twin_markdown(result))
-    print(f"wrote {own_dir / 'twin.json'} and {own_dir / 'twin.md'}")
+    print(f"wrote {' and '.join(map(str, written))}")
     return 0
 
 
@@ -482,20 +411,11 @@ def _print_check(check) -> None:
     print(f"  check {check.name:<12} {mark}  {check.figure:g}  {check.detail}")
 
 
-def _write_plots(model: str, record: dict, vectors: dict) -> None:
-    from .pairs import load_concept
-    from .report import write_plots
-
-    paths = _paths()
-    concepts = {name: load_concept(paths.pairs, name) for name in vectors}
-    for path in write_plots(paths.model_vectors(model), record, vectors, concepts, record["layers"]):
-        print(f"wrote {path}")
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from .record import record_path
     from .report import write_report
     from .store import read_vector, stored_concepts
+    from .validate_model import write_plots
 
     paths = _paths()
     name = _registry().get(args.model).name
@@ -517,7 +437,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"wrote {write_record(model_dir, record)}")
     vectors = {c: read_vector(model_dir / f"{c}.safetensors") for c in stored_concepts(model_dir)}
     print(f"wrote {write_report(model_dir, record)}")
-    _write_plots(name, record, vectors)
+    for path in write_plots(paths, name, record, vectors):
+        print(f"wrote {path}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Batched, steered text generation for the CLI and the validation gate.
 
 Prompts are rendered with the model's chat template (or "User:/Assistant:" text for a
-base model), left-padded into one batch, and each row gets its own additions.
+base model), left-padded into one batch, and each row gets its own additions; the batch
+decodes on the same core as the generator's engine (batch.py).
 """
 
 import time
@@ -9,12 +10,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
-from .compat import cache_kwargs
-from .derive import position_ids
+from .batch import decode, prefill, select
 from .errors import SamplingError
-from .hooks import RowSteering, row_switches, stack_rows, steer
+from .hooks import RowSteering, row_switches, stack_rows
 from .loading import LoadedModel
 
 Message = Mapping[str, str]
@@ -92,8 +91,8 @@ def generate(
     """Generate one reply per prompt; `rows[i]` is `{layer: addition}` for prompt i, a
     RowSteering (additions and how they are applied), or None.
 
-    A plain decode loop over a KV cache: rows that reach end-of-text leave the batch at
-    once, so a batch costs what its live rows cost.
+    The engine's decode core (batch.py) run to the end: rows that reach end-of-text leave the
+    batch at once, so a batch costs what its live rows cost.
     """
     if not prompts:
         return []
@@ -102,9 +101,7 @@ def generate(
         raise ValueError(f"{len(prompts)} prompts but {len(rows)} steering rows")
     tok, model = loaded.tokenizer, loaded.model
     texts = [render_prompt(loaded, p) for p in prompts]
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=not loaded.has_chat_template)
-    ids, mask = enc["input_ids"].to(loaded.device), enc["attention_mask"].to(loaded.device)
-    positions = position_ids(mask)
+    prompt_ids = tok(texts, add_special_tokens=not loaded.has_chat_template)["input_ids"]
     deltas = stack_rows(rows, loaded.hidden_size, model.dtype, loaded.device)
     prompt_rows, preserve_rows = row_switches(rows, loaded.device)
     if not settings.steer_prompt:
@@ -116,38 +113,28 @@ def generate(
     live = list(range(len(prompts)))  # batch position -> prompt index
     replies: list[list[int]] = [[] for _ in prompts]
     start = time.perf_counter()
-    cache = DynamicCache()
-    kv = cache_kwargs(model, cache)
-    with steer(loaded.layers, deltas, steer_prompt=prompt_rows, preserve_norm=preserve_rows) as active:
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **kv, use_cache=True, logits_to_keep=1)
-        positions = positions[:, -1:]
-        for step in range(settings.max_new_tokens):
-            nxt = sample(out.logits[:, -1], settings.temperature, settings.top_p, generator)  # [live]
-            done = torch.isin(nxt, eos)
-            for b, token in enumerate(nxt.tolist()):
-                replies[live[b]].append(token)
-            if step == settings.max_new_tokens - 1:
+    batch = prefill(model, loaded.layers, prompt_ids, deltas, tok.pad_token_id or 0, (prompt_rows, preserve_rows))
+    for step in range(settings.max_new_tokens):
+        nxt = sample(batch.logits, settings.temperature, settings.top_p, generator)  # [live]
+        done = torch.isin(nxt, eos)
+        for b, token in enumerate(nxt.tolist()):
+            replies[live[b]].append(token)
+        if step == settings.max_new_tokens - 1:
+            break
+        if done.any():  # finished rows leave the batch and its cache
+            keep = (~done).nonzero().squeeze(-1).tolist()
+            if not keep:
                 break
-            if done.any():  # finished rows leave the batch and its cache
-                keep = (~done).nonzero().squeeze(-1)
-                if keep.numel() == 0:
-                    break
-                cache.batch_select_indices(keep)
-                live = [live[i] for i in keep.tolist()]
-                nxt, mask, positions = nxt[keep], mask[keep], positions[keep]
-                active.keep(keep)
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-            positions = positions + 1
-            out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=positions, **kv, use_cache=True)
+            batch, live, nxt = select(batch, keep), [live[i] for i in keep], nxt[keep]
+        decode(model, loaded.layers, batch, nxt)
     seconds = time.perf_counter() - start
     eos_set = set(eos.tolist())
     results = []
-    for i, reply in enumerate(replies):
-        prompt_ids = tuple(t for t, m in zip(enc["input_ids"][i].tolist(), enc["attention_mask"][i].tolist()) if m)
+    for ids, reply in zip(prompt_ids, replies):
         text = tok.decode([t for t in reply if t not in eos_set], skip_special_tokens=True)
         if not loaded.has_chat_template:
             text = text.split(_BASE_STOP)[0]
-        results.append(Generation(text.strip(), len(reply), seconds, prompt_ids, tuple(reply)))
+        results.append(Generation(text.strip(), len(reply), seconds, tuple(ids), tuple(reply)))
     return results
 
 

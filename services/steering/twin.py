@@ -7,15 +7,22 @@ the measured reason vectors must come from the model used at inference.
 """
 
 import datetime as dt
+import json
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from .guard import ThemeGuard
+from .atomic import write_text_atomic
+from .errors import NotFoundError
+from .guard import ThemeGuard, load_guard
 from .loading import LoadedModel
-from .scoring import ConceptScorer
-from .validate import SweepSettings, baseline, sweep_concept
+from .scoring import ConceptScorer, load_scorer
+from .settings import Paths
+from .store import load_store, load_vector, stored_concepts, vector_path
+from .validate import SweepSettings, baseline, load_eval_prompts, sweep_concept
 from .vector import ConceptVector
 
 
@@ -102,3 +109,34 @@ def twin_markdown(result: dict[str, Any]) -> str:
                              f"| {own['ppl_ratio']:.2f} | {forced['ppl_ratio']:.2f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def run_comparison(twin: LoadedModel, reference: str, paths: Paths, effect_concepts: Sequence[str], seeds: int,
+                   on_concept: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[Path], dict[str, str]]:
+    """`steer compare-twin`: every concept stored for both models, the reference's vectors
+    forced onto the twin (each records it), compared and written to twin.json and twin.md.
+    Returns the result, the files written, and the twin's refused vectors with their reasons."""
+    ref_dir, own_dir = paths.model_vectors(reference), paths.model_vectors(twin.name)
+    names = [c for c in stored_concepts(own_dir) if c in set(stored_concepts(ref_dir))]
+    if not names:
+        raise NotFoundError(f"no concept has vectors for both {twin.name} and {reference}; run `steer derive` for each")
+    fp, hidden, layers = twin.fingerprint, twin.hidden_size, twin.steering_layers
+    own, refused = load_store(own_dir, names, fingerprint=fp, hidden_size=hidden, layers=layers)
+    # The force is the point here; each vector records it in its metadata.
+    forced = {name: load_vector(vector_path(ref_dir, name), fingerprint=fp, hidden_size=hidden, layers=layers, force=True)
+              for name in names}
+    missing = [c for c in effect_concepts if c not in own]
+    if missing:
+        raise NotFoundError(f"no usable twin vector for {', '.join(missing)}")
+    # Both vectors are swept with the same (default) configuration: the comparison is of the vectors.
+    sweep_seeds = tuple(range(seeds))
+    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=sweep_seeds, allowlist_seeds=sweep_seeds,
+                             search=False)
+    start = time.perf_counter()
+    result = compare_twin(twin, reference, own, forced, load_scorer(paths.eval), load_guard(paths.guard), settings,
+                          effect_concepts, on_concept)
+    result["duration_s"] = round(time.perf_counter() - start, 1)
+    written = [own_dir / "twin.json", own_dir / "twin.md"]
+    write_text_atomic(written[0], json.dumps(result, indent=2) + "\n")
+    write_text_atomic(written[1], twin_markdown(result))
+    return result, written, refused

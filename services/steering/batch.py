@@ -1,5 +1,7 @@
-"""The tensors of a running batch and what is done to them: prefill new rows, merge two
-batches, drop rows or split one off, and decode a token (or a chunk of them) per row.
+"""The decode core: the tensors of a running batch and what is done to them. Prefill new
+rows, merge two batches, drop rows or split one off, and decode a token (or a chunk of them)
+per row. The generator's engine and `steering.generate` (the CLI, derivation's checks and
+validation) both decode with it.
 
 Rows are left-padded: each row's real tokens end at the right edge, so one new token per
 row appends one column to the whole batch. A row's padding is masked out of attention and
@@ -16,12 +18,17 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
 
-from steering.compat import cache_kwargs, cache_layers
-from steering.derive import position_ids
-from steering.hooks import steer
-from steering.layers import DecoderLayers
+from .compat import cache_kwargs, cache_layers
+from .derive import position_ids
+from .hooks import steer
+from .layers import DecoderLayers
 
-from .prefix import Past, past_length
+# Per decoder layer: (keys, values), each [1, kv heads, tokens, head dim]: a prompt's cached part.
+Past = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def past_length(past: Past) -> int:
+    return past[0][0].shape[-2] if past else 0
 
 
 @dataclass
