@@ -176,7 +176,7 @@ def test_validation_measures_the_modes_under_blip_s_system_prompt(smollm, paths,
     modes = entry["modes"]
     assert modes["instruction"] == settings.blip.instructions["calm"] and modes["system_prompt"] == settings.blip.system_prompt
     assert modes["prompt"]["alpha"] == 0.0 and modes["prompt"]["n"] == 2
-    assert [p["alpha_rel"] for p in modes["both"]] == [0.036, 0.048] and all(p["alpha"] > 0 for p in modes["both"])
+    assert [p["alpha_rel"] for p in modes["both"]] == list(settings.both_grid_rel) and all(p["alpha"] > 0 for p in modes["both"])
     assert entry["blip"] == blip_decision(entry)
     assert len({modes["examples"]["prompt"], entry["examples"][str(entry["sweep"][0]["alpha"])]}) == 2
     with pytest.raises(ValueError, match="Blip's system prompt"):

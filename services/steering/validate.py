@@ -54,7 +54,8 @@ ALPHA_GRID_REL = (0.024, 0.036, 0.048, 0.072)
 BEHAVIOUR_ALPHA_REL = 0.048
 # Prompt and steering together are swept at the grid's middle strengths only: the instruction
 # already moves the register, and the grid's ends cost a third of a concept's validation more.
-BOTH_GRID_REL = (0.036, 0.048)
+# 0.042 between them: at 0.048 warmth and enthusiasm lose coherence, at 0.036 they miss the gate.
+BOTH_GRID_REL = (0.036, 0.042, 0.048)
 
 
 @dataclass(frozen=True)
