@@ -177,11 +177,10 @@ def test_personal_steers_away_only_where_the_record_validated_it(personal, tmp_p
 
 def test_every_tag_the_tagger_emits_maps_to_a_concept_blip_serves(blip) -> None:
     """The shipped policy sends no tag to a concept Blip's Chat would answer plainly, and the
-    nervous child gets a register: empathy as the write-up asks where it is served, else calm."""
+    nervous child gets empathy, as the write-up asks, served from the record."""
     from steering.vocabulary import TAGS
 
     assert set(blip.policy.concepts) == set(TAGS)
-    slot = blip.slot("")
-    served = "empathy" if "empathy" not in {c for c, s in slot.steerability.concepts.items() if s.blip is None} else "calm"
-    assert blip.policy.concept_for("anxious") == served
+    assert blip.policy.concept_for("anxious") == "empathy"
+    assert blip.slot("").steerability.concepts["empathy"].blip is not None
     assert blip.unserved_policy_tags() == {}

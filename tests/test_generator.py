@@ -127,10 +127,10 @@ def test_tag_is_mapped_by_the_policy(service) -> None:
     from protos.steering.v1 import tagger_pb2
 
     events = _generate(service, pb.GenerateRequest(prompt="We are going to the zoo!", tag=tagger_pb2.EMOTION_EXCITED, max_tokens=4))
-    assert events[0].started.concept == "happy"
+    assert events[0].started.concept == "enthusiasm"
     events = _generate(service, pb.GenerateRequest(prompt="I am nervous.", tag=tagger_pb2.EMOTION_ANXIOUS, max_tokens=4))
-    # The nervous child: calm, by its instruction and steering together (empathy is not child-safe here).
-    assert (events[0].started.concept, events[0].started.mode) == ("calm", "both") and events[0].started.alpha > 0
+    # The nervous child: empathy, as the write-up asks, by its instruction and steering together.
+    assert (events[0].started.concept, events[0].started.mode) == ("empathy", "both") and events[0].started.alpha > 0
     # A concept on the allowlist that passes no gate at a child-safe alpha is refused, not served weakly.
     got, details = _code(service, pb.GenerateRequest(prompt="I am calm.", concept="calm"))
     assert got == grpc.StatusCode.FAILED_PRECONDITION and "'calm' is not servable" in details

@@ -108,7 +108,7 @@ def test_chat_serves_each_concept_in_its_recorded_mode(moded, monkeypatch) -> No
     monkeypatch.setenv("STEER_VECTORS_DIR", str(moded))
     service = build_service(GeneratorConfig(profile=Profile.BLIP))
     try:
-        turns = ["I got a gold star today and I'm so happy!", "I'm scared about the spelling test tomorrow."]
+        turns = ["I got a gold star today and I'm so happy!", "I'm all snuggled up in bed, can you tell me a quiet story?"]
         async def body():
             tagger = await serve_tagger(ServerSettings())
             try:

@@ -377,7 +377,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
             print(f"  {'':<12} away from it: {n['status']:<9} recommended={n['recommended_alpha']} "
                   f"(effect {n['effect']})  max=-{n['max_alpha']}")
     record, report, *plots = run.written
-    print(f"wrote {record} and {report} in {run.duration_s:.0f}s")
+    print(f"wrote {record} and {report} in {run.record['duration_s']:.0f}s")
     if run.failed is not None:
         raise SteeringError(f"{run.model} is not steerable: check {run.failed.name} failed ({run.failed.detail})")
     for path in plots:

@@ -39,7 +39,6 @@ class ValidationRun:
     written: list[Path] = field(default_factory=list)  # the record, the report, then any plots
     kept: list[str] = field(default_factory=list)  # concepts carried over from the earlier record
     refused: dict[str, str] = field(default_factory=dict)  # stored vectors that could not be used, and why
-    duration_s: float = 0.0
 
     @property
     def failed(self) -> Check | None:
@@ -94,7 +93,8 @@ def validate_model(entry: ModelEntry, paths: Paths, device: str | None, options:
     names = list(options.concepts) or sorted(vectors)
     unknown = [n for n in names if n not in vectors]
     if unknown:
-        raise NotFoundError(f"no usable vector for {', '.join(unknown)} on {loaded.name}; run `steer derive`")
+        why = "; ".join(f"{n}: {refused.get(n, 'not stored')}" for n in unknown)
+        raise NotFoundError(f"no usable vector on {loaded.name} for {why}; run `steer derive`")
     settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(options.seeds)),
                              allowlist_seeds=tuple(range(options.allowlist_seeds)), batch_size=options.batch_size,
                              max_new_tokens=options.max_new_tokens, search=options.search,
@@ -120,8 +120,7 @@ def validate_model(entry: ModelEntry, paths: Paths, device: str | None, options:
     if options.concepts:
         record, kept = merge_earlier(model_dir, record)
     run = ValidationRun(loaded.name, checks, results, record, [write_record(model_dir, record),
-                                                              write_report(model_dir, record)], kept, refused,
-                        record["duration_s"])
+                                                              write_report(model_dir, record)], kept, refused)
     if options.plots and run.failed is None:
         run.written += write_plots(paths, loaded.name, record, vectors)
     return run
