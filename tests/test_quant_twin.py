@@ -12,7 +12,7 @@ from steering.errors import ConfigError, VectorError
 from steering.generate import GenerationSettings, generate
 from steering.loading import LoadedModel, load_model
 from steering.registry import load_registry
-from steering.store import load_vector, vector_path
+from steering.store import load_vector, read_vector, vector_path
 from steering.twin import layer_cosines
 from steer_cli import steer
 
@@ -83,3 +83,24 @@ def test_cli_refuses_foreign_vectors_and_records_a_force() -> None:
     assert "FORCED: happy vector derived on smollm2-135m-instruct" in forced.stderr
     row = json.loads(forced.stdout.strip().splitlines()[-1])
     assert row["forced"] is True and row["vectors_from"] == REFERENCE
+
+
+def test_compare_twin_announces_each_forced_vector_before_comparing(paths, twin: LoadedModel, tmp_path: Path) -> None:
+    """Every reference vector forced onto the twin is announced, with the fingerprint it was
+    derived on, before the comparison uses it; the comparison is written to a copy of the store."""
+    import shutil
+
+    from steering.settings import Paths
+    from steering.twin import run_comparison
+
+    for folder in ("eval", "guard", REFERENCE, TWIN):
+        shutil.copytree(paths.vectors / folder, tmp_path / folder, ignore=shutil.ignore_patterns("plots"))
+    scratch = Paths(paths.registry, tmp_path, paths.cache)
+    heard: list[tuple[str, str, str]] = []
+    result, written, refused = run_comparison(
+        twin, REFERENCE, scratch, [], 1,
+        on_forced=lambda cv: heard.append((cv.concept, cv.fingerprint, cv.metadata["forced_onto"])))
+    assert not refused and written == [tmp_path / TWIN / "twin.json", tmp_path / TWIN / "twin.md"]
+    assert sorted(c for c, _, _ in heard) == sorted(result["forced"]) and all(result["forced"].values())
+    reference_fp = read_vector(vector_path(paths.model_vectors(REFERENCE), "happy")).fingerprint
+    assert {(fp, onto) for _, fp, onto in heard} == {(reference_fp, twin.fingerprint)}

@@ -93,9 +93,13 @@ def _concept_vector(loaded, concept: str, source: str | None = None, force: bool
         force=force,
     )
     if "forced_onto" in cv.metadata:
-        print(f"FORCED: {concept} vector derived on {cv.model} ({cv.fingerprint[:16]}) is applied to "
-              f"{loaded.name} ({loaded.fingerprint[:16]})", file=sys.stderr)
+        _announce_forced(cv, loaded)
     return cv
+
+
+def _announce_forced(cv, loaded) -> None:
+    print(f"FORCED: {cv.concept} vector derived on {cv.model} ({cv.fingerprint[:16]}) is applied to "
+          f"{loaded.name} ({loaded.fingerprint[:16]})", file=sys.stderr)
 
 
 def _settings(args: argparse.Namespace):
@@ -394,13 +398,10 @@ def cmd_compare_twin(args: argparse.Namespace) -> int:
         raise ConfigError("--reference must name another model than --model")
     effect = [c.strip() for c in (args.effect_concepts or "").split(",") if c.strip()]
     result, written, refused = run_comparison(twin, reference.name, _paths(), effect, args.seeds,
-                                              on_concept=lambda c: print(f"  effect size: {c}", file=sys.stderr))
+                                              on_concept=lambda c: print(f"  effect size: {c}", file=sys.stderr),
+                                              on_forced=lambda cv: _announce_forced(cv, twin))
     for name, reason in refused.items():
         print(f"  refused {name}: {reason}", file=sys.stderr)
-    for name, forced in result["forced"].items():
-        if forced:
-            print(f"FORCED: {name} vector derived on {reference.name} is applied to {twin.name} "
-                  f"({twin.fingerprint[:16]})", file=sys.stderr)
     print(twin_markdown(result))
     print(f"wrote {' and '.join(map(str, written))}")
     return 0

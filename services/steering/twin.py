@@ -112,10 +112,12 @@ def twin_markdown(result: dict[str, Any]) -> str:
 
 
 def run_comparison(twin: LoadedModel, reference: str, paths: Paths, effect_concepts: Sequence[str], seeds: int,
-                   on_concept: Callable[[str], None] | None = None) -> tuple[dict[str, Any], list[Path], dict[str, str]]:
+                   on_concept: Callable[[str], None] | None = None,
+                   on_forced: Callable[[ConceptVector], None] | None = None) -> tuple[dict[str, Any], list[Path], dict[str, str]]:
     """`steer compare-twin`: every concept stored for both models, the reference's vectors
-    forced onto the twin (each records it), compared and written to twin.json and twin.md.
-    Returns the result, the files written, and the twin's refused vectors with their reasons."""
+    forced onto the twin (each records it, and `on_forced` hears of each before any is used),
+    compared and written to twin.json and twin.md. Returns the result, the files written, and
+    the twin's refused vectors with their reasons."""
     ref_dir, own_dir = paths.model_vectors(reference), paths.model_vectors(twin.name)
     names = [c for c in stored_concepts(own_dir) if c in set(stored_concepts(ref_dir))]
     if not names:
@@ -125,6 +127,9 @@ def run_comparison(twin: LoadedModel, reference: str, paths: Paths, effect_conce
     # The force is the point here; each vector records it in its metadata.
     forced = {name: load_vector(vector_path(ref_dir, name), fingerprint=fp, hidden_size=hidden, layers=layers, force=True)
               for name in names}
+    for cv in forced.values():
+        if on_forced:
+            on_forced(cv)
     missing = [c for c in effect_concepts if c not in own]
     if missing:
         raise NotFoundError(f"no usable twin vector for {', '.join(missing)}")
