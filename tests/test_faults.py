@@ -171,7 +171,7 @@ def test_damaged_vector_files_refuse_only_their_concepts(tmp_path: Path, monkeyp
         async def body(channel, _):
             stub = generator_pb2_grpc.GeneratorStub(channel)
             codes = {}
-            for concept in [*words, "anxious"]:  # the last by its tag, which Blip answers with calm
+            for concept in [*words, "anxious"]:  # the last by its tag, which Blip answers with empathy
                 request = pb.GenerateRequest(prompt="hi", max_tokens=2)
                 if concept == "anxious":
                     request.tag = tagger_pb2.EMOTION_ANXIOUS
@@ -189,8 +189,8 @@ def test_damaged_vector_files_refuse_only_their_concepts(tmp_path: Path, monkeyp
         service.close()
     for concept in words:
         assert codes[concept][0] == "FAILED_PRECONDITION" and concept in codes[concept][1]
-    assert codes["anxious"] == ("OK", "calm")  # a Blip concept left undamaged is still served
-    figures["damaged_vectors"] = {"refused": sorted(words), "still_served": ["calm"]}
+    assert codes["anxious"] == ("OK", "empathy")  # a Blip concept left undamaged is still served
+    figures["damaged_vectors"] = {"refused": sorted(words), "still_served": ["empathy"]}
 
 
 def _free_port() -> int:
