@@ -127,8 +127,8 @@ def run_comparison(twin: LoadedModel, reference: str, paths: Paths, effect_conce
     # The force is the point here; each vector records it in its metadata.
     forced = {name: load_vector(vector_path(ref_dir, name), fingerprint=fp, hidden_size=hidden, layers=layers, force=True)
               for name in names}
-    for cv in forced.values():
-        if on_forced:
+    if on_forced:
+        for cv in forced.values():
             on_forced(cv)
     missing = [c for c in effect_concepts if c not in own]
     if missing:
