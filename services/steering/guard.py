@@ -1,19 +1,27 @@
 """The theme guard: does a reply carry a theme that must not reach a child?
 
-The themes (`vectors/guard/themes.json`, reviewed and checked in) each hold words,
-phrases and exemplar sentences. A text is flagged for a theme when
+The fifteen themes (`vectors/guard/themes.json`, reviewed and checked in) each hold words,
+phrases, masked harmless idioms and exemplar sentences. A text is flagged, in this order, when
 
-- a listed word or phrase occurs in it (whole words, any case), unless the occurrence
-  sits inside one of the theme's harmless idioms ("killed it at practice"), or
+- a listed word or phrase occurs in it (whole words, any case), unless the occurrence sits inside
+  one of the theme's harmless idioms ("killed it at practice", "kill some time", "bloody brilliant"),
 - one of its sentences is close to one of the theme's exemplars: the cosine of their
-  all-MiniLM-L6-v2 embeddings (the tagger's model) reaches the themes file's threshold,
-  and beats the sentence's closest safe exemplar (a child's kind of sadness, dinosaurs,
-  scraped knees) by the file's margin. The safe exemplars keep a sad-but-gentle sentence
-  from being mistaken for despair, or a T-rex's teeth for violence.
+  all-MiniLM-L6-v2 embeddings (the tagger's model) reaches the themes file's threshold, and beats
+  the sentence's closest safe exemplar (a child's kind of sadness, dinosaurs, a costume, a
+  storybook wolf) by the file's margin, kept wide so that this route stays precise, or
+- the harm model (`harm_model`, trained by `python -m steering.guard_train`) scores one of its
+  sentences, or the whole text when it holds several, at its threshold or above. It reads the
+  meaning and the words together, so it tells what a list cannot: "throw the kitten in the pond"
+  from "the fox caught a rabbit", a wolf that eats a boy from the wolf that blows a house down,
+  anger named to calm it from an urging to hit. Its hits are named for the closest exemplar's theme.
 
-The lists catch the explicit cases cheaply; the exemplars catch the same theme told in
-other words ("he never woke up again"). `measure()` reports precision and recall on the
-labelled replies in `vectors/guard/labelled.jsonl`.
+Where a word list cannot tell the cases apart, the lists stay out of it and the model decides:
+"hit", "angry", "wolf", "dragon", "vampire", "secret" and "meet" are in no list. "bloody" is
+listed as swearing, with its intensifier uses masked ("bloody good", "bloody freezing"), so its
+gore sense ("a bloody knife") is flagged too, under profanity when no other theme catches it.
+"kill" is listed, with time-killing and "could kill for" masked.
+
+`measure()` reports precision and recall on labelled replies.
 """
 
 import json
@@ -28,6 +36,7 @@ import numpy as np
 from .coherence import DEGENERATE_REPEAT, repeat_rate
 from .embedding import embed
 from .errors import ConfigError, NotFoundError
+from .harm_model import HARM_MODEL_FILE, HarmModel
 
 THEMES_FILE = "themes.json"
 LABELLED_FILE = "labelled.jsonl"
@@ -66,18 +75,19 @@ class ThemeGuard:
     safe: np.ndarray  # [n, 384], unit: sentences a child may hear
     safe_margin: float  # how much closer to a theme's exemplar than to any safe one
     exemplar_texts: dict[str, list[str]] = field(default_factory=dict)
+    harm: HarmModel | None = None  # the learned layer; None only while it is being trained
 
     def check(self, text: str) -> Verdict:
         return self.check_many([text])[0]
 
     def check_reply(self, sent: str, new: str) -> Verdict:
         """A growing reply: `sent` already passed, `new` is about to be sent. The lists run over
-        the whole reply (a phrase may straddle the two), the exemplars over the new sentences,
-        and the whole reply must not have fallen into a loop."""
+        the whole reply (a phrase may straddle the two), the exemplars and the harm model over
+        the new sentences, and the whole reply must not have fallen into a loop."""
         reply = sent + new
         sentences = split_sentences(new)
-        vectors = embed(sentences) if sentences else np.zeros((0, 384), dtype=np.float32)
-        verdict = self._verdict(reply, sentences, vectors)
+        units = scored_units(new, sentences)
+        verdict = self._verdict(reply, units, _embed(units), len(sentences))
         if verdict.flagged:
             return verdict
         rate = repeat_rate(reply) if len(reply.split()) >= LOOP_MIN_WORDS else 0.0
@@ -95,19 +105,22 @@ class ThemeGuard:
     def check_many(self, texts: Sequence[str]) -> list[Verdict]:
         """One verdict per text; all sentences of all texts are embedded in one batch."""
         sentences = [split_sentences(t) for t in texts]
-        flat = [s for ss in sentences for s in ss]
-        vectors = embed(flat) if flat else np.zeros((0, 384), dtype=np.float32)
+        units = [scored_units(t, ss) for t, ss in zip(texts, sentences)]
+        vectors = _embed([u for us in units for u in us])
         verdicts = []
         start = 0
-        for text, ss in zip(texts, sentences):
-            verdicts.append(self._verdict(text, ss, vectors[start : start + len(ss)]))
-            start += len(ss)
+        for text, ss, us in zip(texts, sentences, units):
+            verdicts.append(self._verdict(text, us, vectors[start : start + len(us)], len(ss)))
+            start += len(us)
         return verdicts
 
-    def _verdict(self, text: str, sentences: list[str], vectors: np.ndarray) -> Verdict:
+    def _verdict(self, text: str, units: list[str], vectors: np.ndarray, n_sentences: int) -> Verdict:
+        """`units` are the sentences (the first `n_sentences`), then the text itself when it holds
+        more than one; `vectors` their embeddings. Lists, then exemplars, then the harm model."""
         themes: list[str] = []
         reasons: list[str] = []
-        safe_sims = (vectors @ self.safe.T).max(1) if len(sentences) else np.zeros(0)
+        sentences, sentence_vectors = units[:n_sentences], vectors[:n_sentences]
+        safe_sims = (sentence_vectors @ self.safe.T).max(1) if n_sentences else np.zeros(0)
         for theme in self.themes:
             masked = theme.idioms.sub(" ", text) if theme.idioms else text
             hit = theme.pattern.search(masked) if theme.pattern else None
@@ -115,14 +128,36 @@ class ThemeGuard:
                 themes.append(theme.name)
                 reasons.append(f"{theme.name} list: {hit.group(0)!r}")
                 continue
-            if len(sentences) and theme.exemplars is not None:
-                sims = (vectors @ theme.exemplars.T).max(1)  # [sentences]: closest exemplar of the theme
+            if n_sentences and theme.exemplars is not None:
+                sims = (sentence_vectors @ theme.exemplars.T).max(1)  # [sentences]: closest exemplar of the theme
                 hits = (sims >= self.threshold) & (sims - safe_sims >= self.safe_margin)
                 if hits.any():
                     best = int(np.argmax(np.where(hits, sims, -1.0)))
                     themes.append(theme.name)
                     reasons.append(f"{theme.name} like: {sentences[best]!r} ({float(sims[best]):.2f})")
+        if not themes and self.harm is not None and units:
+            scores = self.harm.scores(units, vectors)
+            best = int(np.argmax(scores))
+            if scores[best] >= self.harm.threshold:
+                theme_name = self._nearest_theme(vectors[best])
+                themes.append(theme_name)
+                reasons.append(f"{theme_name} model: {units[best]!r} ({float(scores[best]):.2f})")
         return Verdict(bool(themes), tuple(themes), tuple(reasons))
+
+    def _nearest_theme(self, vector: np.ndarray) -> str:
+        """The model says how harmful, not which theme: name the theme of the closest exemplar."""
+        named = [(float((t.exemplars @ vector).max()), t.name) for t in self.themes if t.exemplars is not None]
+        return max(named)[1] if named else "harm"
+
+
+def scored_units(text: str, sentences: list[str]) -> list[str]:
+    """What the exemplars and the harm model read: each sentence, and the whole text when it
+    holds more than one (a request can be split over two sentences: "Which park? Near your house?")."""
+    return [*sentences, text.strip()] if len(sentences) > 1 else list(sentences)
+
+
+def _embed(texts: list[str]) -> np.ndarray:
+    return embed(texts) if texts else np.zeros((0, 384), dtype=np.float32)
 
 
 def _normalised(sentence: str) -> str:
@@ -151,7 +186,9 @@ def _alternation(items: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile(rf"(?<![\w'])(?:{body})(?![\w'])", re.IGNORECASE)
 
 
-def load_guard(guard_dir: Path) -> ThemeGuard:
+def load_guard(guard_dir: Path, harm_model: bool = True) -> ThemeGuard:
+    """The guard in `guard_dir`; `harm_model=False` leaves out the learned layer (its training
+    measures what the lists and exemplars already catch)."""
     path = Path(guard_dir) / THEMES_FILE
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -165,6 +202,8 @@ def load_guard(guard_dir: Path) -> ThemeGuard:
         raise ConfigError(f"{path} needs a non-empty 'themes' object and a 'similarity_threshold' between 0 and 1")
     if not isinstance(margin, (int, float)) or not 0 <= margin < 1 or not isinstance(safe, list) or not safe:
         raise ConfigError(f"{path} needs 'safe_exemplars' (a non-empty list) and a 'safe_margin' between 0 and 1")
+    # Before the exemplars are embedded: a missing or damaged model fails at once.
+    harm = HarmModel.load(Path(guard_dir) / HARM_MODEL_FILE) if harm_model else None
     themes = []
     exemplar_texts = {}
     for name, spec in raw.items():
@@ -179,7 +218,7 @@ def load_guard(guard_dir: Path) -> ThemeGuard:
             # Profanity is a matter of words: an embedding sees the topic ("pick a colour") instead.
             exemplars=embed(exemplars) if spec.get("match_exemplars", True) else None,
         ))
-    return ThemeGuard(tuple(themes), float(threshold), embed([str(x) for x in safe]), float(margin), exemplar_texts)
+    return ThemeGuard(tuple(themes), float(threshold), embed([str(x) for x in safe]), float(margin), exemplar_texts, harm)
 
 
 @dataclass(frozen=True)
