@@ -37,8 +37,8 @@ def test_precision_and_recall_on_the_labelled_replies(paths, guard: ThemeGuard, 
 
 def test_the_held_apart_replies_measure_the_guard_in_service(paths, guard: ThemeGuard, figures: dict) -> None:
     """`heldout.jsonl` (300 fresh replies over fifteen themes, split from `tuning.jsonl` before any
-    threshold was chosen) is never tuned on. The nine-theme guard in service has no lists for six
-    of its themes, and this measures how far it falls short; a regression below today's figure fails."""
+    threshold was chosen) is never tuned on, nor read by `steering.guard_train`. A regression
+    below the recorded figure fails."""
     held = load_labelled(paths.guard, "heldout.jsonl")
     assert sum(r["flag"] for r in held) >= 150 and sum(not r["flag"] for r in held) >= 150
     m = measure(guard, held)
