@@ -45,7 +45,7 @@ def test_the_held_apart_replies_measure_the_guard_in_service(paths, guard: Theme
     figures["guard_held_apart"] = m.as_dict()
     print(f"\nguard on the held-apart replies: precision {m.precision:.3f}, recall {m.recall:.3f}; "
           f"recall by theme {m.as_dict()['recall_by_theme']}")
-    assert m.precision >= 0.85 and m.recall >= 0.27
+    assert m.precision >= 0.92 and m.recall >= 0.85  # measured once: 0.949 and 0.873
 
 
 def test_unsteered_replies_to_the_evaluation_prompts_raise_no_flags(paths, smollm, guard: ThemeGuard) -> None:
