@@ -33,7 +33,7 @@ from tagger.train import (
     train_sha256,
     turn_features,
 )
-from tagger.words import WordGrams
+from steering.words import WordGrams
 
 pytestmark = pytest.mark.slow  # the real all-MiniLM-L6-v2 embedder
 

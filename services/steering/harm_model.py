@@ -5,7 +5,7 @@ Two small models trained by `python -m steering.guard_train` on the tuning repli
 
 - an RBF support-vector machine over the sentence's all-MiniLM-L6-v2 embedding (the meaning:
   "see if it can swim" said of a kitten thrown in a pond), and
-- a logistic regression over TF-IDF of its words and word pairs (`tagger.words`: short cues the
+- a logistic regression over TF-IDF of its words and word pairs (`steering.words`: short cues the
   embedding blurs, "your address", "our secret", "hope you").
 
 The score is the machine's decision value plus `word_weight` times the regression's logit; a
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
-from tagger.words import WordGrams
+from .words import WordGrams
 
 from .atomic import atomic_path
 from .errors import ModelLoadError, NotFoundError

@@ -20,7 +20,7 @@ Features of a turn: four embedding blocks of 384,
    each of 5 fold seeds; layers 2, 3 and 5 gained less, adding the context or the prefixed
    view at that layer nothing).
 
-then a word block: `WORD_WEIGHT *` TF-IDF over the turn's words and word pairs (`tagger.words`),
+then a word block: `WORD_WEIGHT *` TF-IDF over the turn's words and word pairs (`steering.words`),
 whose vocabulary is fitted on the train turns and saved in the model file.
 """
 
@@ -40,7 +40,7 @@ from steering.embedding import load_embedder
 from steering.errors import ConfigError, ModelLoadError, NotFoundError
 from steering.vocabulary import CONTEXT_TURNS, EMOTIONS, NONE, TAGS
 
-from .words import WordGrams
+from steering.words import WordGrams
 
 LABELS = EMOTIONS
 CLASSES = TAGS

@@ -42,7 +42,7 @@ from .classifier import (
     turn_fields,
     with_words,
 )
-from .words import WordGrams
+from steering.words import WordGrams
 
 _DATA = Path(__file__).resolve().parent / "data"
 DATA_PATH = _DATA / "turns.jsonl"

@@ -1,4 +1,5 @@
-"""TF-IDF over a turn's words and word pairs: the tagger's word block, numpy only.
+"""TF-IDF over a text's words and word pairs, numpy only: the tagger's word block and the
+theme guard's harm model share it.
 
 The embedding blocks miss short cue phrases that decide a label ("what if", "can't wait",
 "so I", "how many"); a sparse word view of them added about 3.5 points of 5-fold
