@@ -82,7 +82,7 @@ def test_a_theme_told_without_listed_words_is_flagged_by_meaning(guard: ThemeGua
     text = "He lay down in the cold dark room and never woke up again, and nobody came to find him."
     v = guard.check(text)
     assert v.flagged and all("like:" in r or "model:" in r for r in v.reasons), v
-    # The sentence the stream guard withholds from sad forced to alpha 16 (tests/test_stream_guard.py).
+    # What sad's 20-pair vector said forced to alpha 16, which the stream guard had to withhold.
     v = guard.check("It's not just any kind of pain.")
     assert v.flagged and v.themes == ("self_harm",) and "like:" in v.reasons[0], v
 
