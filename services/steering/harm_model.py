@@ -19,12 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
-from .words import WordGrams
 
-from .atomic import atomic_path
-from .errors import ModelLoadError, NotFoundError
+from .errors import ModelLoadError
+from .tensor_file import load_arrays, save_arrays
+from .words import WordGrams
 
 HARM_MODEL_FILE = "harm_model.safetensors"
 EMBED_DIM = 384
@@ -62,26 +60,13 @@ class HarmModel:
             word_weight=repr(self.word_weight), threshold=repr(self.threshold), train_sha256=self.train_sha256,
             vocabulary=json.dumps(list(self.words.vocabulary), ensure_ascii=False),
         )
-        tensors = {
-            "support": np.ascontiguousarray(self.support, dtype=np.float32),
-            "dual_coef": np.ascontiguousarray(self.dual_coef, dtype=np.float32),
-            "idf": np.ascontiguousarray(self.words.idf, dtype=np.float32),
-            "word_coef": np.ascontiguousarray(self.word_coef, dtype=np.float32),
-        }
-        with atomic_path(Path(path)) as tmp:  # a reader sees the old model or the new one
-            save_file(tensors, str(tmp), metadata=metadata)
+        save_arrays(Path(path), {"support": self.support, "dual_coef": self.dual_coef, "idf": self.words.idf,
+                                 "word_coef": self.word_coef}, metadata)
 
     @classmethod
     def load(cls, path: Path) -> "HarmModel":
         path = Path(path)
-        if not path.is_file():
-            raise NotFoundError(f"{path}: the theme guard's harm model does not exist; {_RETRAIN}")
-        try:
-            with safe_open(str(path), framework="np") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as exc:  # safetensors raises several kinds for a damaged file
-            raise ModelLoadError(f"{path}: corrupt or truncated harm model ({exc}); {_RETRAIN}") from None
+        meta, tensors = load_arrays(path, "the theme guard's harm model does not exist", "harm model", _RETRAIN)
         return _checked(path, meta, tensors)
 
 

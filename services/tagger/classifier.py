@@ -32,14 +32,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.numpy import save_file
 
-from steering.atomic import atomic_path
 from steering.embedding import load_embedder
 from steering.errors import ConfigError, ModelLoadError, NotFoundError
+from steering.tensor_file import load_arrays, save_arrays
 from steering.vocabulary import CONTEXT_TURNS, EMOTIONS, NONE, TAGS
-
 from steering.words import WordGrams
 
 LABELS = EMOTIONS
@@ -212,25 +209,12 @@ class TaggerModel:
             train_sha256=self.train_sha256,
             vocabulary=json.dumps(list(self.words.vocabulary), ensure_ascii=False),
         )
-        tensors = {
-            "coef": np.ascontiguousarray(self.coef, dtype=np.float32),
-            "intercept": np.ascontiguousarray(self.intercept, dtype=np.float32),
-            "idf": np.ascontiguousarray(self.words.idf, dtype=np.float32),
-        }
-        with atomic_path(Path(path)) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        save_arrays(Path(path), {"coef": self.coef, "intercept": self.intercept, "idf": self.words.idf}, metadata)
 
     @classmethod
     def load(cls, path: Path) -> "TaggerModel":
         path = Path(path)
-        if not path.is_file():
-            raise NotFoundError(f"{path}: no tagger model file; {_RETRAIN}")
-        try:
-            with safe_open(str(path), framework="np") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as exc:  # safetensors raises several kinds for a damaged file
-            raise ModelLoadError(f"{path}: corrupt or truncated tagger model ({exc}); {_RETRAIN}") from None
+        meta, tensors = load_arrays(path, "no tagger model file", "tagger model", _RETRAIN)
         return _checked(path, meta, tensors)
 
 
