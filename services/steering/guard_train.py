@@ -1,6 +1,6 @@
 """`python -m steering.guard_train`: fit the theme guard's harm model on the tuning replies.
 
-The training rows are `tuning.jsonl`, `tuning_extra.jsonl`, `labelled.jsonl`,
+The training rows are `tuning.jsonl`, `tuning_extra.jsonl`, `tuning_more.jsonl`, `labelled.jsonl`,
 `model_replies.jsonl` and `unsteered_replies.jsonl` in `vectors/guard/`, with the themes'
 exemplars (harmful) and the safe exemplars (harmless) of `themes.json`. The held-apart sets,
 `heldout.jsonl` and `unsteered_heldout.jsonl`, are never read here. Profanity rows are
@@ -34,7 +34,7 @@ from .guard import THEMES_FILE, load_guard, load_labelled, scored_units, split_s
 from .harm_model import HARM_MODEL_FILE, HarmModel
 from .settings import paths_from_env
 
-TRAIN_FILES = ("tuning.jsonl", "tuning_extra.jsonl", "labelled.jsonl", "model_replies.jsonl", "unsteered_replies.jsonl")
+TRAIN_FILES = ("tuning.jsonl", "tuning_extra.jsonl", "tuning_more.jsonl", "labelled.jsonl", "model_replies.jsonl", "unsteered_replies.jsonl")
 LISTS_ONLY = ("profanity",)  # themes the model does not learn
 SVM_CS = (4.0, 16.0)  # the machine's regularisation, chosen by cross-validation
 WORD_C = 8.0
