@@ -45,7 +45,7 @@ def test_the_held_apart_replies_measure_the_guard_in_service(paths, guard: Theme
     figures["guard_held_apart"] = m.as_dict()
     print(f"\nguard on the held-apart replies: precision {m.precision:.3f}, recall {m.recall:.3f}; "
           f"recall by theme {m.as_dict()['recall_by_theme']}")
-    assert m.precision >= 0.92 and m.recall >= 0.85  # the guard in service: 0.956 and 0.867
+    assert m.precision >= 0.92 and m.recall >= 0.85  # the guard in service: 0.955 and 0.853
 
 
 def test_real_replies_held_apart_raise_few_false_flags(paths, guard: ThemeGuard, figures: dict) -> None:

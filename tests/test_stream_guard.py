@@ -127,8 +127,8 @@ def test_in_the_blip_profile_a_forced_sad_reply_never_reaches_the_child(guard) -
     service = build_service(GeneratorConfig(profile=Profile.BLIP))
     try:
         c = Collector()
-        # The job is built as Blip builds it and then forced onto sad's vector, at an alpha past
-        # anything Blip would allow.
+        # The job is built as Blip builds it for a concept it serves, then forced onto sad's vector
+        # at an alpha past anything Blip would allow.
         slot, job = service.build_job(GenerateSpec(prompt=SAD_PROMPT, concept="happy", max_tokens=64), c, None)
         assert job.guard is service.guard is not None
         sad = slot.vectors["sad"]

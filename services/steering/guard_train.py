@@ -26,13 +26,13 @@ import sklearn
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import RepeatedStratifiedKFold
 from sklearn.svm import SVC
-from .words import WordGrams
 
 from .embedding import embed
 from .errors import ConfigError, SteeringError
 from .guard import THEMES_FILE, load_guard, load_labelled, scored_units, split_sentences
 from .harm_model import HARM_MODEL_FILE, HarmModel
 from .settings import paths_from_env
+from .words import WordGrams
 
 TRAIN_FILES = ("tuning.jsonl", "tuning_extra.jsonl", "tuning_more.jsonl", "labelled.jsonl", "model_replies.jsonl", "unsteered_replies.jsonl")
 LISTS_ONLY = ("profanity",)  # themes the model does not learn

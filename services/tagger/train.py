@@ -30,6 +30,7 @@ from threadpoolctl import threadpool_limits
 
 from steering.embedding import embed
 from steering.errors import ConfigError, SteeringError
+from steering.words import WordGrams
 
 from .classifier import (
     CLASSES,
@@ -42,7 +43,6 @@ from .classifier import (
     turn_fields,
     with_words,
 )
-from steering.words import WordGrams
 
 _DATA = Path(__file__).resolve().parent / "data"
 DATA_PATH = _DATA / "turns.jsonl"
