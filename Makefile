@@ -33,8 +33,9 @@ models-qwen05 models-qwen15: venv
 	$(VENV)/bin/steer prepare --model $(QWEN)
 
 # The Blip stack on this machine: tagger + CPU generator as local processes, a scripted conversation.
+# `make demo MODEL=qwen2.5-coder-0.5b-instruct` plays it on another registered model (installed first).
 demo: prepare
-	$(PY) -m generator.demo
+	$(PY) -m generator.demo $(if $(MODEL),--model $(MODEL))
 
 # Steered and unsteered replies side by side, in process.
 ab: prepare

@@ -25,10 +25,12 @@ from steering.guard import load_guard
 from steering.loading import LoadedModel, load_model
 from steering.pairs import load_concept
 from steering.profiles import Profile
-from steering.registry import DTYPES, load_registry
+from steering.errors import NotFoundError
+from steering.registry import DTYPES, ModelEntry, load_registry
 from steering.settings import paths_from_env
 from steering.store import read_vector
 from steering.threads import in_passing_thread, single_threaded
+from steering.validate import residual_scale
 from steering.vector import ConceptVector
 
 from . import service_load, single, system
@@ -65,6 +67,10 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--dtype", choices=DTYPES, help="override the registry's dtype (its vectors must match)")
     p.add_argument("--faster", default="smollm2-135m-instruct-int8",
                    help="a faster registered model to measure beside the first on one stream ('' for none)")
+    p.add_argument("--others", default="qwen2.5-coder-0.5b-instruct",
+                   help="comma-separated larger registered models measured on one stream after the runs above, "
+                        "unsteered and steered at the same alpha relative to their residual norm; one that is "
+                        "not installed is reported, not measured ('' for none)")
     return p.parse_args()
 
 
@@ -94,6 +100,23 @@ def _derive_seconds(model: str, concepts: list[str] | None, model_args: list[str
         seconds = time.perf_counter() - start
         n = len(list((Path(tmp) / model).glob("*.safetensors")))
     return {"concepts": n, "seconds": round(seconds, 1)}
+
+
+def _other_model(entry: ModelEntry, main: LoadedModel, a: argparse.Namespace, prompts: list[str], tokens: int,
+                 runs: int, threads: int) -> dict:
+    """One larger model on one stream, unsteered and steered with its own vector, in its own
+    interleaved runs (it is several times slower, so it would stretch the runs above)."""
+    try:
+        loaded = in_passing_thread(functools.partial(load_model, device=a.device, dtype=a.dtype), entry,
+                                   paths_from_env().cache, threads=threads)
+    except NotFoundError as exc:
+        return {"missing": str(exc)}
+    alpha = round(a.alpha / residual_scale(main) * residual_scale(loaded), 2)
+    own = paths_from_env().vectors / loaded.name / f"{a.concept}.safetensors"
+    cases = single.faster_cases(loaded, read_vector(own) if own.exists() else None, alpha, tokens, threads)
+    measured = single.measure(cases, single.prompt_ids(loaded, prompts), runs, threads)
+    return {"alpha": alpha, "weight_bytes": system.weight_bytes(loaded.model),
+            "cases": {name: round(statistics.median(m["runs_tokens_per_s"]), 2) for name, m in measured.items()}}
 
 
 def main() -> int:
@@ -204,6 +227,11 @@ def main() -> int:
         generator.stop()
         tagger.stop()
 
+    others = {}
+    for name in filter(None, a.others.split(",")):
+        log(f"one stream on {name}")
+        others[name] = _other_model(registry.get(name), loaded, a, prompts, tokens, 1 if smoke else 2, threads)
+
     log("memory bandwidth")
     bandwidth = in_passing_thread(functools.partial(system.memory_bandwidth_gb_s, device=loaded.device),
                                   64 if smoke else 512, threads=threads)
@@ -223,6 +251,10 @@ def main() -> int:
             "cases": {name: {"tokens_per_s": m["tokens_per_s"], "vs_transformers_generate": round(m["tokens_per_s"] / plain, 3),
                              "fraction_of_roofline": round(m["tokens_per_s"] / fast_roofline, 3)}
                       for name, m in results["single_stream"].items() if name.startswith(faster.name)}}
+    for other in others.values():
+        if "weight_bytes" in other:
+            other["roofline_tokens_per_s"] = round(bandwidth * 1e9 / other["weight_bytes"], 2)
+    results["others"] = others
     results["targets"] = targets(results)
 
     a.out.mkdir(parents=True, exist_ok=True)

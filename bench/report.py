@@ -130,6 +130,16 @@ def markdown(r: dict) -> str:
             *(_row(name, c["tokens_per_s"], c["vs_transformers_generate"], round(f["weight_bytes"] / 2**20),
                    f["roofline_tokens_per_s"], f"{c['fraction_of_roofline']:.0%}") for name, c in f["cases"].items())]
           if (f := r.get("faster")) else []),
+        *(["", "## Larger models, one stream, in their own interleaved runs after the ones above", "",
+            _row("model", "steered at alpha", "unsteered (tokens/s)", "steered band (tokens/s)",
+                 "weights read per token (MB)", "batch-1 ceiling (tokens/s)", "unsteered, fraction of ceiling"),
+            _row("---", "---:", "---:", "---:", "---:", "---:", "---:"),
+            *(_row(name, o["alpha"], o["cases"].get(f"{name}_unsteered"), o["cases"].get(f"{name}_steered_band", "-"),
+                   round(o["weight_bytes"] / 2**20), o["roofline_tokens_per_s"],
+                   f"{o['cases'][f'{name}_unsteered'] / o['roofline_tokens_per_s']:.0%}")
+              for name, o in r["others"].items() if "cases" in o),
+            *(f"- {name}: not measured: {o['missing']}" for name, o in r["others"].items() if "missing" in o)]
+          if r.get("others") else []),
         "", "## Targets", "", _row("target", "wanted", "measured", "met"), _row("---", "---", "---:", "---"),
     ]
     for x in r["targets"]:

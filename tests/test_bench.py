@@ -45,6 +45,13 @@ def test_bench_smoke_writes_well_formed_results(tmp_path) -> None:
     fast = r["faster"]
     assert fast["weight_bytes"] < r["physical_limit"]["weight_bytes"]  # the int8 weights are counted, and smaller
     assert f"{fast['model']}_unsteered" in fast["cases"] and "A faster path" in (tmp_path / "results.md").read_text()
+    # A larger model is measured where it is installed, and otherwise said to be missing and why.
+    for name, other in r["others"].items():
+        if "missing" in other:
+            assert "install" in other["missing"] and f"{name}: not measured" in (tmp_path / "results.md").read_text()
+        else:
+            assert all(_positive(x) for x in other["cases"].values()) and _positive(other["roofline_tokens_per_s"])
+            assert other["weight_bytes"] > r["physical_limit"]["weight_bytes"]
     names = {t["name"] for t in r["targets"]}
     assert "steering overhead, whole band" in names and any(n.startswith("gRPC added") for n in names)
     table = (tmp_path / "results.md").read_text()

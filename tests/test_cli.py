@@ -11,7 +11,7 @@ import pytest
 from steer_cli import steer as run
 
 STEER = str(Path(sys.executable).parent / "steer")
-COMMANDS = ("models", "prepare", "pieces", "derive", "pairs-consistency", "generate", "ab", "validate", "compare-twin", "report",
+COMMANDS = ("models", "prepare", "pieces", "derive", "pairs-consistency", "generate", "ab", "validate", "compare-twin", "compare-models", "report",
             "export-gguf", "import-gguf", "tag", "chat")
 
 
@@ -41,6 +41,7 @@ def test_help(command: str) -> None:
         (("generate", "--prompt", "hi", "--concept", "nonexistent"), "no such vector file"),
         (("derive", "--concepts", "nonexistent"), "unknown concept 'nonexistent'"),
         (("import-gguf", "--concept", "x", "--in", "/nonexistent.gguf"), "no such file"),
+        (("compare-models", "--models", "nope"), "unknown model 'nope'"),
     ],
 )
 def test_errors_are_one_line_without_traceback(args: tuple[str, ...], message: str) -> None:
@@ -104,3 +105,32 @@ def test_export_then_import_gguf(tmp_path: Path, monkeypatch) -> None:
     assert imported.method == "gguf-import" and imported.fingerprint == original.fingerprint
     for layer in imported.layers:
         assert (imported.directions[layer] - original.directions[layer]).abs().max() < 1e-6
+
+
+def test_compare_models_says_what_blip_serves(paths) -> None:
+    """Each allowlist concept's row names the mode, alpha and d that `assess` serves from the
+    committed record, and a concept Blip does not serve says so."""
+    from steering.profiles import BLIP_ALLOWLIST
+    from steering.record import assess, record_path
+    from steering.store import load_store, stored_concepts
+
+    name = "smollm2-135m-instruct"
+    res = run("compare-models", "--models", name)
+    assert res.returncode == 0, res.stderr
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in res.stdout.splitlines()[2:]}
+    assert set(rows) == BLIP_ALLOWLIST
+    model_dir = paths.model_vectors(name)
+    fingerprint = json.loads(record_path(model_dir).read_text(encoding="utf-8"))["fingerprint"]
+    vectors, refused = load_store(model_dir, stored_concepts(model_dir), fingerprint=fingerprint, hidden_size=576)
+    assert not refused
+    state = assess(name, model_dir, fingerprint, vectors)
+    for concept, cells in rows.items():
+        blip = state.concepts[concept].blip
+        if blip is None:
+            assert cells[2] == "nothing (answered plainly)", cells
+        else:
+            assert cells[2] == f"{blip.mode} at {blip.alpha:g}" if blip.alpha is not None else cells[2] == str(blip.mode)
+            assert cells[3].startswith(f"{blip.effect.d:.2f} [{blip.effect.low:.2f}, {blip.effect.high:.2f}]")
+            assert blip.alpha is None or cells[4].startswith(f"{blip.ceiling:g} (")
+    assert any(state.concepts[c].blip for c in rows) and any(not state.concepts[c].blip for c in rows)
+

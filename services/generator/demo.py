@@ -105,14 +105,16 @@ async def play(address: str, max_tokens: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="generator.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--model", help="registered model to play it on (default: the registry's default)")
     parser.add_argument("--startup-timeout", type=float, default=300)
     args = parser.parse_args(argv)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    models = ["--models", args.model] if args.model else []
     tagger_port, generator_port = free_port(), free_port()
     procs = [
         subprocess.Popen([sys.executable, "-m", "tagger.server", "--port", str(tagger_port), "--log-level", "WARNING"], env=env),
         subprocess.Popen([sys.executable, "-m", "generator.server", "--port", str(generator_port),
-                          "--tagger", f"127.0.0.1:{tagger_port}", "--log-level", "WARNING"], env=env),
+                          "--tagger", f"127.0.0.1:{tagger_port}", *models, "--log-level", "WARNING"], env=env),
     ]
     try:
         print("starting the tagger and a CPU generator, waiting for health...", flush=True)

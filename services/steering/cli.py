@@ -412,6 +412,24 @@ def _print_check(check) -> None:
     print(f"  check {check.name:<12} {mark}  {check.figure:g}  {check.detail}")
 
 
+def cmd_compare_models(args: argparse.Namespace) -> int:
+    from .profiles import BLIP_ALLOWLIST
+    from .record import record_path
+    from .report import blip_comparison
+
+    paths, reg = _paths(), _registry()
+    names = [reg.get(m).name for m in args.models.split(",")] if args.models else list(reg.models)
+    records = {}
+    for name in names:
+        try:
+            records[name] = json.loads(record_path(paths.model_vectors(name)).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            if args.models:
+                raise NotFoundError(f"{name} has no validation record; run `steer validate --model {name}`") from None
+    print(blip_comparison(records, sorted(BLIP_ALLOWLIST)), end="")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from .record import record_path
     from .report import write_report
@@ -540,6 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--effect-concepts", help="comma-separated concepts to measure d for (default: cosines only)")
     p.add_argument("--seeds", type=int, default=2, help="sampling seeds per evaluation prompt (default 2)")
     p.set_defaults(func=cmd_compare_twin)
+
+    p = sub.add_parser("compare-models", help="a markdown table of what Blip serves on each validated model, per concept")
+    p.add_argument("--models", help="comma-separated registered models (default: every one with a record)")
+    p.set_defaults(func=cmd_compare_models)
 
     p = sub.add_parser("report", help="rewrite the validation report and plots from the stored record")
     p.add_argument("--model", help="registered model name (default: the registry's default)")

@@ -250,7 +250,7 @@ class Steerability:
         return sorted(c for c, s in self.concepts.items() if s.servable)
 
 
-def _blip_serving(entry: dict[str, Any], chosen: dict[str, Any]) -> BlipServing | None:
+def blip_serving(entry: dict[str, Any], chosen: dict[str, Any]) -> BlipServing | None:
     """What the record's Blip decision (`chosen`, from blip_decision) serves."""
     if chosen["mode"] is None:
         return None
@@ -350,6 +350,6 @@ def assess(model: str, model_dir: Path, fingerprint: str, vectors: dict[str, Con
             states[concept] = ConceptState(
                 concept, status, passed, "passed" if passed else f"effect-size gate: {status}", recommended, max_alpha,
                 child_safe, child, neg_status, neg_max if passed and neg_status == "passed" else None,
-                tuple(Effect.of(p, replies) for p in sweep), config, _blip_serving(entry, blip),
+                tuple(Effect.of(p, replies) for p in sweep), config, blip_serving(entry, blip),
             )
     return Steerability(model, True, "validated", states)

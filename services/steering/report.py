@@ -279,3 +279,44 @@ def write_plots(model_dir: Path, record: dict[str, Any], vectors: dict[str, Conc
     written.append(out_dir / "circumplex.png")
     write_text_atomic(out_dir / "circumplex.json", json.dumps({"pc1_valence_r": r_val, "pc2_arousal_r": r_aro}, indent=2) + "\n")
     return written
+
+
+
+def blip_comparison(records: dict[str, dict[str, Any]], concepts: list[str]) -> str:
+    """Markdown: per Blip concept and model, what Blip's Chat serves, the d there, that mode's
+    ceiling (also as a share of the residual norm, which differs between models) and perplexity
+    ratio, and steering alone at its child-safe alpha. Decisions are taken from each record's own
+    figures (`redecide`), as `assess` takes them."""
+    from .record import blip_decision, blip_serving, redecide
+
+    lines = [
+        "| concept | model | Blip serves | d there [95%] n | its ceiling (share of residual norm) "
+        "| ppl ratio there | steering alone: child-safe alpha, d [95%] n |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    decided = {model: redecide(record) for model, record in records.items()}
+    for concept in concepts:
+        for model, record in decided.items():
+            replies = record_replies(record)
+            entry = record["concepts"].get(concept)
+            if entry is None:
+                lines.append(f"| {concept} | {model} | not validated | - | - | - | - |")
+                continue
+            child = entry["child_recommended_alpha"]
+            alone = "-" if child is None else f"{child:g}: {effect_text(entry, child, replies)}"
+            served = blip_serving(entry, entry.get("blip") or blip_decision(entry, replies))
+            if served is None:
+                lines.append(f"| {concept} | {model} | nothing (answered plainly) | - | - | - | {alone} |")
+                continue
+            e = served.effect
+            modes = entry.get("modes", {})
+            if served.alpha is None:
+                point, ceiling = modes["prompt"], "-"
+            else:
+                sweep = modes["both"] if served.mode == "both" else entry["sweep"]
+                point = next(p for p in sweep if p["alpha"] == served.alpha)
+                ceiling = f"{served.ceiling:g} ({served.ceiling / entry['activation_scale']:.3f})"
+            at = "" if served.alpha is None else f" at {served.alpha:g}"
+            lines.append(f"| {concept} | {model} | {served.mode}{at} | {e.d:.2f} [{e.low:.2f}, {e.high:.2f}] n {e.n} "
+                         f"| {ceiling} | {point['ppl_ratio']:.2f} | {alone} |")
+    return "\n".join(lines) + "\n"
