@@ -137,9 +137,17 @@ def tiny_model(arch: str, seed: int = 0) -> tuple[torch.nn.Module, str]:
     return model, template
 
 
-def tiny_loaded(arch: str = "llama", layers: tuple[int, ...] = (1, 2)) -> "LoadedModel":
-    """A tiny random model with a word-level tokenizer (`t3` ... as words), as a LoadedModel
-    steered at `layers`: for structural tests of code that takes a loaded model."""
+def _fingerprint(name: str, seed: int) -> str:
+    import hashlib
+
+    return "f" * 64 if (name, seed) == ("tiny", 0) else hashlib.sha256(f"{name}/{seed}".encode()).hexdigest()
+
+
+def tiny_loaded(arch: str = "llama", layers: tuple[int, ...] = (1, 2), seed: int = 0, words: tuple[str, ...] = (),
+                name: str = "tiny") -> "LoadedModel":
+    """A tiny random model with a word-level tokenizer (`t3` ... as words, the first of them
+    spelled `words` instead), as a LoadedModel steered at `layers`: for structural tests of
+    code that takes a loaded model. Another `seed` and `name` make another model."""
     from pathlib import Path
 
     from tokenizers import Tokenizer, pre_tokenizers
@@ -150,12 +158,13 @@ def tiny_loaded(arch: str = "llama", layers: tuple[int, ...] = (1, 2)) -> "Loade
     from steering.loading import LoadedModel
     from steering.registry import ModelEntry, Source
 
-    model, template = tiny_model(arch)
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, VOCAB_SIZE)}}
+    model, template = tiny_model(arch, seed)
+    names = [*words, *(f"t{i}" for i in range(3 + len(words), VOCAB_SIZE))]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{word: i for i, word in enumerate(names, start=3)}}
     backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
                                         eos_token="</s>", padding_side="left")
-    entry = ModelEntry(name="tiny", source=Source(kind="local", path=Path("unused")), layers=layers)
-    return LoadedModel(entry=entry, model=model, tokenizer=tokenizer, fingerprint="f" * 64,
+    entry = ModelEntry(name=name, source=Source(kind="local", path=Path(f"unused/{name}")), layers=layers)
+    return LoadedModel(entry=entry, model=model, tokenizer=tokenizer, fingerprint=_fingerprint(name, seed),
                        layers=resolve_layers(model, template), device=torch.device("cpu"))

@@ -412,6 +412,61 @@ def _print_check(check) -> None:
     print(f"  check {check.name:<12} {mark}  {check.figure:g}  {check.detail}")
 
 
+def cmd_perceive(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .atomic import write_text_atomic
+    from .loading import load_model
+    from .perceive import MODES, PerceiveSettings, markdown, plot, run, sets_from_record
+    from .profiles import BLIP_ALLOWLIST
+    from .record import assess, record_path
+    from .validate import load_blip_setting
+    from .validate_model import model_vectors
+
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or set(modes) - set(MODES):
+        raise ConfigError(f"--modes takes a comma-separated subset of {', '.join(MODES)}, got {args.modes!r}")
+    if args.turns < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--turns and --max-new-tokens must be at least 1")
+    paths = _paths()
+    turns = tuple(json.loads(line)["text"] for line in (paths.eval / "perceive_turns.jsonl").read_text(encoding="utf-8").splitlines()
+                  if line.strip())
+    if args.turns > len(turns):
+        raise ConfigError(f"--turns {args.turns}: there are {len(turns)} held-out turns")
+    model = _load(args)
+    judge_entry = _registry().get(args.judge)
+    if judge_entry.name == model.name:  # before loading a second model for nothing
+        raise ConfigError(f"the judge must be another model than {model.name} (--judge)")
+    model_dir = paths.model_vectors(model.name)
+    vectors, _ = model_vectors(model, paths)
+    steerability = assess(model.name, model_dir, model.fingerprint, vectors)
+    record = json.loads(record_path(model_dir).read_text(encoding="utf-8")) if steerability.steerable else {}
+    concepts = args.concepts.split(",") if args.concepts else sorted(
+        c for c in BLIP_ALLOWLIST if c in steerability.concepts and steerability.concepts[c].blip is not None)
+    unknown = sorted(set(concepts) - BLIP_ALLOWLIST)
+    if unknown:
+        raise ConfigError(f"perceive measures Blip's concepts only; not in the allowlist: {', '.join(unknown)}")
+    sets = sets_from_record(model, steerability, record, vectors, concepts, modes)
+    if not sets:
+        raise ConfigError(f"nothing to judge: none of {', '.join(concepts) or 'no concept'} is served on {model.name} in {', '.join(modes)}")
+    judge = load_model(judge_entry, paths.cache, device=args.device)
+    settings = PerceiveSettings(turns[:args.turns], load_blip_setting(paths.eval).system_prompt, seed=args.seed,
+                                max_new_tokens=args.max_new_tokens)
+    progress = model_dir / "perceive.progress.jsonl"
+    print(f"{len(sets)} sets ({', '.join(s.key for s in sets)}) x {args.turns} turns, judged by {judge.name}; "
+          f"progress in {progress}", file=sys.stderr)
+    bar = None if args.quiet else (lambda total: tqdm(total=total, desc=f"perceive {model.name}", unit="pair"))
+    results = run(model, judge, sets, settings, progress, bar)
+    write_text_atomic(model_dir / "perceive.json", json.dumps(results, indent=1) + "\n")
+    write_text_atomic(model_dir / "perceive.md", markdown(results))
+    png = plot(results, model_dir / "plots" / "perceive.png")
+    progress.unlink()
+    print(markdown(results))
+    print(f"wrote {model_dir / 'perceive.json'}, {model_dir / 'perceive.md'} and {png} "
+          f"({results['seconds_this_run']:.0f}s this run)")
+    return 0
+
+
 def cmd_compare_models(args: argparse.Namespace) -> int:
     from .profiles import BLIP_ALLOWLIST
     from .record import record_path
@@ -558,6 +613,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--effect-concepts", help="comma-separated concepts to measure d for (default: cosines only)")
     p.add_argument("--seeds", type=int, default=2, help="sampling seeds per evaluation prompt (default 2)")
     p.set_defaults(func=cmd_compare_twin)
+
+    p = sub.add_parser("perceive", help="a blinded judge model says which of a steered and a plain reply sounds more <concept>")
+    _add_model(p)
+    p.add_argument("--judge", default="qwen2.5-coder-1.5b-instruct", help="another registered instruct model (default: %(default)s)")
+    p.add_argument("--concepts", help="comma-separated Blip concepts (default: every one Blip serves on the model)")
+    p.add_argument("--modes", default="steer,prompt,both", help="the ways of reaching the register to judge (default: %(default)s)")
+    p.add_argument("--turns", type=int, default=24, help="held-out child turns per concept and mode (default 24)")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens per reply (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="the sampling seed both replies of a pair share (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_perceive)
 
     p = sub.add_parser("compare-models", help="a markdown table of what Blip serves on each validated model, per concept")
     p.add_argument("--models", help="comma-separated registered models (default: every one with a record)")
