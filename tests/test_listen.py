@@ -226,38 +226,50 @@ def test_bad_input_gets_its_status_and_loses_nothing(pairs_file: Path, tmp_path:
     first, second = PAIRS[0]["id"], PAIRS[1]["id"]
     # the voice is beside the point here; a missing one must not matter
     with serving(pairs_file, db, Voice(tmp_path / "voice", command=str(tmp_path / "no-espeak"))) as base:
+
+        def still_works() -> None:
+            """A good answer after a bad request: it is stored, and every earlier row is unchanged."""
+            before = rows(db)
+            token, _ = present(base, second)
+            assert answer(base, second, token, "cant_tell")[0] == 303
+            after = rows(db)
+            assert after[:-1] == before and (after[-1]["token"], after[-1]["answer"]) == (token, "cant_tell")
+
         status, _, body = request(base, "GET", "/rate/no-such-pair", rater="tester")
         assert status == 404 and b"no pair with id &#39;no-such-pair&#39;" in body
+        still_works()
         token, _ = present(base, first)
         status, body = answer(base, "no-such-pair", token, "A")
         assert status == 404 and "no pair with id" in body
+        still_works()
         status, body = answer(base, first, token, "maybe")
         assert status == 400 and "answer &#39;maybe&#39; is not one of A, B, cant_tell" in body
+        still_works()
         status, body = answer(base, first, "forged-token", "A")
         assert status == 404 and "no such presentation" in body
+        still_works()
         status, body = answer(base, second, token, "A")
         assert status == 400 and "this presentation shows pair" in body
-        assert rows(db) == []  # nothing half-written by any of them
+        still_works()
+        assert {r["pair_id"] for r in rows(db)} == {second}  # nothing of the bad requests was written
 
         status, body = answer(base, first, token, "A")  # the token was not used up by the bad requests
         assert status == 303, body
         kept = rows(db)
-        assert [(r["token"], r["answer"]) for r in kept] == [(token, "A")]
+        assert (kept[-1]["token"], kept[-1]["pair_id"], kept[-1]["answer"]) == (token, first, "A")
 
         status, body = answer(base, first, token, "B")  # replayed: refused, the first answer stands
         assert status == 409 and "already answered" in body and "first answer stands" in body
         assert rows(db) == kept
         with sqlite3.connect(db) as conn:
             assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        still_works()
 
         status, _, body = request(base, "POST", "/rater", {"rater": "   "})
         assert status == 400 and b"enter a name or code" in body
-
-        token2, _ = present(base, second)  # after every bad request, a good one still works
-        assert answer(base, second, token2, "cant_tell")[0] == 303
-        assert [r["answer"] for r in rows(db)] == ["A", "cant_tell"]
+        still_works()
         status, _, body = request(base, "GET", "/results.json")
-        assert status == 200 and json.loads(body)["answers"] == 2
+        assert status == 200 and json.loads(body)["answers"] == len(rows(db)) == 8  # seven good answers and the first
 
 
 @pytest.mark.parametrize("command, says", [("no-such-espeak", "is not installed"), ("/bin/false", "failed")])
