@@ -132,6 +132,7 @@ def browser(tmp_path: Path) -> Iterator:
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(30)
     driver.set_script_timeout(30)
+    driver.implicitly_wait(10)  # find_element waits for the next page to arrive
     try:
         yield driver
     finally:
@@ -146,6 +147,17 @@ audio.play().then(() => { audio.pause(); done({played: true, duration: audio.dur
 """
 
 
+def click_and_wait(browser, element_id: str) -> None:
+    """Click a submit button and wait until its page has been replaced by the next one."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    page = browser.find_element(By.TAG_NAME, "html")
+    browser.find_element(By.ID, element_id).click()
+    WebDriverWait(browser, 20).until(expected_conditions.staleness_of(page))
+
+
 def test_a_listener_rates_pairs_in_the_browser_and_the_figures_agree(browser, pairs_file: Path, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
 
@@ -155,7 +167,7 @@ def test_a_listener_rates_pairs_in_the_browser_and_the_figures_agree(browser, pa
     with serving(pairs_file, db, voice) as base:
         browser.get(base + "/")
         browser.find_element(By.ID, "rater").send_keys("Rater 7")
-        browser.find_element(By.ID, "start").click()
+        click_and_wait(browser, "start")
 
         shown: dict[str, tuple[str, dict[str, str]]] = {}  # token -> (pair id, text per side)
         for i, choice in enumerate(("A", "B", "cant_tell")):
@@ -167,7 +179,7 @@ def test_a_listener_rates_pairs_in_the_browser_and_the_figures_agree(browser, pa
             assert browser.find_element(By.ID, "turn").text == pair["turn"]
             texts = {side: browser.find_element(By.ID, f"text-{side}").text for side in "AB"}
             assert sorted(texts.values()) == sorted([pair["steered"], pair["plain"]])
-            assert not browser.find_elements(By.ID, "voice-missing")
+            assert browser.execute_script("return document.getElementById('voice-missing')") is None  # no implicit wait
             if i == 0:  # the voice: real WAV bytes, and the browser plays them
                 for side in "AB":
                     src = browser.find_element(By.ID, f"audio-{side}").get_attribute("src")
@@ -177,7 +189,7 @@ def test_a_listener_rates_pairs_in_the_browser_and_the_figures_agree(browser, pa
                     played = browser.execute_async_script(PLAY, f"audio-{side}")
                     assert played["played"] and played["duration"] > 0, played
             shown[token] = (pair_id, texts)
-            browser.find_element(By.ID, f"answer-{choice}").click()
+            click_and_wait(browser, f"answer-{choice}")
         assert browser.find_element(By.ID, "done").text == "Thank you, Rater 7!"
 
         answered = rows(db)
