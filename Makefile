@@ -41,11 +41,16 @@ demo: prepare
 ab: prepare
 	$(VENV)/bin/steer ab --model smollm2-135m-instruct --concept happy,sad --alpha 8 --max-new-tokens 48
 
-# docker-compose (Debian's package) only checks docker-compose.yml; install it where we may.
+# docker-compose (Debian's package) only checks docker-compose.yml; the listening page's browser
+# test (tests/test_listen.py) drives Debian's chromium and hears espeak-ng. Install them where we may.
 tools:
 	@command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 		(apt-get install -y -qq docker-compose >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null 2>&1)); } || \
 		echo "docker-compose not installed: its test will be skipped"
+	@{ command -v chromium && command -v chromedriver && command -v espeak-ng; } >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(export DEBIAN_FRONTEND=noninteractive; apt-get install -y -qq chromium chromium-driver espeak-ng >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver espeak-ng >/dev/null 2>&1)); } || \
+		echo "chromium, chromium-driver or espeak-ng not installed: the listening-page browser test will be skipped"
 
 # The models the tests load are converted once here, before the two workers start (each
 # would otherwise convert the same GGUF at the same time).

@@ -12,7 +12,7 @@ from steer_cli import steer as run
 
 STEER = str(Path(sys.executable).parent / "steer")
 COMMANDS = ("models", "prepare", "pieces", "derive", "pairs-consistency", "generate", "ab", "validate", "compare-twin", "compare-models", "report",
-            "export-gguf", "import-gguf", "tag", "chat")
+            "export-gguf", "import-gguf", "tag", "chat", "listen")
 
 
 def test_the_console_script_runs_as_a_process() -> None:

@@ -516,6 +516,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_listen(args: argparse.Namespace) -> int:
+    from listen.serve import serve  # Flask only for this command
+    from listen.voice import Voice
+
+    paths = _paths()
+    pairs = Path(args.pairs) if args.pairs else paths.model_vectors(_registry().get(args.model).name) / "perceive.json"
+    voice = Voice(paths.cache / "listen", command=args.espeak, voice=args.voice)
+    return serve(pairs, Path(args.db) if args.db else paths.cache / "listen" / "answers.sqlite", voice, args.host, args.port)
+
+
 # parser -------------------------------------------------------------------------------
 
 
@@ -635,6 +645,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first take every decision in the record again from its own figures by today's rules; "
                         "nothing is re-measured")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("listen", help="a local page where people hear a steered and a plain reply and say which fits")
+    p.add_argument("--model", help="registered model whose perceive.json to read (default: the registry's default)")
+    p.add_argument("--pairs", help="pairs file from `steer perceive` (default: vectors/<model>/perceive.json)")
+    p.add_argument("--db", help="SQLite file for the answers (default: <cache>/listen/answers.sqlite)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    p.add_argument("--voice", default="en-us", help="espeak-ng voice (default en-us)")
+    p.add_argument("--espeak", default="espeak-ng", help="the espeak-ng command (default espeak-ng)")
+    p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("export-gguf", help="write a concept as a llama.cpp/repeng GGUF control vector")
     _add_model(p)
