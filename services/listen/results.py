@@ -3,23 +3,12 @@ answers with its 95% Wilson interval, the "can't tell" share, as rows, CSV and a
 
 import csv
 import io
-import math
 from dataclasses import asdict, dataclass
 
-Z95 = 1.959963984540054  # the normal quantile for a two-sided 95% interval
+from steering.binomial import wilson
 
 COLUMNS = ("concept", "mode", "answers", "steered", "plain", "cant_tell", "decided", "win_rate", "wilson_low",
            "wilson_high", "cant_tell_share")
-
-
-def wilson(wins: int, n: int, z: float = Z95) -> tuple[float, float] | None:
-    """The Wilson score interval for a binomial proportion; None for no trials."""
-    if n <= 0:
-        return None
-    p = wins / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 @dataclass(frozen=True)
@@ -46,7 +35,7 @@ def summarise(counts: list[tuple[str, str, str, int]]) -> list[Row]:
     for (concept, mode), t in sorted(tally.items()):
         decided = t["steered"] + t["plain"]
         total = decided + t["cant_tell"]
-        interval = wilson(t["steered"], decided)
+        interval = wilson(t["steered"], decided) if decided else None
         rows.append(Row(concept, mode, total, t["steered"], t["plain"], t["cant_tell"], decided,
                         t["steered"] / decided if decided else None,
                         interval[0] if interval else None, interval[1] if interval else None,
