@@ -5,8 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from steering.errors import InvalidArgument, NotFoundError
-
-MODES = ("steer", "prompt", "both")
+from steering.vocabulary import REPLY_MODES as MODES
 FIELDS = ("id", "concept", "mode", "turn", "steered", "plain")
 
 

@@ -417,15 +417,16 @@ def cmd_perceive(args: argparse.Namespace) -> int:
 
     from .atomic import write_text_atomic
     from .loading import load_model
-    from .perceive import MODES, PerceiveSettings, markdown, plot, run, sets_from_record
+    from .perceive import PerceiveSettings, markdown, plot, run, sets_from_record
     from .profiles import BLIP_ALLOWLIST
     from .record import assess, record_path
     from .validate import load_blip_setting
     from .validate_model import model_vectors
+    from .vocabulary import REPLY_MODES
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    if not modes or set(modes) - set(MODES):
-        raise ConfigError(f"--modes takes a comma-separated subset of {', '.join(MODES)}, got {args.modes!r}")
+    if not modes or set(modes) - set(REPLY_MODES):
+        raise ConfigError(f"--modes takes a comma-separated subset of {', '.join(REPLY_MODES)}, got {args.modes!r}")
     if args.turns < 1 or args.max_new_tokens < 1:
         raise ConfigError("--turns and --max-new-tokens must be at least 1")
     paths = _paths()

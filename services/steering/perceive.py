@@ -30,9 +30,8 @@ from .loading import LoadedModel
 from .questions import question
 from .record import Steerability, decide, record_replies
 from .vector import ConceptVector
-from .vocabulary import Mode, instructed
+from .vocabulary import instructed
 
-MODES = tuple(str(m) for m in Mode if m is not Mode.NONE)
 _LETTERS = ("A", "B")
 JUDGE_SYSTEM = "You compare two replies that a children's companion gave to a seven-year-old. Judge only how they sound."
 

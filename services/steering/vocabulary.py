@@ -26,3 +26,7 @@ def instructed(system_prompt: str, instruction: str) -> str:
     """Blip's system prompt with a concept's register instruction after it (prompt and both
     modes), as validation measured it and Chat serves it."""
     return f"{system_prompt} {instruction}".strip()
+
+
+# The ways a concept's reply can be made, as the perceptibility judge and listeners compare them.
+REPLY_MODES: tuple[str, ...] = tuple(m.value for m in Mode if m is not Mode.NONE)
