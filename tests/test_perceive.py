@@ -12,7 +12,7 @@ from tiny_models import HIDDEN_SIZE, tiny_loaded
 
 from steering.errors import ConfigError
 from steering.hooks import RowSteering
-from steering.perceive import PairSet, PerceiveSettings, judge_batch, run, summarize
+from steering.perceive import PairSet, PerceiveSettings, judge_batch, markdown, run, summarize
 
 TURNS = ("t5 t6 t7", "t8 t9", "t10 t11 t12 t13", "t14")
 
@@ -40,8 +40,10 @@ def _judged(progress: Path) -> list[dict]:
 
 def test_every_pair_is_judged_in_both_orders(models, tmp_path: Path) -> None:
     model, judge = models
-    results = run(model, judge, _sets(), SETTINGS, tmp_path / "p.jsonl")
+    checks = {"calm": [("t5", "t6 t7", "t8"), ("t9", "t10", "t11 t12")]}
+    results = run(model, judge, _sets(), SETTINGS, tmp_path / "p.jsonl", checks=checks)
     assert set(results["sets"]) == {"calm/steer", "calm/prompt", "happy/both"}
+    assert results["judge_check"]["calm"]["pairs"] == 2 and "judge's own check" in markdown(results)
     assert len(results["pairs"]) == 3 * len(TURNS) and len({p["id"] for p in results["pairs"]}) == 3 * len(TURNS)
     for pair in results["pairs"][:2]:  # the figures are the judge's own, read again in both orders
         items = [(pair["turn"], pair["steered"], pair["plain"], pair["concept"]),
@@ -138,3 +140,36 @@ def test_turns_are_held_out(paths) -> None:
     for f in paths.pairs.glob("*.json"):
         seen |= {p["context"].lower() for p in json.loads(f.read_text())["pairs"] if isinstance(p, dict) and "context" in p}
     assert len(turns) == len(set(turns)) == 24 and not set(turns) & seen
+
+
+def test_sets_follow_the_record(smollm, paths) -> None:
+    """On SmolLM2 the judged sets are the concepts Blip serves, each in the mode and at the alpha
+    its record's Blip decision names, and steering alone only at its child-safe alpha."""
+    from steering.perceive import blip_sets
+    from steering.record import record_path
+    from steering.vocabulary import REPLY_MODES
+
+    record = json.loads(record_path(paths.model_vectors(smollm.name)).read_text())
+    sets = {s.key: s for s in blip_sets(smollm, paths, None, REPLY_MODES)}
+    served = {c for c, e in record["concepts"].items() if (e.get("blip") or {}).get("mode")}
+    assert {key.split("/")[0] for key in sets} == served
+    for concept in served:
+        entry = record["concepts"][concept]
+        chosen = sets[f"{concept}/{entry['blip']['mode']}"]
+        assert chosen.alpha == entry["blip"]["alpha"] and (chosen.row is None) == (chosen.mode == "prompt")
+        steer = sets.get(f"{concept}/steer")
+        assert (steer.alpha if steer else None) == entry["child_recommended_alpha"]
+        assert all(s.instruction == entry["modes"]["instruction"] for s in sets.values()
+                   if s.concept == concept and s.mode != "steer")
+    assert not blip_sets(smollm, paths, ["happy"], ["steer"])[0].instruction
+
+
+def test_written_checks_spread_over_the_pairs(paths) -> None:
+    from steering.pairs import load_concept
+    from steering.perceive import written_checks
+
+    checks = written_checks(paths.pairs, ["calm", "happy", "calm"], 8)
+    assert set(checks) == {"calm", "happy"} and all(len(c) == 8 for c in checks.values())
+    pairs = load_concept(paths.pairs, "calm").pairs
+    assert checks["calm"][0] == (pairs[0].context, pairs[0].positive, pairs[0].negative)
+    assert checks["calm"][-1][0] != pairs[7].context  # spread over the file, not its first eight

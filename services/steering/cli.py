@@ -415,56 +415,38 @@ def _print_check(check) -> None:
 def cmd_perceive(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .atomic import write_text_atomic
     from .loading import load_model
-    from .perceive import PerceiveSettings, markdown, plot, run, sets_from_record
-    from .profiles import BLIP_ALLOWLIST
-    from .record import assess, record_path
+    from .perceive import PerceiveSettings, blip_sets, load_turns, markdown, run, write_results, written_checks
     from .validate import load_blip_setting
-    from .validate_model import model_vectors
     from .vocabulary import REPLY_MODES
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or set(modes) - set(REPLY_MODES):
         raise ConfigError(f"--modes takes a comma-separated subset of {', '.join(REPLY_MODES)}, got {args.modes!r}")
-    if args.turns < 1 or args.max_new_tokens < 1:
-        raise ConfigError("--turns and --max-new-tokens must be at least 1")
+    if args.turns < 1 or args.max_new_tokens < 1 or args.check_pairs < 0:
+        raise ConfigError("--turns and --max-new-tokens must be at least 1, --check-pairs at least 0")
     paths = _paths()
-    turns = tuple(json.loads(line)["text"] for line in (paths.eval / "perceive_turns.jsonl").read_text(encoding="utf-8").splitlines()
-                  if line.strip())
+    turns = load_turns(paths.eval)
     if args.turns > len(turns):
         raise ConfigError(f"--turns {args.turns}: there are {len(turns)} held-out turns")
     model = _load(args)
     judge_entry = _registry().get(args.judge)
     if judge_entry.name == model.name:  # before loading a second model for nothing
         raise ConfigError(f"the judge must be another model than {model.name} (--judge)")
-    model_dir = paths.model_vectors(model.name)
-    vectors, _ = model_vectors(model, paths)
-    steerability = assess(model.name, model_dir, model.fingerprint, vectors)
-    record = json.loads(record_path(model_dir).read_text(encoding="utf-8")) if steerability.steerable else {}
-    concepts = args.concepts.split(",") if args.concepts else sorted(
-        c for c in BLIP_ALLOWLIST if c in steerability.concepts and steerability.concepts[c].blip is not None)
-    unknown = sorted(set(concepts) - BLIP_ALLOWLIST)
-    if unknown:
-        raise ConfigError(f"perceive measures Blip's concepts only; not in the allowlist: {', '.join(unknown)}")
-    sets = sets_from_record(model, steerability, record, vectors, concepts, modes)
-    if not sets:
-        raise ConfigError(f"nothing to judge: none of {', '.join(concepts) or 'no concept'} is served on {model.name} in {', '.join(modes)}")
+    sets = blip_sets(model, paths, args.concepts.split(",") if args.concepts else None, modes)
     judge = load_model(judge_entry, paths.cache, device=args.device)
     settings = PerceiveSettings(turns[:args.turns], load_blip_setting(paths.eval).system_prompt, seed=args.seed,
                                 max_new_tokens=args.max_new_tokens)
+    model_dir = paths.model_vectors(model.name)
     progress = model_dir / "perceive.progress.jsonl"
     print(f"{len(sets)} sets ({', '.join(s.key for s in sets)}) x {args.turns} turns, judged by {judge.name}; "
           f"progress in {progress}", file=sys.stderr)
     bar = None if args.quiet else (lambda total: tqdm(total=total, desc=f"perceive {model.name}", unit="pair"))
-    results = run(model, judge, sets, settings, progress, bar)
-    write_text_atomic(model_dir / "perceive.json", json.dumps(results, indent=1) + "\n")
-    write_text_atomic(model_dir / "perceive.md", markdown(results))
-    png = plot(results, model_dir / "plots" / "perceive.png")
-    progress.unlink()
+    checks = written_checks(paths.pairs, [s.concept for s in sets], args.check_pairs)
+    results = run(model, judge, sets, settings, progress, bar, checks)
+    written = write_results(model_dir, results, progress)
     print(markdown(results))
-    print(f"wrote {model_dir / 'perceive.json'}, {model_dir / 'perceive.md'} and {png} "
-          f"({results['seconds_this_run']:.0f}s this run)")
+    print(f"wrote {', '.join(map(str, written))} ({results['seconds_this_run']:.0f}s this run)")
     return 0
 
 
@@ -633,6 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turns", type=int, default=24, help="held-out child turns per concept and mode (default 24)")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens per reply (default 40)")
     p.add_argument("--seed", type=int, default=0, help="the sampling seed both replies of a pair share (default 0)")
+    p.add_argument("--check-pairs", type=int, default=8,
+                   help="written pairs per concept (from its derivation set) that check the judge first (default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_perceive)
 

@@ -20,19 +20,26 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_path, write_text_atomic
 from .batch import prefill
 from .config import SteerConfig
 from .binomial import wilson
-from .errors import ConfigError
+from .errors import ConfigError, NotFoundError
 from .generate import GenerationSettings, PromptLike, generate, render_prompt
 from .hooks import RowSteering
 from .loading import LoadedModel
+from .pairs import load_concept
+from .profiles import BLIP_ALLOWLIST
 from .questions import question
-from .record import Steerability, decide, record_replies
+from .record import Steerability, assess, decide, record_path, record_replies
+from .settings import Paths
+from .validate_model import model_vectors
 from .vector import ConceptVector
 from .vocabulary import instructed
 
 _LETTERS = ("A", "B")
+# (turn, the reply in the concept's register, a plain reply): written pairs whose answer is known
+Written = tuple[str, str, str]
 JUDGE_SYSTEM = "You compare two replies that a children's companion gave to a seven-year-old. Judge only how they sound."
 
 
@@ -86,13 +93,53 @@ def refuse_self_judging(model: LoadedModel, judge: LoadedModel) -> None:
                           "choose another registered instruct model (--judge)")
 
 
+def written_checks(pairs_dir: Path, concepts: Sequence[str], n: int) -> dict[str, list[Written]]:
+    """`n` of each concept's derivation pairs, spread over its file: (context, positive, negative)."""
+    out = {}
+    for concept in sorted(set(concepts)):
+        pairs = load_concept(pairs_dir, concept).pairs
+        step = max(1, len(pairs) // n) if n else 1
+        out[concept] = [(p.context, p.positive, p.negative) for p in pairs[::step][:n]]
+    return out
+
+
+def load_turns(eval_dir: Path) -> tuple[str, ...]:
+    """The held-out child turns (`perceive_turns.jsonl`: none is a derivation pair's context or a gate prompt)."""
+    path = Path(eval_dir) / "perceive_turns.jsonl"
+    try:
+        return tuple(json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    except FileNotFoundError:
+        raise NotFoundError(f"the held-out turns {path} do not exist") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: each line must be a JSON object with a \"text\" ({exc})") from None
+
+
+def blip_sets(model: LoadedModel, paths: Paths, concepts: Sequence[str] | None, modes: Sequence[str]) -> list[PairSet]:
+    """The sets to judge on `model`, from its validation record: `concepts` (default: every one
+    Blip serves) in each of `modes` the record supports."""
+    model_dir = paths.model_vectors(model.name)
+    vectors, _ = model_vectors(model, paths)
+    steerability = assess(model.name, model_dir, model.fingerprint, vectors)
+    if not steerability.steerable:
+        raise ConfigError(f"{model.name} is not steerable: {steerability.reason}")
+    record = json.loads(record_path(model_dir).read_text(encoding="utf-8"))
+    if concepts is None:
+        concepts = sorted(c for c in BLIP_ALLOWLIST if c in steerability.concepts and steerability.concepts[c].blip is not None)
+    unknown = sorted(set(concepts) - BLIP_ALLOWLIST)
+    if unknown:
+        raise ConfigError(f"perceive measures Blip's concepts only; not in the allowlist: {', '.join(unknown)}")
+    sets = sets_from_record(model, steerability, record, vectors, concepts, modes)
+    if not sets:
+        raise ConfigError(f"nothing to judge: none of {', '.join(concepts) or 'no concept'} is served on {model.name} "
+                          f"in {', '.join(modes)}")
+    return sets
+
+
 def sets_from_record(model: LoadedModel, steerability: Steerability, record: dict[str, Any],
                      vectors: dict[str, ConceptVector], concepts: Sequence[str], modes: Sequence[str]) -> list[PairSet]:
     """Each concept in each asked mode its record lets Blip serve it in: steering alone at its
     child-safe recommended alpha, the instruction alone, the instruction with steering at that
     mode's own child-safe recommended alpha; steered as validation swept it (its `config`)."""
-    if not steerability.steerable:
-        raise ConfigError(f"{model.name} is not steerable: {steerability.reason}")
     replies = record_replies(record)
     sets = []
     for concept in concepts:
@@ -198,12 +245,15 @@ def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
 
 
 def run(model: LoadedModel, judge: LoadedModel, sets: Sequence[PairSet], settings: PerceiveSettings, progress: Path,
-        bar: Callable[[int], Any] | None = None) -> dict[str, Any]:
+        bar: Callable[[int], Any] | None = None, checks: dict[str, list[Written]] | None = None) -> dict[str, Any]:
     """Make and judge every pair (carrying on from `progress` when it was started with the same
-    models and settings) and return the results; `bar(total)` gives a progress bar to update."""
+    models and settings) and return the results; `bar(total)` gives a progress bar to update.
+    `checks`: per concept, written pairs the judge is asked about first, whose answer is known
+    (the derivation pairs' replies): how well the judge tells the register at all."""
     refuse_self_judging(model, judge)
     letter_ids(judge)
-    header = json.loads(json.dumps(_header(model, judge, sets, settings)))  # as it reads back from the file
+    checks = checks or {}
+    header = json.loads(json.dumps(_header(model, judge, sets, settings) | {"checks": checks}))  # as read back
     rows = _read_progress(progress)
     if rows and rows[0] != header:
         raise ConfigError(f"{progress} holds a run with other models, sets or settings; delete it to start afresh")
@@ -215,29 +265,34 @@ def run(model: LoadedModel, judge: LoadedModel, sets: Sequence[PairSet], setting
     replies = _replies(model, sets, settings, {r["set"]: r["replies"] for r in rows if r["kind"] == "replies"},
                        lambda row: _append(progress, row))
     judged = {r["id"]: r for r in rows if r["kind"] == "judged"}
-    pairs = [(f"{s.concept}-{s.mode}-{i:02d}", s, i) for s in sets for i in range(len(settings.turns))]
-    todo = [p for p in pairs if p[0] not in judged]
-    progress_bar = bar(len(pairs)) if bar else None
+    # (id, set key, turn index, (turn, steered, plain, concept)); the written checks first.
+    jobs = [(f"check-{concept}-{i:02d}", f"check/{concept}", i, (*written, concept))
+            for concept, pairs in checks.items() for i, written in enumerate(pairs)]
+    jobs += [(f"{s.concept}-{s.mode}-{i:02d}", s.key, i, (turn, replies[s.key][i], replies["plain"][i], s.concept))
+             for s in sets for i, turn in enumerate(settings.turns)]
+    todo = [job for job in jobs if job[0] not in judged]
+    progress_bar = bar(len(jobs)) if bar else None
     if progress_bar is not None:
-        progress_bar.update(len(pairs) - len(todo))
+        progress_bar.update(len(jobs) - len(todo))
     for chunk in _chunks(todo, settings.judge_batch):
         items = []
-        for _, s, i in chunk:
-            turn, steered, plain = settings.turns[i], replies[s.key][i], replies["plain"][i]
-            items += [(turn, steered, plain, s.concept), (turn, plain, steered, s.concept)]
+        for *_, (turn, steered, plain, concept) in chunk:
+            items += [(turn, steered, plain, concept), (turn, plain, steered, concept)]
         out = judge_batch(judge, items)
-        for k, (pair_id, s, i) in enumerate(chunk):
+        for k, (job_id, key, i, _) in enumerate(chunk):
             (p_first, mass_first), (p_second, mass_second) = out[2 * k], out[2 * k + 1]
-            row = {"kind": "judged", "id": pair_id, "set": s.key, "turn": i,
+            row = {"kind": "judged", "id": job_id, "set": key, "turn": i,
                    "p_steered_as_a": round(p_first, 5), "p_steered_as_b": round(1 - p_second, 5),
                    "letter_mass": round((mass_first + mass_second) / 2, 5)}
             _append(progress, row)
-            judged[pair_id] = row
+            judged[job_id] = row
         if progress_bar is not None:
             progress_bar.update(len(chunk))
     if progress_bar is not None:
         progress_bar.close()
     results = results_of(header, sets, settings, replies, judged)
+    results["judge_check"] = {concept: summarize([j for j in judged.values() if j["set"] == f"check/{concept}"])
+                              for concept in checks}
     results["seconds_this_run"] = round(time.perf_counter() - start, 1)
     return results
 
@@ -301,6 +356,17 @@ def markdown(results: dict[str, Any]) -> str:
         "| orders agree | mass on A/B |",
         "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
+    if results.get("judge_check"):
+        lines[-2:-2] = [
+            "First the judge's own check: for each concept, written pairs from its derivation set (a reply in the "
+            "register and a plain one to the same turn), asked the same way. A judge that cannot pick the written "
+            "reply cannot say whether steering is heard.", "",
+            "| concept | written pairs | judge picks the register [95%] | position bias: A chosen | orders agree |",
+            "| --- | ---: | --- | ---: | ---: |",
+            *(f"| {c} | {r['pairs']} | {r['win_rate']:.2f} [{r['win_low']:.2f}, {r['win_high']:.2f}] | {r['a_share']:.2f} "
+              f"| {r['order_agreement']:.2f} |" for c, r in results["judge_check"].items()),
+            "",
+        ]
     for r in results["sets"].values():
         alpha = "-" if r["alpha"] is None else f"{r['alpha']:g}"
         told = "" if r["win_low"] > 0.5 or r["win_high"] < 0.5 else " (cannot tell)"
@@ -310,13 +376,21 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_results(model_dir: Path, results: dict[str, Any], progress: Path) -> list[Path]:
+    """perceive.json, perceive.md and plots/perceive.png, each written whole; then the progress
+    file, whose every pair they now hold, goes."""
+    write_text_atomic(model_dir / "perceive.json", json.dumps(results, indent=1) + "\n")
+    write_text_atomic(model_dir / "perceive.md", markdown(results))
+    written = [model_dir / "perceive.json", model_dir / "perceive.md", plot(results, model_dir / "plots" / "perceive.png")]
+    progress.unlink(missing_ok=True)
+    return written
+
+
 def plot(results: dict[str, Any], path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .atomic import atomic_path
 
     sets = list(results["sets"].values())
     fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(sets) + 1.5), 3.6))
