@@ -14,6 +14,18 @@ def test_checked_in_registry(paths) -> None:
     smol = reg.get(None)
     assert smol.source.kind == "gguf-package" and smol.dtype == "float32"
     assert reg.get("gemma3-270m").source.assemble is True
+    assert smol.sweep_scale == 1.0 and reg.get("qwen2.5-coder-0.5b-instruct").sweep_scale == 0.5
+
+
+def test_sweep_scale_scales_every_swept_strength() -> None:
+    from steering.validate import ALPHA_GRID_REL, BOTH_GRID_REL, SweepSettings
+
+    base = SweepSettings(prompts=("hi",))
+    assert base.scaled(1.0) is base
+    half = base.scaled(0.5)
+    assert half.alpha_grid_rel == tuple(round(x / 2, 4) for x in ALPHA_GRID_REL) == (0.012, 0.018, 0.024, 0.036)
+    assert half.both_grid_rel == tuple(round(x / 2, 4) for x in BOTH_GRID_REL) and half.screen_alpha_rel == 0.018
+    assert (half.prompts, half.allowlist_seeds, half.max_new_tokens) == (base.prompts, base.allowlist_seeds, base.max_new_tokens)
 
 
 def test_default_band_is_middle_to_late_third() -> None:
@@ -36,6 +48,8 @@ def test_unknown_model_names_the_known_ones(paths) -> None:
         ('[models.m]\nsource = { kind = "local", path = "x" }\nlayer_template = "model.layers"', "must contain"),
         ('[models.m]\nsource = { kind = "local", path = "x" }\nlayers = []', "non-empty list"),
         ('[models.m]\nsource = { kind = "local", path = "x" }\nflavour = 1', "unknown field"),
+        ('[models.m]\nsource = { kind = "local", path = "x" }\nsweep_scale = 0', "sweep_scale must be a number from 0.1 to 4"),
+        ('[models.m]\nsource = { kind = "local", path = "x" }\nsweep_scale = "low"', "sweep_scale must be a number"),
         ("nonsense = = 1", "not valid TOML"),
         ("", "lists no"),
     ],

@@ -63,6 +63,9 @@ class ModelEntry:
     layers: tuple[int, ...] | None = None
     description: str = ""
     loader: str = "transformers"
+    # Multiplies the validation's swept strengths (shares of the residual norm): a model whose
+    # replies break at the smallest strength that suits SmolLM2 is swept lower.
+    sweep_scale: float = 1.0
 
     @property
     def is_awq(self) -> bool:
@@ -140,7 +143,8 @@ def _expand(name: str, field: str, template: object, n: int) -> str:
 
 
 def _entry(name: str, raw: dict[str, Any], base: Path) -> ModelEntry:
-    known = {"source", "dtype", "device", "quantization", "quantize", "layer_template", "layers", "description", "loader"}
+    known = {"source", "dtype", "device", "quantization", "quantize", "layer_template", "layers", "description", "loader",
+             "sweep_scale"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"model {name!r}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -158,6 +162,9 @@ def _entry(name: str, raw: dict[str, Any], base: Path) -> ModelEntry:
     layers = raw.get("layers")
     if layers is not None and (not layers or not all(isinstance(i, int) and i >= 0 for i in layers)):
         raise ConfigError(f"model {name!r}: layers must be a non-empty list of layer indices")
+    sweep_scale = raw.get("sweep_scale", 1.0)
+    if isinstance(sweep_scale, bool) or not isinstance(sweep_scale, (int, float)) or not 0.1 <= sweep_scale <= 4:
+        raise ConfigError(f"model {name!r}: sweep_scale must be a number from 0.1 to 4, got {sweep_scale!r}")
     source = _source(name, raw.get("source"), base)
     _check_quantization(name, raw.get("loader", "transformers"), raw.get("quantization", "none"), dtype, source)
     return ModelEntry(
@@ -171,6 +178,7 @@ def _entry(name: str, raw: dict[str, Any], base: Path) -> ModelEntry:
         layers=tuple(layers) if layers is not None else None,
         description=raw.get("description", ""),
         loader=raw.get("loader", "transformers"),
+        sweep_scale=float(sweep_scale),
     )
 
 

@@ -10,7 +10,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,13 @@ class SweepSettings:
     # and the instruction with steering at `both_grid_rel` (both). None: as every other concept.
     blip: BlipSetting | None = None
     both_grid_rel: tuple[float, ...] = BOTH_GRID_REL
+
+    def scaled(self, scale: float) -> "SweepSettings":
+        """Every swept strength times `scale` (the registry's `sweep_scale`), rounded as the record shows it."""
+        if scale == 1.0:
+            return self
+        alphas, both = (tuple(round(x * scale, 4) for x in grid) for grid in (self.alpha_grid_rel, self.both_grid_rel))
+        return replace(self, alpha_grid_rel=alphas, both_grid_rel=both, screen_alpha_rel=round(self.screen_alpha_rel * scale, 4))
 
 
 def blip_measured(settings: SweepSettings, concept: str) -> bool:

@@ -98,7 +98,7 @@ def validate_model(entry: ModelEntry, paths: Paths, device: str | None, options:
     settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(options.seeds)),
                              allowlist_seeds=tuple(range(options.allowlist_seeds)), batch_size=options.batch_size,
                              max_new_tokens=options.max_new_tokens, search=options.search,
-                             blip=load_blip_setting(paths.eval))
+                             blip=load_blip_setting(paths.eval)).scaled(entry.sweep_scale)
     results: dict[str, dict[str, Any]] = {}
     base = blip_base = None
     if all(c.passed for c in checks):
