@@ -37,7 +37,12 @@ from .validate_model import model_vectors
 from .vector import ConceptVector
 from .vocabulary import instructed
 
-_LETTERS = ("A", "B")
+# The judge's reply is begun for it, and its next token read: " A" or " B". Begun this way the
+# 1.5B chose "A" in 48% of 48 judgments of written pairs (the two orders agreeing in 79%),
+# against 90% (21%) when asked to answer with a bare letter; both picked the register's reply
+# in 23 of 24 pairs once the orders are averaged.
+ANSWER_START = "The answer is"
+_LETTERS = (" A", " B")
 # (turn, the reply in the concept's register, a plain reply): written pairs whose answer is known
 Written = tuple[str, str, str]
 JUDGE_SYSTEM = "You compare two replies that a children's companion gave to a seven-year-old. Judge only how they sound."
@@ -75,11 +80,12 @@ def _messages(system: str, turn: str) -> list[dict[str, str]]:
 def judge_messages(turn: str, first: str, second: str, concept: str) -> list[dict[str, str]]:
     user = (f'The child said: "{turn}"\n\nReply A: "{first.strip()}"\n\nReply B: "{second.strip()}"\n\n'
             f"{question(concept)} Answer with one letter: A or B.")
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user},
+            {"role": "assistant", "content": ANSWER_START}]
 
 
 def letter_ids(judge: LoadedModel) -> tuple[int, int]:
-    """The judge's token ids for "A" and "B"; refused unless each is one token of its own."""
+    """The judge's token ids for " A" and " B" after ANSWER_START; refused unless each is one token of its own."""
     ids = [judge.tokenizer.encode(letter, add_special_tokens=False) for letter in _LETTERS]
     if any(len(i) != 1 for i in ids) or ids[0] == ids[1]:
         raise ConfigError(f"judge {judge.name}: its tokenizer does not spell A and B as two single tokens ({ids})")
