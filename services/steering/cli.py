@@ -452,7 +452,7 @@ def cmd_perceive(args: argparse.Namespace) -> int:
 
 def cmd_compare_models(args: argparse.Namespace) -> int:
     from .profiles import BLIP_ALLOWLIST
-    from .record import record_path
+    from .record import read_record
     from .report import blip_comparison
 
     paths, reg = _paths(), _registry()
@@ -460,16 +460,16 @@ def cmd_compare_models(args: argparse.Namespace) -> int:
     records = {}
     for name in names:
         try:
-            records[name] = json.loads(record_path(paths.model_vectors(name)).read_text(encoding="utf-8"))
-        except FileNotFoundError:
+            records[name] = read_record(paths.model_vectors(name), name)
+        except NotFoundError:
             if args.models:
-                raise NotFoundError(f"{name} has no validation record; run `steer validate --model {name}`") from None
+                raise
     print(blip_comparison(records, sorted(BLIP_ALLOWLIST)), end="")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .record import record_path
+    from .record import read_record
     from .report import write_report
     from .store import read_vector, stored_concepts
     from .validate_model import write_plots
@@ -477,10 +477,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     paths = _paths()
     name = _registry().get(args.model).name
     model_dir = paths.model_vectors(name)
-    try:
-        record = json.loads(record_path(model_dir).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NotFoundError(f"{name} has no validation record; run `steer validate --model {name}`") from None
+    record = read_record(model_dir, name)
     if args.redecide:
         from .record import redecide, write_record
 

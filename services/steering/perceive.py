@@ -31,7 +31,7 @@ from .loading import LoadedModel
 from .pairs import load_concept
 from .profiles import BLIP_ALLOWLIST
 from .questions import question
-from .record import Steerability, assess, decide, record_path, record_replies
+from .record import Steerability, assess, decide, read_record, record_replies
 from .settings import Paths
 from .validate_model import model_vectors
 from .vector import ConceptVector
@@ -128,7 +128,7 @@ def blip_sets(model: LoadedModel, paths: Paths, concepts: Sequence[str] | None, 
     steerability = assess(model.name, model_dir, model.fingerprint, vectors)
     if not steerability.steerable:
         raise ConfigError(f"{model.name} is not steerable: {steerability.reason}")
-    record = json.loads(record_path(model_dir).read_text(encoding="utf-8"))
+    record = read_record(model_dir, model.name)
     if concepts is None:
         concepts = sorted(c for c in BLIP_ALLOWLIST if c in steerability.concepts and steerability.concepts[c].blip is not None)
     unknown = sorted(set(concepts) - BLIP_ALLOWLIST)

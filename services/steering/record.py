@@ -16,6 +16,7 @@ from typing import Any
 
 from .atomic import write_text_atomic
 from .config import SteerConfig
+from .errors import NotFoundError
 from .vector import ConceptVector
 from .vocabulary import Mode
 
@@ -29,6 +30,14 @@ CHECKS = ("load", "hook_path", "canary_kl", "behavioural")
 
 def record_path(model_dir: Path) -> Path:
     return Path(model_dir) / RECORD_NAME
+
+
+def read_record(model_dir: Path, model: str) -> dict[str, Any]:
+    """The stored record as written (not checked: `assess` decides whether it may be trusted)."""
+    try:
+        return json.loads(record_path(model_dir).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFoundError(f"{model} has no validation record; run `steer validate --model {model}`") from None
 
 
 def _digest(record: dict[str, Any]) -> str:
