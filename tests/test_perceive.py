@@ -12,7 +12,7 @@ from tiny_models import HIDDEN_SIZE, tiny_loaded
 
 from steering.errors import ConfigError
 from steering.hooks import RowSteering
-from steering.perceive import PairSet, PerceiveSettings, judge_batch, markdown, run, summarize
+from steering.perceive import PairSet, PerceiveSettings, judge_batch, keep_earlier, markdown, run, summarize, write_results
 
 TURNS = ("t5 t6 t7", "t8 t9", "t10 t11 t12 t13", "t14")
 
@@ -108,6 +108,23 @@ def test_a_killed_run_resumes_without_judging_a_pair_twice(models, tmp_path: Pat
     assert len(results["pairs"]) == 3 * len(TURNS)
     whole = run(model, judge, _sets(), PerceiveSettings(TURNS, "t3 t4", max_new_tokens=5, judge_batch=2), tmp_path / "whole.jsonl")
     assert results["sets"] == whole["sets"] and results["pairs"] == whole["pairs"]
+
+
+def test_a_second_run_keeps_the_sets_it_did_not_judge(models, tmp_path: Path) -> None:
+    model, judge = models
+    sets = _sets()
+    first = run(model, judge, sets[:2], SETTINGS, tmp_path / "p1.jsonl")
+    write_results(tmp_path, first, tmp_path / "p1.jsonl")
+    second = run(model, judge, sets[2:], SETTINGS, tmp_path / "p2.jsonl")
+    merged, kept = keep_earlier(tmp_path / "perceive.json", second, sets)
+    assert kept == ["calm/steer", "calm/prompt"] and list(merged["sets"]) == ["calm/steer", "calm/prompt", "happy/both"]
+    assert merged["pairs"] == first["pairs"] + second["pairs"] and merged["sets"]["happy/both"] == second["sets"]["happy/both"]
+    # A set served at another alpha since is judged afresh, not kept; nothing of a run with other settings is.
+    moved = [PairSet("calm", "steer", 9.0, sets[0].row, ""), *sets[1:]]
+    assert keep_earlier(tmp_path / "perceive.json", second, moved)[1] == ["calm/prompt"]
+    assert keep_earlier(tmp_path / "perceive.json", second | {"settings": second["settings"] | {"seed": 1}}, sets) == (
+        second | {"settings": second["settings"] | {"seed": 1}}, [])
+    assert keep_earlier(tmp_path / "missing.json", second, sets) == (second, [])
 
 
 def test_refusals(models, tmp_path: Path) -> None:

@@ -416,7 +416,8 @@ def cmd_perceive(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .loading import load_model
-    from .perceive import PerceiveSettings, blip_sets, load_turns, markdown, run, write_results, written_checks
+    from .perceive import (PerceiveSettings, blip_sets, keep_earlier, load_turns, markdown, run, write_results,
+                           written_checks)
     from .validate import load_blip_setting
     from .vocabulary import REPLY_MODES
 
@@ -444,8 +445,15 @@ def cmd_perceive(args: argparse.Namespace) -> int:
     bar = None if args.quiet else (lambda total: tqdm(total=total, desc=f"perceive {model.name}", unit="pair"))
     checks = written_checks(paths.pairs, [s.concept for s in sets], args.check_pairs)
     results = run(model, judge, sets, settings, progress, bar, checks)
+    try:
+        served = blip_sets(model, paths, None, REPLY_MODES)
+    except ConfigError:  # Blip serves nothing else on the model
+        served = sets
+    results, kept = keep_earlier(model_dir / "perceive.json", results, served)
     written = write_results(model_dir, results, progress)
     print(markdown(results))
+    if kept:
+        print(f"kept from the earlier perceive.json (same model, judge and settings): {', '.join(kept)}")
     print(f"wrote {', '.join(map(str, written))} ({results['seconds_this_run']:.0f}s this run)")
     return 0
 

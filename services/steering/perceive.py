@@ -35,7 +35,7 @@ from .record import Steerability, assess, decide, read_record, record_replies
 from .settings import Paths
 from .validate_model import model_vectors
 from .vector import ConceptVector
-from .vocabulary import instructed
+from .vocabulary import REPLY_MODES, instructed
 
 # The judge's reply is begun for it, and its next token read: " A" or " B". Begun this way the
 # 1.5B chose "A" in 48% of 48 judgments of written pairs (the two orders agreeing in 79%),
@@ -380,6 +380,39 @@ def markdown(results: dict[str, Any]) -> str:
                      f"[{r['win_low']:.2f}, {r['win_high']:.2f}]{told} | {r['steered_chosen']:.2f} | {r['a_share']:.2f} "
                      f"| {r['order_agreement']:.2f} | {r['letter_mass']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _set_order(key: str) -> tuple[str, int]:
+    concept, mode = key.split("/")
+    return concept, REPLY_MODES.index(mode) if mode in REPLY_MODES else len(REPLY_MODES)
+
+
+def keep_earlier(path: Path, results: dict[str, Any], served: Sequence[PairSet]) -> tuple[dict[str, Any], list[str]]:
+    """`results` with the sets an earlier perceive.json at `path` holds and this run did not
+    judge, and their keys, so judging one concept again drops no other. Only from a run of the
+    same model and judge (fingerprints) and settings, and only sets `served` still has as they
+    were judged (the same alpha and instruction): a set whose configuration changed is dropped."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return results, []
+    if any(old.get(k) != results[k] for k in ("model", "model_fingerprint", "judge", "judge_fingerprint", "settings")):
+        return results, []
+    fields = ("concept", "mode", "alpha", "instruction")
+    now = {s.key: (s.concept, s.mode, s.alpha, s.instruction) for s in served}
+    kept = sorted((k for k, v in old.get("sets", {}).items()
+                   if k not in results["sets"] and now.get(k) == tuple(v.get(f) for f in fields)), key=_set_order)
+    if not kept:
+        return results, []
+    sets = {**{k: old["sets"][k] for k in kept}, **results["sets"]}
+    pairs = [p for p in old.get("pairs", []) if f"{p['concept']}/{p['mode']}" in kept] + results["pairs"]
+    concepts = {k.split("/")[0] for k in kept}
+    checks = {c: r for c, r in old.get("judge_check", {}).items() if c in concepts} | results.get("judge_check", {})
+    order = sorted(sets, key=_set_order)
+    merged = results | {"sets": {k: sets[k] for k in order},
+                        "pairs": sorted(pairs, key=lambda p: _set_order(f"{p['concept']}/{p['mode']}")),
+                        "judge_check": dict(sorted(checks.items()))}
+    return merged, kept
 
 
 def write_results(model_dir: Path, results: dict[str, Any], progress: Path) -> list[Path]:
