@@ -432,7 +432,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     sets = list(results["sets"].values())
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(sets) + 1.5), 3.6))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * len(sets) + 1.5), 3.6))  # room for "enthusiasm"
     x = range(len(sets))
     rates = [r["win_rate"] for r in sets]
     ax.errorbar(x, rates, yerr=[[r["win_rate"] - r["win_low"] for r in sets], [r["win_high"] - r["win_rate"] for r in sets]],
