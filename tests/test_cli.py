@@ -134,3 +134,17 @@ def test_compare_models_says_what_blip_serves(paths) -> None:
             assert blip.alpha is None or cells[4].startswith(f"{blip.ceiling:g} (")
     assert any(state.concepts[c].blip for c in rows) and any(not state.concepts[c].blip for c in rows)
 
+
+
+def test_generate_defaults_to_the_records_recommended_alpha(paths) -> None:
+    # Alphas do not transfer between models, so without --alpha a concept is steered at what its
+    # own record recommends (as the services do), not at a fixed number.
+    record = json.loads((paths.model_vectors("smollm2-135m-instruct") / "validation.json").read_text())
+    recommended = record["concepts"]["happy"]["recommended_alpha"]
+    res = run("generate", "--prompt", "Say hello.", "--concept", "happy", "--max-new-tokens", "4", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["alpha"] == recommended and recommended != 6
+    # Without a recommended alpha (calm fails steering alone): 0.036 of the band's residual norm, about 6 here.
+    res = run("generate", "--prompt", "Say hello.", "--concept", "calm", "--max-new-tokens", "4", "--json")
+    assert res.returncode == 0 and record["concepts"]["calm"]["recommended_alpha"] is None
+    assert 5 < json.loads(res.stdout)["alpha"] < 7

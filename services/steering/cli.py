@@ -226,27 +226,52 @@ def cmd_pairs_consistency(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recorded(loaded, concept: str) -> dict | None:
+    """The concept's entry in the model's validation record, if it has one."""
+    from .record import record_path
+
+    try:
+        entry = json.loads(record_path(_paths().model_vectors(loaded.name)).read_text(encoding="utf-8"))["concepts"][concept]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return entry if isinstance(entry, dict) else None
+
+
 def _config(loaded, concept: str, generated_only: bool):
     """The configuration `steer validate` chose for the concept on this model (its layers, how
     alpha spreads over them, norm preservation), or the model's default band at a uniform alpha
     when the record has none; `--generated-only` overrides its positions."""
     from .config import SteerConfig
-    from .record import entry_config, record_path
+    from .record import entry_config
 
-    try:
-        recorded = entry_config(json.loads(record_path(_paths().model_vectors(loaded.name)).read_text(encoding="utf-8"))["concepts"][concept])
-    except (OSError, ValueError, KeyError):
-        recorded = None
-    config = recorded or SteerConfig(loaded.steering_layers)
+    entry = _recorded(loaded, concept)
+    config = (entry_config(entry) if entry else None) or SteerConfig(loaded.steering_layers)
     return config.with_(positions="generated") if generated_only else config
 
 
-def _rows(loaded, args: argparse.Namespace, n: int):
+# Without --alpha and without a recommended alpha in the record: this share of the band's
+# residual norm (about 6 on SmolLM2), the middle of what validation sweeps. Alphas do not
+# transfer between models (Qwen 0.5B's norms are a third of SmolLM2's), so no fixed default.
+DEFAULT_ALPHA_REL = 0.036
+
+
+def _alpha(loaded, args: argparse.Namespace, concept: str, config, cv) -> float:
+    """--alpha, or the record's recommended alpha for the concept (what the services default to
+    in the personal profile), or DEFAULT_ALPHA_REL of the band's residual norm."""
+    if args.alpha is not None:
+        return _check_alpha(args.alpha)
+    recommended = (_recorded(loaded, concept) or {}).get("recommended_alpha")
+    return float(recommended) if recommended is not None else round(DEFAULT_ALPHA_REL * config.activation_scale(cv), 1)
+
+
+def _rows(loaded, args: argparse.Namespace, n: int) -> tuple[list, float | None]:
+    """Each prompt's steering and the alpha it is steered at (None: unsteered)."""
     if not args.concept:
-        return [None] * n
+        return [None] * n, None
     cv = _concept_vector(loaded, args.concept, args.vectors_from, args.force)
-    row = _config(loaded, args.concept, args.generated_only).row(cv, _check_alpha(args.alpha))
-    return [row] * n
+    config = _config(loaded, args.concept, args.generated_only)
+    alpha = _alpha(loaded, args, args.concept, config, cv)
+    return [config.row(cv, alpha)] * n, alpha
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -255,7 +280,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _read_prompts(args)
     settings = _settings(args)
     loaded = _load(args)
-    rows = _rows(loaded, args, len(prompts))
+    rows, alpha = _rows(loaded, args, len(prompts))
+    if alpha is not None and not args.json:
+        print(f"{args.concept} at alpha {alpha:g}", file=sys.stderr)
     results = []
     for start in range(0, len(prompts), args.batch_size):
         chunk = prompts[start : start + args.batch_size]
@@ -267,7 +294,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 "text": res.text,
                 "model": loaded.name,
                 "concept": args.concept,
-                "alpha": args.alpha if args.concept else None,
+                "alpha": alpha,
                 "vectors_from": args.vectors_from or loaded.name,
                 "forced": bool(args.concept and args.vectors_from and args.force),
                 "new_tokens": res.new_tokens,
@@ -302,16 +329,17 @@ def cmd_ab(args: argparse.Namespace) -> int:
     settings = _settings(args)
     loaded = _load(args)
     concepts = args.concept.split(",")
-    print(f"model {loaded.name}, alpha {args.alpha}\n")
+    print(f"model {loaded.name}\n")
     for concept in (c.strip() for c in concepts):
         cv = _concept_vector(loaded, concept, args.vectors_from, args.force)
         config = _config(loaded, concept, args.generated_only)
-        row = config.row(cv, _check_alpha(args.alpha))
+        alpha = _alpha(loaded, args, concept, config, cv)
+        row = config.row(cv, alpha)
         # One batch: unsteered rows and steered rows side by side.
         results = generate(loaded, prompts + prompts, [None] * len(prompts) + [row] * len(prompts), settings)
         for i, prompt in enumerate(prompts):
             print(f"> {prompt}")
-            print(_side_by_side("unsteered", results[i].text, f"steered: {concept} @ {args.alpha} ({config.name})",
+            print(_side_by_side("unsteered", results[i].text, f"steered: {concept} @ {alpha:g} ({config.name})",
                                 results[len(prompts) + i].text))
             print()
     return 0
@@ -580,7 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--json", action="store_true", help="one JSON object per prompt")
         else:
             p.add_argument("--concept", required=True, help="concept(s), comma-separated")
-        p.add_argument("--alpha", type=float, default=6.0, help="strength per layer (default 6)")
+        p.add_argument("--alpha", type=float,
+                       help="strength per layer (default: the record's recommended alpha for the concept on this model, "
+                            f"else {DEFAULT_ALPHA_REL} of its residual norm, about 6 on SmolLM2)")
         p.add_argument("--vectors-from", help="use the vectors stored for this other registered model")
         p.add_argument("--force", action="store_true",
                        help="apply vectors derived under another fingerprint (recorded as FORCED); for measurements only")
