@@ -67,6 +67,11 @@ def test_models_lists_both_with_fingerprints() -> None:
     assert rows["smollm2-135m-instruct"]["default"] is True
     assert len(rows["smollm2-135m-instruct"]["fingerprint"]) == 64
     assert rows["smollm2-135m-instruct"]["vectors"] == 23
+    # What Blip's Chat serves, from the record's own choices: every concept it chose a mode for.
+    record = json.loads((Path(__file__).parents[1] / "vectors/smollm2-135m-instruct/validation.json").read_text())
+    chosen = {c: e["blip"] for c, e in record["concepts"].items() if (e.get("blip") or {}).get("mode")}
+    assert rows["smollm2-135m-instruct"]["chat"] == {
+        c: b["mode"] + ("" if b["alpha"] is None else f" at {b['alpha']:g}") for c, b in sorted(chosen.items())}
 
 
 def test_generate_json_one_object_per_prompt(tmp_path: Path) -> None:

@@ -145,8 +145,9 @@ def cmd_models(args: argparse.Namespace) -> int:
         stale += "" if row["fingerprint"] else " stored, not checked"
         steerable = f"steerable, {len(row['servable'])} servable" if row["steerable"] else f"NOT steerable: {row['state']}"
         print(f"{mark} {row['name']:<{width}} {row['dtype']:<8} {row['device']:<5} fingerprint {fp}  vectors {row['vectors']}{stale}  {steerable}")
-        if row["servable"]:
-            print(f"    servable: {', '.join(row['servable'])}; in Blip: {', '.join(row['blip']) or 'none'}")
+        if row["servable"] or row["chat"]:
+            print(f"    servable: {', '.join(row['servable']) or 'none'}; steering alone in Blip: {', '.join(row['blip']) or 'none'}")
+            print(f"    Blip's Chat: {', '.join(f'{c} {how}' for c, how in row['chat'].items()) or 'nothing'}")
         if row["note"]:
             print(f"    {row['note']}")
     return 0

@@ -43,6 +43,9 @@ def model_status(entry: ModelEntry, model_dir: Path, default: bool = False) -> d
         "servable": state.servable,
         "blip": [c for c in state.servable
                  if c in BLIP_ALLOWLIST and served_alpha(state.concepts[c], Profile.BLIP) is not None],
+        # What Blip's Chat serves each concept with (its record's choice of mode), e.g. "both at 6.1"
+        "chat": {c: b.mode.value + ("" if b.alpha is None else f" at {b.alpha:g}")
+                 for c, cs in sorted(state.concepts.items()) if (b := cs.blip) is not None},
         "note": note,
     }
 
