@@ -140,7 +140,6 @@ def test_compare_models_says_what_blip_serves(paths) -> None:
     assert any(state.concepts[c].blip for c in rows) and any(not state.concepts[c].blip for c in rows)
 
 
-
 def test_generate_defaults_to_the_records_recommended_alpha(paths) -> None:
     # Alphas do not transfer between models, so without --alpha a concept is steered at what its
     # own record recommends (as the services do), not at a fixed number.

@@ -227,52 +227,45 @@ def cmd_pairs_consistency(args: argparse.Namespace) -> int:
     return 0
 
 
-def _recorded(loaded, concept: str) -> dict | None:
-    """The concept's entry in the model's validation record, if it has one."""
-    from .record import record_path
-
-    try:
-        entry = json.loads(record_path(_paths().model_vectors(loaded.name)).read_text(encoding="utf-8"))["concepts"][concept]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return entry if isinstance(entry, dict) else None
-
-
-def _config(loaded, concept: str, generated_only: bool):
-    """The configuration `steer validate` chose for the concept on this model (its layers, how
-    alpha spreads over them, norm preservation), or the model's default band at a uniform alpha
-    when the record has none; `--generated-only` overrides its positions."""
-    from .config import SteerConfig
-    from .record import entry_config
-
-    entry = _recorded(loaded, concept)
-    config = (entry_config(entry) if entry else None) or SteerConfig(loaded.steering_layers)
-    return config.with_(positions="generated") if generated_only else config
-
-
 # Without --alpha and without a recommended alpha in the record: this share of the band's
 # residual norm (about 6 on SmolLM2), the middle of what validation sweeps. Alphas do not
 # transfer between models (Qwen 0.5B's norms are a third of SmolLM2's), so no fixed default.
 DEFAULT_ALPHA_REL = 0.036
 
 
-def _alpha(loaded, args: argparse.Namespace, concept: str, config, cv) -> float:
-    """--alpha, or the record's recommended alpha for the concept (what the services default to
-    in the personal profile), or DEFAULT_ALPHA_REL of the band's residual norm."""
+def _steering(loaded, args: argparse.Namespace, concept: str):
+    """(configuration, alpha, row) for steering toward `concept`, from the model's validation
+    record: the configuration `steer validate` chose (else the model's default band at a uniform
+    alpha; `--generated-only` overrides its positions) and `--alpha`, else the concept's
+    recommended alpha (what the services default to in the personal profile), else
+    DEFAULT_ALPHA_REL of the band's residual norm."""
+    from .config import SteerConfig
+    from .record import entry_config, read_record
+
+    cv = _concept_vector(loaded, concept, args.vectors_from, args.force)
+    try:
+        entry = read_record(_paths().model_vectors(loaded.name), loaded.name)["concepts"][concept]
+    except (NotFoundError, OSError, ValueError, KeyError, TypeError):
+        entry = None
+    entry = entry if isinstance(entry, dict) else {}
+    config = (entry_config(entry) if entry else None) or SteerConfig(loaded.steering_layers)
+    if args.generated_only:
+        config = config.with_(positions="generated")
     if args.alpha is not None:
-        return _check_alpha(args.alpha)
-    recommended = (_recorded(loaded, concept) or {}).get("recommended_alpha")
-    return float(recommended) if recommended is not None else round(DEFAULT_ALPHA_REL * config.activation_scale(cv), 1)
+        alpha = _check_alpha(args.alpha)
+    elif entry.get("recommended_alpha") is not None:
+        alpha = float(entry["recommended_alpha"])
+    else:
+        alpha = round(DEFAULT_ALPHA_REL * config.activation_scale(cv), 1)
+    return config, alpha, config.row(cv, alpha)
 
 
 def _rows(loaded, args: argparse.Namespace, n: int) -> tuple[list, float | None]:
     """Each prompt's steering and the alpha it is steered at (None: unsteered)."""
     if not args.concept:
         return [None] * n, None
-    cv = _concept_vector(loaded, args.concept, args.vectors_from, args.force)
-    config = _config(loaded, args.concept, args.generated_only)
-    alpha = _alpha(loaded, args, args.concept, config, cv)
-    return [config.row(cv, alpha)] * n, alpha
+    _, alpha, row = _steering(loaded, args, args.concept)
+    return [row] * n, alpha
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -332,10 +325,7 @@ def cmd_ab(args: argparse.Namespace) -> int:
     concepts = args.concept.split(",")
     print(f"model {loaded.name}\n")
     for concept in (c.strip() for c in concepts):
-        cv = _concept_vector(loaded, concept, args.vectors_from, args.force)
-        config = _config(loaded, concept, args.generated_only)
-        alpha = _alpha(loaded, args, concept, config, cv)
-        row = config.row(cv, alpha)
+        config, alpha, row = _steering(loaded, args, concept)
         # One batch: unsteered rows and steered rows side by side.
         results = generate(loaded, prompts + prompts, [None] * len(prompts) + [row] * len(prompts), settings)
         for i, prompt in enumerate(prompts):
