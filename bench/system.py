@@ -7,6 +7,7 @@ import statistics
 import time
 
 import torch
+from transformers import PreTrainedModel
 
 
 def machine(threads: int) -> dict:
@@ -44,16 +45,22 @@ def memory_bandwidth_gb_s(megabytes: int = 512, repeats: int = 5, device: torch.
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of distinct weights (a tied embedding counts once), with the int8 weights of
-    dynamically quantised Linear layers, which are not parameters."""
+def weight_bytes(model: PreTrainedModel) -> int:
+    """Bytes of weight one decoding step reads: each distinct weight once, the int8 weights of
+    dynamically quantised Linear layers (which are not parameters), and of an embedding table
+    that no head reads (the int8 head keeps its own copy) only the one row it looks up."""
+    head = model.get_output_embeddings()
+    read_whole = getattr(head, "weight", None)  # a float head tied to the embedding reads all of it
     seen, total = set(), 0
-    tensors = list(model.parameters())
     for module in model.modules():
         if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
-            tensors += [t for t in (module.weight(), module.bias()) if t is not None]
-    for t in tensors:
-        if t.data_ptr() not in seen:
+            tensors = [t for t in (module.weight(), module.bias()) if t is not None]
+        else:
+            tensors = list(module.parameters(recurse=False))
+        for t in tensors:
+            if t.data_ptr() in seen:
+                continue
             seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
+            row_only = isinstance(module, torch.nn.Embedding) and t is not read_whole
+            total += (t[0].numel() if row_only else t.numel()) * t.element_size()
     return total

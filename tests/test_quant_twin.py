@@ -10,7 +10,8 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicInt8Linear
 
 from steering.errors import ConfigError, VectorError
 from steering.generate import GenerationSettings, generate
-from steering.loading import LoadedModel, load_model
+from steering.gate import logit_lens_tokens
+from steering.loading import LoadedModel, head_weight, load_model
 from steering.registry import load_registry
 from steering.store import load_vector, read_vector, vector_path
 from steering.twin import layer_cosines
@@ -35,8 +36,17 @@ def test_twin_is_quantised_where_the_hooks_are_and_nowhere_else(twin: LoadedMode
     assert isinstance(block.self_attn.q_proj, DynamicInt8Linear)
     assert isinstance(block.mlp.down_proj, DynamicInt8Linear)
     assert not any(isinstance(m, DynamicInt8Linear) for m in smollm.model.modules())
-    assert type(twin.model.lm_head) is torch.nn.Linear  # tied to the embeddings, kept float32
+    assert isinstance(twin.model.lm_head, DynamicInt8Linear)  # its own int8 copy of the tied embedding
+    assert twin.model.model.embed_tokens.weight.dtype == torch.float32
     assert twin.fingerprint != smollm.fingerprint
+
+
+def test_the_gate_reads_the_int8_head_as_the_model_applies_it(paths, twin: LoadedModel, smollm: LoadedModel) -> None:
+    int8, full = head_weight(twin.model), head_weight(smollm.model)
+    assert int8.shape == full.shape and int8.dtype == torch.float32
+    err = (int8 - full).abs().max() / full.abs().max()
+    assert 0 < err < 0.02, err  # quantised (not the float tensor), within int8's step
+    assert logit_lens_tokens(twin, _vector(paths, TWIN, twin))  # the gate's words come from that head
 
 
 def test_full_precision_vector_is_refused_on_the_twin_unless_forced(paths, twin: LoadedModel, smollm: LoadedModel) -> None:

@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import torch
 
-from .loading import LoadedModel
+from .loading import LoadedModel, head_weight
 from .vector import ConceptVector
 
 DEFAULT_THRESHOLD = 0.25  # a concept word in the top 3 with at least this probability skips steering
@@ -42,7 +42,7 @@ def _word_start(text: str) -> bool:
 def logit_lens_tokens(loaded: LoadedModel, cv: ConceptVector, top: int = LOGIT_LENS_TOP) -> set[int]:
     """Tokens whose logits the concept direction raises most (alphabetic words only)."""
     direction = torch.stack([cv.directions[layer] for layer in loaded.steering_layers]).mean(0)
-    head = loaded.model.get_output_embeddings().weight.detach()  # [vocab, hidden]
+    head = head_weight(loaded.model)  # [vocab, hidden]
     norm = getattr(loaded.model.base_model, "norm", None)
     if norm is not None and getattr(norm, "weight", None) is not None:
         w = norm.weight.detach().float()

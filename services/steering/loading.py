@@ -143,7 +143,9 @@ def _weights_sha256(entry: ModelEntry) -> str:
 def fingerprint(entry: ModelEntry) -> str:
     key = f"{_weights_sha256(entry)}|dtype={entry.dtype}|quant={entry.quantization}"
     if entry.quantize:  # appended only when set, so unquantised models keep their fingerprints
-        key += f"|runtime={entry.quantize}"
+        # "+head": the output head is quantised as well now, so vectors and records made when
+        # only the blocks were no longer match.
+        key += f"|runtime={entry.quantize}+head"
     return hashlib.sha256(key.encode()).hexdigest()
 
 
@@ -282,16 +284,28 @@ def resolve_device(entry: ModelEntry, device: str | None = None) -> torch.device
     return dev
 
 
-def quantize_dynamic_int8(layers: DecoderLayers) -> None:
-    """Swap every Linear in the decoder blocks for torch's dynamically quantised int8 Linear
-    (int8 weights, activations quantised per call). Embeddings and the tied head stay float32;
-    the blocks' outputs, where the hooks add vectors, stay float32 tensors."""
+def quantize_dynamic_int8(model: PreTrainedModel, layers: DecoderLayers) -> None:
+    """Swap every Linear in the decoder blocks and the output head for torch's dynamically
+    quantised int8 Linear (int8 weights, activations quantised per call). The head gets its own
+    int8 copy of a tied embedding, which stays float32 for the lookup: the head is the largest
+    product of a decoding step (11.7 ms of 73 in float32 on 2 cores, 1.9 ms in int8). The
+    blocks' outputs, where the hooks add vectors, stay float32 tensors."""
     from torch.ao.quantization import quantize_dynamic
 
     with warnings.catch_warnings():  # torch's notice that eager quantisation moves to torchao
         warnings.simplefilter("ignore")
         for block in layers:
             quantize_dynamic(block, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        head = quantize_dynamic(torch.nn.Sequential(model.get_output_embeddings()), {torch.nn.Linear}, dtype=torch.qint8)
+    model.set_output_embeddings(head[0])
+
+
+def head_weight(model: PreTrainedModel) -> torch.Tensor:
+    """The output head's weight [vocab, hidden] as the model applies it: an int8 head's
+    dequantised, a float head's as it is (no grad)."""
+    head = model.get_output_embeddings()
+    weight = head.weight
+    return weight().dequantize() if callable(weight) else weight.detach()
 
 
 def load_model(entry: ModelEntry, cache_root: Path, device: str | None = None, dtype: str | None = None) -> LoadedModel:
@@ -323,5 +337,5 @@ def load_model(entry: ModelEntry, cache_root: Path, device: str | None = None, d
     if entry.quantize == "dynamic-int8":
         if dev.type != "cpu":
             raise ModelLoadError(f"model {entry.name!r} is quantised dynamically to int8, which torch runs on the CPU only; use --device cpu")
-        quantize_dynamic_int8(layers)
+        quantize_dynamic_int8(model, layers)
     return LoadedModel(entry=entry, model=model, tokenizer=tokenizer, fingerprint=fp, layers=layers, device=dev)
