@@ -111,8 +111,10 @@ def test_kill_9_during_validate_keeps_the_old_record_and_a_rerun_finishes(tmp_pa
     vectors = _store(tmp_path, with_model=True)
     model_dir = vectors / MODEL
     before = (model_dir / "validation.json").read_bytes()
-    cmd = [*STEER, "validate", "--model", MODEL, "--concepts", "happy", "--seeds", "1", "--allowlist-seeds", "1", "--no-plots",
-           "--no-search", "--max-new-tokens", "8"]  # what is tested is the record's safety under a kill
+    # What is tested is the record's safety under a kill, so the sweep is the smallest there is:
+    # a concept outside Blip's allowlist (no Blip baseline, no modes), one seed, eight tokens.
+    cmd = [*STEER, "validate", "--model", MODEL, "--concepts", "bored", "--seeds", "1", "--allowlist-seeds", "1",
+           "--no-plots", "--no-search", "--max-new-tokens", "8"]
     proc = subprocess.Popen(cmd, env=_env(vectors), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
 
@@ -123,13 +125,13 @@ def test_kill_9_during_validate_keeps_the_old_record_and_a_rerun_finishes(tmp_pa
     _kill_when(proc, generating)
     assert (model_dir / "validation.json").read_bytes() == before
     assert not list(model_dir.glob(".*.tmp"))
-    vecs = {"happy": read_vector(model_dir / "happy.safetensors")}
+    vecs = {"bored": read_vector(model_dir / "bored.safetensors")}
     assert assess(MODEL, model_dir, smollm.fingerprint, vecs).steerable
 
     rerun = subprocess.run(cmd, env=_env(vectors), capture_output=True, text=True, timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     record = json.loads((model_dir / "validation.json").read_text())
-    assert set(record["concepts"]) >= {"happy"} and record["concepts"]["happy"]["status"] in ("passed", "failed")
+    assert set(record["concepts"]) >= {"bored"} and record["concepts"]["bored"]["status"] in ("passed", "failed")
     assert assess(MODEL, model_dir, smollm.fingerprint, vecs).steerable
     figures["validate_kill"] = {"record_intact_after_kill": True, "rerun_seconds": record["duration_s"]}
 

@@ -198,21 +198,38 @@ def test_steer_models_shows_state_of_validated_and_new_models(tmp_path, monkeypa
 
 @torch.no_grad()
 def test_perplexity_reads_only_the_replies_positions(smollm) -> None:
-    """Projecting only the reply's positions to the vocabulary gives the perplexity of the whole
-    sequence's logits, for replies of different lengths under left padding."""
+    """Projecting only the reply's positions to the vocabulary, after the keys and values of
+    each prompt computed once for all its replies, gives the perplexity of the whole sequence's
+    logits, for replies of different lengths under left padding and prompts split across batches."""
     from steering.coherence import perplexities
     from steering.generate import Generation
 
     tok = smollm.tokenizer
     rows = [("Tell me about cats.", "Cats are small and soft."), ("Hi", "Hello there! How are you doing today, my friend?"),
-            ("What is two plus two?", "Four.")]
+            ("What is two plus two?", "Four."), ("Tell me about cats.", "They purr."),
+            ("What is two plus two?", "Two plus two is four, and four plus four is eight.")]
     gens = [Generation(r, 0, 0.0, tuple(tok(p)["input_ids"]), tuple(tok(r)["input_ids"])) for p, r in rows]
-    fast = perplexities(smollm, gens, batch_size=3)
+    fast = perplexities(smollm, gens, batch_size=2)
     for g, got in zip(gens, fast):
         ids = torch.tensor([list(g.prompt_ids) + list(g.token_ids)])
         logp = smollm.model(input_ids=ids).logits.float()[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
         expected = math.exp(-logp[0, -len(g.token_ids):].mean().item())
         assert got == pytest.approx(expected, rel=1e-3)
+
+
+def test_seeds_sampled_from_one_prefill_get_the_replies_each_seed_gets_alone(smollm, vectors) -> None:
+    """generate_seeds prefills once and decodes a copy per seed; each seed's replies are the
+    ones `generate` samples with that seed, steered rows included."""
+    from steering.generate import GenerationSettings, generate, generate_seeds
+    from steering.validate import default_config
+
+    prompts = ["Tell me about your day.", "What should I draw?", "I lost my tooth!"]
+    rows = [None, default_config(smollm).row(vectors["happy"], 6.0), None]
+    together = generate_seeds(smollm, prompts, rows, GenerationSettings(max_new_tokens=6, temperature=0.8), [0, 1])
+    for seed, replies in zip([0, 1], together):
+        alone = generate(smollm, prompts, rows, GenerationSettings(6, 0.8, seed=seed))
+        assert [g.token_ids for g in replies] == [g.token_ids for g in alone]
+    assert together[0] != together[1]  # the seeds differ
 
 
 def test_redecide_takes_old_decisions_again_by_todays_rules(smollm, paths, vectors, tmp_path) -> None:

@@ -58,6 +58,22 @@ def _forward(
     return out.logits
 
 
+def _inputs(
+    prompts: Sequence[Sequence[int]], pasts: Sequence[Past | None] | None, pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, DynamicCache]:
+    """The ids of what is not cached, the mask over cached and new columns, the new columns'
+    positions and the cache of the cached parts. Cached and new tokens are left-padded
+    separately, so a row may have masked columns between its two parts."""
+    pasts = list(pasts) if pasts is not None else [None] * len(prompts)
+    cached = [past_length(p) if p else 0 for p in pasts]
+    fresh = [list(p)[n:] for p, n in zip(prompts, cached)]
+    before, width = max(cached), max(len(f) for f in fresh)
+    ids = torch.tensor([[pad_id] * (width - len(f)) + f for f in fresh], device=device)
+    mask = torch.tensor([[0] * (before - n) + [1] * n + [0] * (width - len(f)) + [1] * len(f)
+                         for n, f in zip(cached, fresh)], device=device)
+    return ids, mask, position_ids(mask)[:, before:], _cache_of(pasts, before)
+
+
 @torch.no_grad()
 def prefill(
     model: PreTrainedModel, layers: DecoderLayers, prompts: Sequence[Sequence[int]], deltas: dict[int, torch.Tensor],
@@ -67,22 +83,32 @@ def prefill(
     """Run the prompts (token ids) as a new left-padded batch; `deltas[layer]` is [rows, hidden];
     `switches`: per-row steer_prompt and preserve_norm (hooks.row_switches), default on and off.
     `pasts[i]`, when given, holds the keys and values of prompt i's first tokens (a prefix
-    cache hit): only the rest of that prompt is run. Cached and new tokens are left-padded
-    separately, so a row may have masked columns between its two parts."""
-    pasts = list(pasts) if pasts is not None else [None] * len(prompts)
-    cached = [past_length(p) if p else 0 for p in pasts]
-    fresh = [list(p)[n:] for p, n in zip(prompts, cached)]
-    before, width = max(cached), max(len(f) for f in fresh)
-    ids = torch.tensor([[pad_id] * (width - len(f)) + f for f in fresh], device=model.device)
-    mask = torch.tensor([[0] * (before - n) + [1] * n + [0] * (width - len(f)) + [1] * len(f)
-                         for n, f in zip(cached, fresh)], device=model.device)
-    positions = position_ids(mask)[:, before:]
+    cache hit): only the rest of that prompt is run."""
+    ids, mask, positions, cache = _inputs(prompts, pasts, pad_id, model.device)
     if switches is None:
         switches = (torch.ones(len(prompts), dtype=torch.bool), torch.zeros(len(prompts), dtype=torch.bool))
     prompt_rows, preserve_rows = (t.to(model.device) for t in switches)
-    rows = Rows(_cache_of(pasts, before), mask, positions[:, -1:], torch.empty(0), deltas, prompt_rows, preserve_rows)
+    rows = Rows(cache, mask, positions[:, -1:], torch.empty(0), deltas, prompt_rows, preserve_rows)
     rows.logits = _forward(model, layers, rows, ids, positions, logits_to_keep=1)[:, -1]
     return rows
+
+
+@torch.no_grad()
+def logits_after(
+    model: PreTrainedModel, prompts: Sequence[Sequence[int]], pasts: Sequence[Past | None], keep: int, pad_id: int = 0,
+) -> torch.Tensor:
+    """Unsteered logits at the last `keep` positions of each prompt ([rows, keep, vocab]), with
+    the keys and values of each prompt's first tokens taken from `pasts` as in `prefill`."""
+    ids, mask, positions, cache = _inputs(prompts, pasts, pad_id, model.device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(model, cache),
+                use_cache=True, logits_to_keep=keep)
+    return out.logits
+
+
+def copy_rows(rows: Rows) -> Rows:
+    """An independent copy of a batch (decoding and `select` change a batch's cache in place)."""
+    return Rows(copy.deepcopy(rows.cache), rows.mask, rows.positions, rows.logits,
+                {layer: d.clone() for layer, d in rows.deltas.items()}, rows.prompt_rows, rows.preserve_rows)
 
 
 def _cache_of(pasts: Sequence[Past | None], width: int) -> DynamicCache:
@@ -131,9 +157,7 @@ def decode(model: PreTrainedModel, layers: DecoderLayers, rows: Rows, tokens: to
 
 def split_off(rows: Rows, index: int) -> Rows:
     """A batch of its own holding a copy of one row (the original batch is unchanged)."""
-    one = Rows(copy.deepcopy(rows.cache), rows.mask, rows.positions, rows.logits,
-               {layer: d.clone() for layer, d in rows.deltas.items()}, rows.prompt_rows, rows.preserve_rows)
-    return select(one, [index])
+    return select(copy_rows(rows), [index])
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .derive import position_ids
+from .batch import Past, logits_after, prefill, row_past
 from .generate import Generation
 from .loading import LoadedModel
 
@@ -21,24 +21,30 @@ DEGENERATE_REPEAT = 0.3  # a reply whose word trigrams are more than 30% repeats
 
 @torch.no_grad()
 def perplexities(loaded: LoadedModel, replies: Sequence[Generation], batch_size: int = 16) -> list[float]:
-    """exp(mean NLL of each reply's tokens given its prompt), under the model with no hooks."""
+    """exp(mean NLL of each reply's tokens given its prompt), under the model with no hooks.
+
+    Replies to one prompt share its keys and values, run once per call: a sweep's replies are
+    a few prompts' many samples, and the prompt (a system prompt and the child's turn) is most
+    of each sequence."""
+    pad = loaded.tokenizer.pad_token_id or 0
+    model = loaded.model
+    # A prompt's keys and values less its last token, whose logits predict the reply's first.
+    heads = sorted({g.prompt_ids[:-1] for g in replies if len(g.prompt_ids) > 1})
+    pasts: dict[tuple[int, ...], Past] = {}
+    for start in range(0, len(heads), batch_size):
+        group = heads[start : start + batch_size]
+        rows = prefill(model, loaded.layers, group, {}, pad)
+        pasts |= {head: row_past(rows, i, len(head)) for i, head in enumerate(group)}
     out: list[float] = []
-    pad = loaded.tokenizer.pad_token_id
     for start in range(0, len(replies), batch_size):
         chunk = replies[start : start + batch_size]
         seqs = [list(g.prompt_ids) + list(g.token_ids) for g in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):  # left padding, as everywhere else
-            ids[i, width - len(s) :] = torch.tensor(s)
-            mask[i, width - len(s) :] = 1
-        ids, mask = ids.to(loaded.device), mask.to(loaded.device)
-        # Replies end at the right edge (left padding), so only the last `keep` positions need the
-        # vocabulary projection: on a small model it costs more than all the layers below it.
+        # Each row's reply ends at the right edge (left padding), so only the last `keep`
+        # positions need the vocabulary projection: it costs more than the layers on a small model.
         keep = max(len(g.token_ids) for g in chunk) + 1
-        logits = loaded.model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=keep).logits.float()
-        logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, width - keep + 1 :, None]).squeeze(-1)  # [b, keep-1]
+        logits = logits_after(model, seqs, [pasts.get(g.prompt_ids[:-1]) for g in chunk], keep, pad).float()
+        ids = torch.tensor([[pad] * (keep - min(keep, len(s))) + s[-keep:] for s in seqs], device=logits.device)
+        logp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # [b, keep-1]
         for i, g in enumerate(chunk):
             n = len(g.token_ids)
             if n == 0:

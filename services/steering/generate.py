@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch import decode, prefill, select
+from .batch import Rows, copy_rows, decode, prefill, select
 from .errors import SamplingError
 from .hooks import RowSteering, row_switches, stack_rows
 from .loading import LoadedModel
@@ -81,7 +81,6 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def generate(
     loaded: LoadedModel,
     prompts: Sequence[PromptLike],
@@ -94,8 +93,23 @@ def generate(
     The engine's decode core (batch.py) run to the end: rows that reach end-of-text leave the
     batch at once, so a batch costs what its live rows cost.
     """
+    return generate_seeds(loaded, prompts, rows, settings, [settings.seed])[0]
+
+
+@torch.no_grad()
+def generate_seeds(
+    loaded: LoadedModel,
+    prompts: Sequence[PromptLike],
+    rows: Sequence[RowSteering | Mapping[int, torch.Tensor] | None] | None,
+    settings: GenerationSettings,
+    seeds: Sequence[int | None],
+) -> list[list[Generation]]:
+    """`generate` once per seed (`settings.seed` is not used): the replies per seed, each the
+    same as `generate` with that seed gives. The prompts are prefilled once and every seed
+    decodes from its own copy of that batch, since a prompt's keys and values do not depend
+    on the seed."""
     if not prompts:
-        return []
+        return [[] for _ in seeds]
     rows = list(rows) if rows is not None else [None] * len(prompts)
     if len(rows) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(rows)} steering rows")
@@ -106,14 +120,35 @@ def generate(
     prompt_rows, preserve_rows = row_switches(rows, loaded.device)
     if not settings.steer_prompt:
         prompt_rows[:] = False
-    generator = None
-    if settings.seed is not None:
-        generator = torch.Generator(device=loaded.device).manual_seed(settings.seed)
     eos = torch.tensor(sorted(eos_ids(loaded)) or [-1], device=loaded.device)
-    live = list(range(len(prompts)))  # batch position -> prompt index
-    replies: list[list[int]] = [[] for _ in prompts]
+    eos_set = set(eos.tolist())
     start = time.perf_counter()
-    batch = prefill(model, loaded.layers, prompt_ids, deltas, tok.pad_token_id or 0, (prompt_rows, preserve_rows))
+    prefilled = prefill(model, loaded.layers, prompt_ids, deltas, tok.pad_token_id or 0, (prompt_rows, preserve_rows))
+    prefill_seconds = time.perf_counter() - start
+    out = []
+    for k, seed in enumerate(seeds):
+        start = time.perf_counter()
+        batch = prefilled if k == len(seeds) - 1 else copy_rows(prefilled)
+        replies = _decode(loaded, batch, len(prompts), settings, seed, eos)
+        seconds = prefill_seconds + time.perf_counter() - start
+        results = []
+        for ids, reply in zip(prompt_ids, replies):
+            text = tok.decode([t for t in reply if t not in eos_set], skip_special_tokens=True)
+            if not loaded.has_chat_template:
+                text = text.split(_BASE_STOP)[0]
+            results.append(Generation(text.strip(), len(reply), seconds, tuple(ids), tuple(reply)))
+        out.append(results)
+    return out
+
+
+def _decode(loaded: LoadedModel, batch: Rows, n: int, settings: GenerationSettings, seed: int | None,
+            eos: torch.Tensor) -> list[list[int]]:
+    """Sample and decode a prefilled batch of `n` rows to the end; each row's reply tokens."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=loaded.device).manual_seed(seed)
+    live = list(range(n))  # batch position -> prompt index
+    replies: list[list[int]] = [[] for _ in range(n)]
     for step in range(settings.max_new_tokens):
         nxt = sample(batch.logits, settings.temperature, settings.top_p, generator)  # [live]
         done = torch.isin(nxt, eos)
@@ -126,16 +161,8 @@ def generate(
             if not keep:
                 break
             batch, live, nxt = select(batch, keep), [live[i] for i in keep], nxt[keep]
-        decode(model, loaded.layers, batch, nxt)
-    seconds = time.perf_counter() - start
-    eos_set = set(eos.tolist())
-    results = []
-    for ids, reply in zip(prompt_ids, replies):
-        text = tok.decode([t for t in reply if t not in eos_set], skip_special_tokens=True)
-        if not loaded.has_chat_template:
-            text = text.split(_BASE_STOP)[0]
-        results.append(Generation(text.strip(), len(reply), seconds, tuple(ids), tuple(reply)))
-    return results
+        decode(loaded.model, loaded.layers, batch, nxt)
+    return replies
 
 
 def eos_ids(loaded: LoadedModel) -> list[int]:

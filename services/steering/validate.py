@@ -20,7 +20,7 @@ from .coherence import is_degenerate, perplexities
 from .config import SteerConfig, candidate_bands
 from .derive import layer_activations, position_ids
 from .errors import ConfigError, NotFoundError
-from .generate import Generation, GenerationSettings, PromptLike, generate
+from .generate import Generation, GenerationSettings, PromptLike, generate, generate_seeds
 from .guard import ThemeGuard
 from .layers import recorded_outputs, resolve_layers
 from .loading import LoadedModel, load_model
@@ -299,11 +299,15 @@ class Baseline:
         return self.scores[concept]
 
 
-def _sample(loaded: LoadedModel, settings: SweepSettings, prompts: Sequence[PromptLike], rows: list, seed: int) -> list[Generation]:
-    out: list[Generation] = []
-    gen = GenerationSettings(settings.max_new_tokens, settings.temperature, settings.top_p, seed)
+def _sample(loaded: LoadedModel, settings: SweepSettings, prompts: Sequence[PromptLike], rows: list,
+            seeds: Sequence[int]) -> list[list[Generation]]:
+    """The replies per seed; each batch is prefilled once for all the seeds."""
+    out: list[list[Generation]] = [[] for _ in seeds]
+    gen = GenerationSettings(settings.max_new_tokens, settings.temperature, settings.top_p)
     for start in range(0, len(prompts), settings.batch_size):
-        out += generate(loaded, prompts[start : start + settings.batch_size], rows[start : start + settings.batch_size], gen)
+        chunk = slice(start, start + settings.batch_size)
+        for replies, more in zip(out, generate_seeds(loaded, prompts[chunk], rows[chunk], gen, seeds), strict=True):
+            replies += more
     return out
 
 
@@ -324,7 +328,7 @@ def baseline(loaded: LoadedModel, settings: SweepSettings, guard: ThemeGuard, bl
         raise ValueError("a Blip baseline needs the settings' Blip system prompt")
     prompts = [settings.blip.messages(p) for p in settings.prompts] if blip and settings.blip else list(settings.prompts)
     seeds = settings.allowlist_seeds if blip else baseline_seeds(settings)
-    replies = [g for seed in seeds for g in _sample(loaded, settings, prompts, [None] * len(prompts), seed)]
+    replies = [g for seed_out in _sample(loaded, settings, prompts, [None] * len(prompts), seeds) for g in seed_out]
     degenerate = [is_degenerate(g.text) for g in replies]
     return Baseline(replies, perplexities(loaded, replies), degenerate, flag_rate(guard, replies)[0])
 
@@ -374,7 +378,7 @@ def _sweep(
     prompts = list(settings.prompts) if prompts is None else list(prompts)
     n = len(prompts)
     rows = [config.row(cv, alpha) if alpha else None for alpha, _ in grid for _ in prompts]
-    by_seed = [_sample(loaded, settings, prompts * len(grid), rows, seed) for seed in seeds]
+    by_seed = _sample(loaded, settings, prompts * len(grid), rows, seeds)
     sweep, examples = [], {}
     for k, (alpha, rel) in enumerate(grid):
         replies = [g for seed_out in by_seed for g in seed_out[k * n : (k + 1) * n]]  # seed-major, like the baseline
