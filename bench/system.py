@@ -51,12 +51,15 @@ def weight_bytes(model: PreTrainedModel) -> int:
     that no head reads (the int8 head keeps its own copy) only the one row it looks up."""
     head = model.get_output_embeddings()
     read_whole = getattr(head, "weight", None)  # a float head tied to the embedding reads all of it
-    seen, total = set(), 0
+    # The unpacked int8 weights are fresh tensors: they are kept until the end, or a freed one's
+    # address could come back for the next and be taken for a weight already counted.
+    seen, kept, total = set(), [], 0
     for module in model.modules():
         if isinstance(module, torch.ao.nn.quantized.dynamic.Linear):
             tensors = [t for t in (module.weight(), module.bias()) if t is not None]
         else:
             tensors = list(module.parameters(recurse=False))
+        kept += tensors
         for t in tensors:
             if t.data_ptr() in seen:
                 continue

@@ -1,6 +1,7 @@
 """The bench's smoke run: tiny sizes, only checks that it runs end to end and writes
 well-formed results. Timings are never asserted in tests. Two minutes of five processes
-starting and loading models: `make reliability` runs it, `make test` leaves it out."""
+starting and loading models: `make reliability` runs it, `make test` leaves it out. And the
+count of weight bytes a step reads, on a tiny model (it is in `make test`)."""
 
 import json
 import math
@@ -56,3 +57,23 @@ def test_bench_smoke_writes_well_formed_results(tmp_path) -> None:
     assert "steering overhead, whole band" in names and any(n.startswith("gRPC added") for n in names)
     table = (tmp_path / "results.md").read_text()
     assert "## Targets" in table and "| unsteered |" in table and "time to first sentence" in table
+
+
+def test_weight_bytes_counts_every_int8_weight_once_and_one_row_of_an_unread_embedding() -> None:
+    """A tiny Llama with every Linear, the tied head included, dynamically quantised: each
+    int8 weight counts (their unpacked copies are fresh tensors, so an address reused after
+    one is freed must not hide the next), and the embedding, which no head reads now, one row."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench.system import weight_bytes
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = torch.ao.quantization.quantize_dynamic(LlamaForCausalLM(config).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+    linears = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
+    assert len(linears) == 3 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the head
+    int8 = sum(m.weight().numel() for m in linears)  # one byte each; Llama's Linears have no bias
+    norms = sum(p.numel() * 4 for name, p in model.named_parameters() if "norm" in name)
+    assert weight_bytes(model) == int8 + norms + config.hidden_size * 4
