@@ -60,18 +60,22 @@ def test_bench_smoke_writes_well_formed_results(tmp_path) -> None:
 
 
 def test_weight_bytes_counts_every_int8_weight_once_and_one_row_of_an_unread_embedding() -> None:
-    """A tiny Llama with every Linear, the tied head included, dynamically quantised: each
-    int8 weight counts (their unpacked copies are fresh tensors, so an address reused after
-    one is freed must not hide the next), and the embedding, which no head reads now, one row."""
+    """A tiny Llama quantised as the int8 twin is (every Linear of the blocks, and the tied head
+    as its own int8 copy): each int8 weight counts (their unpacked copies are fresh tensors, so
+    an address reused after one is freed must not hide the next), and the embedding, which no
+    head reads now, one row."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from bench.system import weight_bytes
+    from steering.layers import resolve_layers
+    from steering.loading import quantize_dynamic_int8
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    model = torch.ao.quantization.quantize_dynamic(LlamaForCausalLM(config).eval(), {torch.nn.Linear}, dtype=torch.qint8)
+    model = LlamaForCausalLM(config).eval()
+    quantize_dynamic_int8(model, resolve_layers(model))
     linears = [m for m in model.modules() if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)]
     assert len(linears) == 3 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the head
     int8 = sum(m.weight().numel() for m in linears)  # one byte each; Llama's Linears have no bias
