@@ -38,6 +38,7 @@ def test_help(command: str) -> None:
         (("generate", "--prompts-file", "/nonexistent.jsonl"), "prompts file /nonexistent.jsonl does not exist"),
         (("generate", "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens must be at least 1"),
         (("validate", "--max-new-tokens", "0"), "--max-new-tokens must be at least 1"),
+        (("validate", "--prompts", "17"), "prompts must be 1 to 16"),
         (("generate", "--prompt", "hi", "--concept", "nonexistent"), "no such vector file"),
         (("derive", "--concepts", "nonexistent"), "unknown concept 'nonexistent'"),
         (("import-gguf", "--concept", "x", "--in", "/nonexistent.gguf"), "no such file"),

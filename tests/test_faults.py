@@ -112,9 +112,9 @@ def test_kill_9_during_validate_keeps_the_old_record_and_a_rerun_finishes(tmp_pa
     model_dir = vectors / MODEL
     before = (model_dir / "validation.json").read_bytes()
     # What is tested is the record's safety under a kill, so the sweep is the smallest there is:
-    # a concept outside Blip's allowlist (no Blip baseline, no modes), one seed, eight tokens.
-    cmd = [*STEER, "validate", "--model", MODEL, "--concepts", "bored", "--seeds", "1", "--allowlist-seeds", "1",
-           "--no-plots", "--no-search", "--max-new-tokens", "8"]
+    # a concept outside Blip's allowlist (no Blip baseline, no modes), four prompts, one seed, eight tokens.
+    cmd = [*STEER, "validate", "--model", MODEL, "--concepts", "bored", "--prompts", "4", "--seeds", "1",
+           "--allowlist-seeds", "1", "--no-plots", "--no-search", "--max-new-tokens", "8"]
     proc = subprocess.Popen(cmd, env=_env(vectors), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
 
@@ -132,6 +132,7 @@ def test_kill_9_during_validate_keeps_the_old_record_and_a_rerun_finishes(tmp_pa
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     record = json.loads((model_dir / "validation.json").read_text())
     assert set(record["concepts"]) >= {"bored"} and record["concepts"]["bored"]["status"] in ("passed", "failed")
+    assert record["settings"]["prompts"] == 4
     assert assess(MODEL, model_dir, smollm.fingerprint, vecs).steerable
     figures["validate_kill"] = {"record_intact_after_kill": True, "rerun_seconds": record["duration_s"]}
 

@@ -386,7 +386,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     options = ValidationOptions(
         concepts=tuple(args.concepts.split(",")) if args.concepts else (), seeds=args.seeds,
         allowlist_seeds=args.allowlist_seeds, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-        search=not args.no_search, negative=args.negative, plots=not args.no_plots, progress=not args.quiet)
+        prompts=args.prompts, search=not args.no_search, negative=args.negative, plots=not args.no_plots, progress=not args.quiet)
     run = validate_model(_entry(args), _paths(), args.device, options, on_check=_print_check)
     for concept, reason in run.refused.items():
         print(f"  refused vector {concept}: {reason}", file=sys.stderr)
@@ -617,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="rows per generation batch (default 64)")
     p.add_argument("--max-new-tokens", type=int, default=24,
                    help="tokens per reply (default 24); fewer is quicker and rougher, and the record says how many")
+    p.add_argument("--prompts", type=int,
+                   help="use the first N evaluation prompts (default all); fewer is quicker and rougher, and the "
+                        "record says how many")
     p.add_argument("--no-search", action="store_true",
                    help="sweep every concept with the model's default band at a uniform alpha, without the configuration search")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import remove_orphans
-from .errors import NotFoundError, SteeringError
+from .errors import ConfigError, NotFoundError, SteeringError
 from .registry import ModelEntry
 from .settings import Paths
 from .validate import Check, SweepSettings
@@ -24,6 +24,7 @@ class ValidationOptions:
     allowlist_seeds: int = 6
     batch_size: int = 64
     max_new_tokens: int = 24
+    prompts: int | None = None  # the first this many evaluation prompts; None: all of them
     search: bool = True
     negative: bool = False
     plots: bool = True
@@ -79,6 +80,10 @@ def validate_model(entry: ModelEntry, paths: Paths, device: str | None, options:
                            sweep_concept)
 
     start = time.perf_counter()
+    prompts = load_eval_prompts(paths.eval)
+    if options.prompts is not None and not 1 <= options.prompts <= len(prompts):  # before minutes of loading
+        raise ConfigError(f"prompts must be 1 to {len(prompts)} (the evaluation prompts in {paths.eval}), "
+                          f"not {options.prompts}")
     load, loaded = check_load(entry, paths.cache, device)
     if on_check:
         on_check(load)
@@ -95,7 +100,7 @@ def validate_model(entry: ModelEntry, paths: Paths, device: str | None, options:
     if unknown:
         why = "; ".join(f"{n}: {refused.get(n, 'not stored')}" for n in unknown)
         raise NotFoundError(f"no usable vector on {loaded.name} for {why}; run `steer derive`")
-    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=tuple(range(options.seeds)),
+    settings = SweepSettings(prompts=prompts[: options.prompts], seeds=tuple(range(options.seeds)),
                              allowlist_seeds=tuple(range(options.allowlist_seeds)), batch_size=options.batch_size,
                              max_new_tokens=options.max_new_tokens, search=options.search,
                              blip=load_blip_setting(paths.eval)).scaled(entry.sweep_scale)
