@@ -1,6 +1,7 @@
 """The stream's monitors on their own: the KL monitor on scripted logits, the content guard's
 monitor on scripted text with the real guard. No language model is involved."""
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -73,14 +74,18 @@ def checks():
         yield pool
 
 
-def _settle(m: GuardMonitor) -> tuple[list[str], Withhold | None]:
-    """Poll until nothing waits for a check."""
-    cleared: list[str] = []
+def _monitor(guard: ThemeGuard, pool) -> tuple[GuardMonitor, list[str]]:
+    """A monitor and the list its released text lands in."""
+    released: list[str] = []
+    return GuardMonitor(guard, pool, released.append), released
+
+
+def _settle(m: GuardMonitor, released: list[str]) -> tuple[list[str], Withhold | None]:
+    """Poll until nothing waits for a check; what was released, and the flagged sentence."""
     for _ in range(600):
-        got, flagged = m.poll()
-        cleared += got
+        flagged = m.poll()
         if flagged or m.idle:
-            return cleared, flagged
+            return list(released), flagged
         time.sleep(0.05)
     raise TimeoutError("the guard's checks did not finish")
 
@@ -90,35 +95,49 @@ def _state(n: int):
 
 
 def test_text_waits_for_its_sentence_then_goes_out_in_order(guard, checks) -> None:
-    m = GuardMonitor(guard, checks)
+    m, released = _monitor(guard, checks)
     m.push("Cats like", 2, _state(2))
-    assert m.poll() == ([], None) and m.idle and m.held == "Cats like"
+    assert m.poll() is None and m.idle and m.held == "Cats like"
     m.push(" to sleep in the sun.", 7, _state(7))
     m.push(" They purr", 9, _state(9))
-    assert _settle(m) == (["Cats like to sleep in the sun."], None)
+    assert _settle(m, released) == (["Cats like to sleep in the sun."], None)
     assert (m.sent, m.sent_tokens, m.held) == ("Cats like to sleep in the sun.", 7, " They purr")
     m.push(" softly", 10, _state(10), final=True)  # the reply's end sends an unfinished sentence too
-    assert _settle(m) == ([" They purr softly"], None) and m.sent_tokens == 10
+    assert _settle(m, released) == (["Cats like to sleep in the sun.", " They purr softly"], None)
+    assert m.sent_tokens == 10
+
+
+def test_a_clean_sentence_goes_out_when_its_check_ends_without_waiting_for_a_poll(guard, checks) -> None:
+    """Released from the checks' thread: a child hears it without waiting for the engine's next step."""
+    m, released = _monitor(guard, checks)
+    m.push("Cats like to sleep in the sun.", 7, _state(7))
+    for _ in range(600):
+        if released:
+            break
+        time.sleep(0.05)
+    assert released == ["Cats like to sleep in the sun."] and m.idle  # no poll was made
 
 
 def test_a_flagged_sentence_stops_everything_after_it(guard, checks) -> None:
-    m = GuardMonitor(guard, checks)
+    m, released = _monitor(guard, checks)
     m.push("Cats like to sleep in the sun.", 7, _state(7))
     m.push(" " + FLAGGED, 15, _state(15))
     m.push(" Dogs like to run in the park.", 22, _state(22))
-    cleared, flagged = _settle(m)
+    cleared, flagged = _settle(m, released)
     assert cleared == ["Cats like to sleep in the sun."]
     assert flagged is not None and flagged.themes and flagged.chars == len(" " + FLAGGED)
     # Go on from the end of the sent text, with the sampler's state at the flagged sentence's end.
     assert (flagged.from_token, flagged.sent, int(flagged.rng)) == (7, "Cats like to sleep in the sun.", 15)
     assert m.idle and m.held == ""  # the sentence after it is dropped, never checked
+    m.push(" Dogs like to run in the park.", 9, _state(9))  # the reply goes on from the text sent
+    assert _settle(m, released) == (["Cats like to sleep in the sun.", " Dogs like to run in the park."], None)
 
 
 def test_a_run_on_is_checked_at_the_length_limit(guard, checks) -> None:
-    m = GuardMonitor(guard, checks)
+    m, released = _monitor(guard, checks)
     m.push("and then " * (GUARD_MAX_HELD // 9 + 1), 60, _state(60))
     assert not m.idle
-    cleared, flagged = _settle(m)
+    cleared, flagged = _settle(m, released)
     assert len(cleared) == 1 or flagged is not None  # checked (a loop may well be flagged), not held forever
 
 
@@ -126,8 +145,40 @@ def test_a_slow_check_holds_its_text_and_nothing_else(guard) -> None:
     release = threading.Event()
     with ThreadPoolExecutor(max_workers=1) as pool:
         pool.submit(release.wait, 60)  # the check's worker is busy until released
-        m = GuardMonitor(guard, pool)
+        m, released = _monitor(guard, pool)
         m.push("Cats like to sleep in the sun.", 7, _state(7))
-        assert m.poll() == ([], None) and not m.idle
+        assert m.poll() is None and not m.idle and released == []
         release.set()
-        assert _settle(m) == (["Cats like to sleep in the sun."], None)
+        assert _settle(m, released) == (["Cats like to sleep in the sun."], None)
+
+
+def test_nothing_goes_out_after_the_reply_has_ended(guard) -> None:
+    release = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(release.wait, 60)
+        m, released = _monitor(guard, pool)
+        m.push("Cats like to sleep in the sun.", 7, _state(7))
+        m.close()  # the stream ended (cancelled, say) while the sentence waited for its check
+        release.set()
+    assert released == [] and m.idle  # the pool has shut down: every check has run
+
+
+@dataclasses.dataclass(frozen=True)
+class _BrokenGuard(ThemeGuard):
+    """The real guard, whose check fails."""
+
+    def check_reply(self, sent: str, new: str):
+        raise RuntimeError("the embedding failed")
+
+
+def test_a_failed_check_fails_the_stream_on_the_engine_s_thread(guard, checks) -> None:
+    broken = _BrokenGuard(**{f.name: getattr(guard, f.name) for f in dataclasses.fields(guard)})
+    m, released = _monitor(broken, checks)
+    m.push("Cats like to sleep in the sun.", 7, _state(7))
+    for _ in range(600):
+        if m.checking is None:
+            break
+        time.sleep(0.05)
+    with pytest.raises(RuntimeError, match="the embedding failed"):
+        m.poll()
+    assert released == []

@@ -3,6 +3,7 @@ monitor (has the steering faded?) and the content guard (may this sentence be se
 sees only what it is given (logits, text, token counts) and returns an action; the stream
 applies it. Neither touches the model or the batch."""
 
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from steering.guard import ThemeGuard, Verdict, ends_sentence
+from steering.guard import ThemeGuard, ends_sentence
 
 from .events import Event, KlSample, Reinjection
 from .job import KlConfig
@@ -92,45 +93,86 @@ class _Sentence:
 
 class GuardMonitor:
     """Holds a reply's text until its sentence ends (or the reply does), and has the sentences
-    checked one after another on `checks`, off the engine thread. `poll` hands out what has
-    been cleared, in order, or the first flagged sentence."""
+    checked one after another on `checks`, off the engine thread. A clean sentence is handed to
+    `release` as soon as its check ends, from the checks' thread, rather than at the engine's
+    next step: a child hears it a decoding step sooner. `poll` (on the engine thread) hands out
+    the first flagged sentence, after which nothing more is released."""
 
-    def __init__(self, guard: ThemeGuard, checks: Executor) -> None:
-        self.guard, self.checks = guard, checks
+    def __init__(self, guard: ThemeGuard, checks: Executor, release: Callable[[str], None]) -> None:
+        self.guard, self.checks, self.release = guard, checks, release
+        self._lock = threading.Lock()  # what the engine's thread and the checks' thread share, below
         self.sent = ""  # text already cleared
         self.sent_tokens = 0  # the reply's tokens behind it
-        self.held = ""  # text whose sentence has not ended
         self.waiting: deque[_Sentence] = deque()  # sentences waiting for their check, in order
-        self.checking: Future[Verdict] | None = None  # the check of the first of them
+        self.checking: Future[None] | None = None  # the checks of the waiting sentences, while they run
+        self._flagged: Withhold | None = None  # a flagged sentence the engine has not polled yet
+        self._failed: Exception | None = None  # a check that raised, for the engine to fail the stream with
+        self._closed = False
+        self.held = ""  # text whose sentence has not ended (the engine's thread alone)
 
     @property
     def idle(self) -> bool:
         """Nothing waits for a check."""
-        return self.checking is None and not self.waiting
+        with self._lock:
+            return self.checking is None and not self.waiting
 
     def push(self, text: str, tokens: int, rng: Callable[[], torch.Tensor], final: bool = False) -> None:
         """More of the reply, `tokens` long now; `final`: the reply is complete. `rng` gives the
         sampler's state now, kept with a sentence for a restart should it be flagged."""
         self.held += text
-        if self.held.strip() and (final or ends_sentence(self.held) or len(self.held) >= GUARD_MAX_HELD):
+        if not (self.held.strip() and (final or ends_sentence(self.held) or len(self.held) >= GUARD_MAX_HELD)):
+            return
+        with self._lock:
             self.waiting.append(_Sentence(self.held, tokens, rng()))
-            self.held = ""
+            if self.checking is None and self._flagged is None and self._failed is None and not self._closed:
+                self.checking = self.checks.submit(self._check_waiting)
+        self.held = ""
 
-    def poll(self) -> tuple[list[str], Withhold | None]:
-        """The sentences cleared since the last poll, then the flagged one if a check flagged
-        one (after which nothing more is held: the reply goes on, if at all, from the text sent)."""
-        cleared: list[str] = []
-        while self.waiting:
-            if self.checking is None:
-                self.checking = self.checks.submit(self.guard.check_reply, self.sent, self.waiting[0].text)
-            if not self.checking.done():
-                break
-            verdict, self.checking = self.checking.result(), None
-            sentence = self.waiting.popleft()
-            if verdict.flagged:
-                self.held, self.waiting = "", deque()
-                return cleared, Withhold(verdict.reason, verdict.themes, len(sentence.text), self.sent_tokens,
-                                         self.sent, sentence.rng)
-            cleared.append(sentence.text)
-            self.sent, self.sent_tokens = self.sent + sentence.text, sentence.tokens
-        return cleared, None
+    def _check_waiting(self) -> None:
+        """On the checks' thread: check the waiting sentences in order, releasing each clean one
+        at once, until none waits or one is flagged."""
+        while True:
+            with self._lock:
+                if self._closed or not self.waiting:
+                    self.checking = None
+                    return
+                sentence, sent = self.waiting[0], self.sent
+            try:
+                verdict = self.guard.check_reply(sent, sentence.text)
+            except Exception as exc:  # the stream fails alone, on the engine's thread (poll)
+                with self._lock:
+                    self._failed, self.checking = exc, None
+                return
+            with self._lock:
+                if self._closed:
+                    self.checking = None
+                    return
+                self.waiting.popleft()
+                if verdict.flagged:
+                    self.waiting.clear()
+                    self._flagged = Withhold(verdict.reason, verdict.themes, len(sentence.text), self.sent_tokens,
+                                             self.sent, sentence.rng)
+                    self.checking = None
+                    return
+                self.sent, self.sent_tokens = sent + sentence.text, sentence.tokens
+                self.release(sentence.text)  # under the lock: in order, and never after close()
+
+    def poll(self) -> Withhold | None:
+        """The flagged sentence, if a check flagged one (after which nothing more is held: the
+        reply goes on, if at all, from the text sent). A check that failed raises here."""
+        with self._lock:
+            flagged, self._flagged = self._flagged, None
+            failed, self._failed = self._failed, None
+            if flagged is not None:  # and what was pushed after it before this poll
+                self.waiting.clear()
+        if failed is not None:
+            raise failed
+        if flagged is not None:
+            self.held = ""
+        return flagged
+
+    def close(self) -> None:
+        """The reply has ended: release nothing more."""
+        with self._lock:
+            self._closed = True
+            self.waiting.clear()

@@ -107,8 +107,9 @@ class Stream:
         self.text = TextStream(loaded.tokenizer, job.stop)
         self.generated: list[int] = []
         self.kl = KlMonitor(job.kl, st.alpha, st.max_alpha, job.emit) if st and job.kl.enabled else None
-        self.guard = GuardMonitor(job.guard, checks) if job.guard else None
-        self.first_token_ms = 0.0
+        self.guard = GuardMonitor(job.guard, checks, self._emit_text) if job.guard else None
+        self.first_token_ms = 0.0  # set when the reply's first text goes out (by the guard's thread, with a guard)
+        self._first_told = False  # whether a step has reported it yet
         self.reason: StopReason | None = None  # set when the stream has ended
         self.ending: StopReason | None = None  # why the reply ended, while its last text waits for the guard
         self.restarting = False  # set when a guarded reply goes on unsteered from what was sent
@@ -217,34 +218,35 @@ class Stream:
         delta, stopped = self.text.push(self.generated)
         if stopped:
             return self.finish(StopReason.STOP_SEQUENCE, delta=delta)
-        first = self._send(delta)
-        if isinstance(first, StepResult):  # the guard withheld the text
-            return first
+        flagged = self._send(delta)
+        if flagged is not None:
+            return self._withhold(flagged)
         if len(self.generated) >= job.max_tokens:
-            return self.finish(StopReason.LENGTH, first)
+            return self.finish(StopReason.LENGTH)
         reinjections = self._catch_up() if len(self.pending) >= SHADOW_CHUNK else 0
-        return StepResult(token, self.alpha != alpha, reinjections, first)
+        return StepResult(token, self.alpha != alpha, reinjections, self._first_text())
 
-    def _emit_text(self, text: str) -> bool:
-        """Send text to the client; True when it is the reply's first."""
-        first = not self.first_token_ms
-        if first:
+    def _emit_text(self, text: str) -> None:
+        """Send text to the client (on the guard's thread when the guard released it)."""
+        if not self.first_token_ms:
             self.first_token_ms = (time.perf_counter() - self.job.submitted) * 1000
         self.job.emit(TextDelta(text))
+
+    def _first_text(self) -> bool:
+        """True once, at the first step after the reply's first text went out (for the metrics)."""
+        first = bool(self.first_token_ms) and not self._first_told
+        self._first_told = self._first_told or first
         return first
 
-    def _send(self, delta: str, final: bool = False) -> "bool | StepResult":
-        """Without a guard, send the text now. With one, hand it to the guard, send what the
-        guard has cleared, and withhold what it flagged. Returns whether text went out first, or
-        the withholding's result."""
+    def _send(self, delta: str, final: bool = False) -> Withhold | None:
+        """Without a guard, send the text now. With one, hand it to the guard, which sends each
+        sentence once it is cleared; returns a sentence it flagged."""
         if self.guard is None:
-            return self._emit_text(delta) if delta else False
+            if delta:
+                self._emit_text(delta)
+            return None
         self.guard.push(delta, len(self.generated), self.generator.get_state, final)
-        cleared, flagged = self.guard.poll()
-        first = False
-        for text in cleared:
-            first = self._emit_text(text) or first
-        return self._withhold(flagged) if flagged else first
+        return self.guard.poll()
 
     def _withhold(self, flagged: Withhold) -> StepResult:
         """Drop the flagged sentence and what was decoded after it while it was being checked. A
@@ -259,48 +261,51 @@ class Stream:
             self.shadow, self.pending = None, []
             self.generated = self.generated[: flagged.from_token]
             self.text.emitted = flagged.sent
-            return StepResult(None, guard_action="regenerated_unsteered")
+            return StepResult(None, first_text=self._first_text(), guard_action="regenerated_unsteered")
         self.job.emit(Guarded(flagged.reason, flagged.themes, "cut", flagged.chars))
         result = self.end(StopReason.GUARD)
         return result._replace(guard_action="cut")
 
-    def finish(self, reason: StopReason, first_text: bool = False, delta: str = "") -> StepResult:
+    def finish(self, reason: StopReason, delta: str = "") -> StepResult:
         """The reply is complete (end-of-text, length, a stop sequence). With a guard its last
         text is checked before the stream ends; until then the stream waits out of the batch
         (`drain`)."""
         if self.guard is None:
-            first_text = (self._emit_text(delta) if delta else False) or first_text
-            return self.end(reason, first_text)
+            if delta:
+                self._emit_text(delta)
+            return self.end(reason)
         self.ending = reason
         tail = delta if reason is StopReason.STOP_SEQUENCE else self.text.flush(self.generated)
-        sent = self._send(tail, final=True)
-        if isinstance(sent, StepResult):
-            return sent
-        return self.drain(first_text or sent)
+        flagged = self._send(tail, final=True)
+        return self._withhold(flagged) if flagged is not None else self.drain()
 
-    def drain(self, first_text: bool = False) -> StepResult:
+    def drain(self) -> StepResult:
         """A complete reply waiting for the guard's last checks: ends when they are clean."""
         if self.job.cancelled.is_set():
-            return self.end(StopReason.CANCELLED, first_text)
+            return self.end(StopReason.CANCELLED)
         if self.job.deadline is not None and time.monotonic() >= self.job.deadline:
-            return self.end(StopReason.DEADLINE, first_text)
-        sent = self._send("")
-        if isinstance(sent, StepResult):
-            return sent
+            return self.end(StopReason.DEADLINE)
+        flagged = self.guard.poll() if self.guard else None
+        if flagged is not None:
+            return self._withhold(flagged)
         if self.ending is None:
             raise RuntimeError("drain() is for a complete reply waiting for the guard")
         if self.guard is None or self.guard.idle:
-            return self.end(self.ending, first_text or sent)
-        return StepResult(None, first_text=first_text or sent)
+            return self.end(self.ending)
+        return StepResult(None, first_text=self._first_text())
 
     def fail(self, exc: Exception) -> None:
         """This row alone went wrong: its caller gets the error, the batch goes on without it."""
         self.reason, self.shadow, self.pending = StopReason.FAILED, None, []
         self.restarting = False
+        if self.guard is not None:
+            self.guard.close()
         tell(self.job, Failed(exc))
 
-    def end(self, reason: StopReason, first_text: bool = False) -> StepResult:
+    def end(self, reason: StopReason) -> StepResult:
         self.reason = reason
+        if self.guard is not None:  # nothing reaches the caller after Finished
+            self.guard.close()
         reinjections = self._catch_up() if self.pending and reason is not StopReason.CANCELLED else 0  # the last KL samples
         self.shadow = None
         if reason not in (StopReason.STOP_SEQUENCE, StopReason.GUARD, StopReason.CANCELLED) and self.guard is None:
@@ -309,4 +314,4 @@ class Stream:
                 self.job.emit(TextDelta(tail))
         self.job.emit(Finished(reason, len(self.job.prompt_ids), len(self.generated),
                                time.perf_counter() - self.started, self.first_token_ms))
-        return StepResult(None, reinjections=reinjections, first_text=first_text)
+        return StepResult(None, reinjections=reinjections, first_text=self._first_text())
