@@ -80,9 +80,13 @@ def test_kill_9_during_derive_leaves_only_complete_files_and_a_rerun_finishes(tm
     vectors = _store(tmp_path, with_model=False)
     out = vectors / MODEL
     concepts = ["happy", "sad"]
+    for name in concepts:  # what is tested is the files' safety under a kill: six pairs each are enough
+        path = vectors / "pairs" / f"{name}.json"
+        data = json.loads(path.read_text())
+        path.write_text(json.dumps({**data, "pairs": data["pairs"][:6]}))
     cmd = [*STEER, "derive", "--model", MODEL, "--concepts", ",".join(concepts), "--quiet"]
     proc = subprocess.Popen(cmd, env=_env(vectors), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # Kill while the second concept is being derived or written (one takes seconds; the poll is 50 ms).
+    # Kill while the second concept is being derived or written (one takes a second or more; the poll is 50 ms).
     _kill_when(proc, lambda: (out / "happy.safetensors").exists())
     orphan = out / f".sad.safetensors.{_dead_pid()}.abc123.tmp"  # what a kill mid-write leaves
     orphan.write_bytes(b"half a file")
