@@ -136,3 +136,41 @@ def test_replies_are_the_same_with_the_prefix_cache_and_it_skips_the_shared_toke
     finally:
         cold.close()
         warm.close()
+
+
+def _prompt_tokens(engine: Engine, source: str) -> float:
+    return next(s.value for m in engine.metrics.registry.collect() if m.name == "steer_prompt_tokens"
+                for s in m.samples if s.name.endswith("_total") and s.labels["source"] == source)
+
+
+def test_a_conversation_s_next_turn_reuses_the_reply_and_replies_the_same(smollm, paths) -> None:
+    """A child sad for two turns in a row: the second turn's prompt is the first one, Blip's
+    reply and the child's new words. With the cache only what follows the reply is prefilled
+    (the reply's keys and values were kept as its row left the batch); the reply is the same."""
+    cv = read_vector(paths.vectors / smollm.name / "sad.safetensors")
+    sad = Steering("sad", {layer: cv.directions[layer] for layer in smollm.steering_layers}, 6.0, 8.0, frozenset())
+    cold = Engine(smollm, EngineSettings(max_batch=2, max_queue=4, prefix_cache_mb=0))
+    warm = Engine(smollm, EngineSettings(max_batch=2, max_queue=4))
+
+    def turn(engine: Engine, messages: list[dict[str, str]]) -> tuple[list[int], str]:
+        ids = smollm.tokenizer(render_prompt(smollm, messages), add_special_tokens=False)["input_ids"]
+        c = Collector()
+        engine.submit(Job(ids, c, sad, max_tokens=16))
+        assert c.done.wait(300) and c.failed is None
+        return ids, c.text
+
+    try:
+        first = [{"role": "user", "content": "My goldfish died this morning."}]
+        ids1, reply = turn(cold, first)
+        assert turn(warm, first)[1] == reply
+        second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "I miss him."}]
+        before = _prompt_tokens(warm, "reused")
+        ids2, expected = turn(cold, second)
+        assert turn(warm, second)[1] == expected
+        reused = _prompt_tokens(warm, "reused") - before
+        print(f"second turn: {len(ids2)} prompt tokens, {reused:.0f} reused; the first prompt was {len(ids1)}")
+        assert ids2[: len(ids1)] == ids1
+        assert reused >= len(ids1) + 8  # into the reply: the first prompt alone was cached less its last token
+    finally:
+        cold.close()
+        warm.close()

@@ -240,6 +240,22 @@ class Engine:
             if length and (past is None or past_length(past) < length):
                 self._prefixes.store(key, prompt[:length], row_past(rows, row, length))
 
+    def _remember_reply(self, rows: Rows, row: int, s: Stream) -> None:
+        """Cache a complete reply's keys and values with its prompt's, as the row leaves the
+        batch: a conversation's next turn, whose prompt is this one and the reply and the child's
+        next words, then prefills only the new words when it is steered the same way. Only a row
+        steered at every position as its prompt was (unsteered, or steering its prompt at one
+        alpha throughout) holds what a prefill of those tokens would give."""
+        complete = s.ending is not None or s.reason in (StopReason.END_OF_TEXT, StopReason.LENGTH,
+                                                         StopReason.STOP_SEQUENCE)
+        steering = s.additions(s.main_steered)
+        one_way = s.kl is None and (steering is None or steering.steer_prompt)  # KL re-injection changes alpha
+        if self._prefixes is None or not complete or not one_way:
+            return
+        length = int(rows.mask[row].sum())  # the tokens fed so far: the prompt, then the reply's
+        self._prefixes.store(steering_key(steering), (s.job.prompt_ids + s.generated)[:length],
+                             row_past(rows, row, length))
+
     def _set_row(self, rows: Rows, row: int, steering: RowSteering | None) -> None:
         additions = steering.additions if steering else {}
         for layer, d in rows.deltas.items():
@@ -329,6 +345,8 @@ class Engine:
                         restarts += [s for s in streams if s.restarting and s.reason is None]
                         draining += [s for s in streams if s.ending is not None and s.reason is None and not s.restarting]
                         if len(live) < len(streams):
+                            for i in set(range(len(streams))) - set(live):
+                                self._remember_reply(batch, i, streams[i])
                             streams = [streams[i] for i in live]
                             batch = select(batch, live) if live else None
                         if batch is not None:
