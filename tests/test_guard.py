@@ -5,8 +5,10 @@ and the harmless idioms pass while the harmful uses of the same words are flagge
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from steering.embedding import embed, embed_fixed
 from steering.errors import ModelLoadError, NotFoundError
 from steering.generate import GenerationSettings, generate
 from steering.guard import ThemeGuard, ends_sentence, load_guard, load_labelled, measure, scored_units, split_sentences
@@ -168,3 +170,12 @@ def test_a_missing_or_damaged_harm_model_is_refused(paths, tmp_path: Path) -> No
     with pytest.raises(NotFoundError, match="guard_train"):
         load_guard(guard_dir)
     assert load_guard(guard_dir, harm_model=False).harm is None
+
+
+def test_exemplars_are_embedded_once_per_process_read_only_and_as_before() -> None:
+    texts = ["Cats like to sleep in the sun.", "The man pulled out a gun."]
+    first = embed_fixed(texts)
+    assert embed_fixed(list(texts)) is first and not first.flags.writeable
+    assert np.array_equal(first, embed(texts))  # the same numbers as a fresh embedding
+    with pytest.raises(ValueError, match="read-only"):
+        first[0, 0] = 0.0

@@ -5,6 +5,7 @@ never from a hub.
 """
 
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -39,3 +40,16 @@ def embed(texts: list[str], device: str | None = None) -> np.ndarray:
     if not texts:
         return np.zeros((0, 384), dtype=np.float32)
     return load_embedder(device).encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=64)
+
+
+def embed_fixed(texts: Sequence[str]) -> np.ndarray:
+    """`embed` of reference texts that are loaded again and again (the guard's and the scorer's
+    exemplars): computed once per process and list of texts, and read-only."""
+    return _embed_fixed(tuple(texts), embed_device())
+
+
+@lru_cache(maxsize=256)
+def _embed_fixed(texts: tuple[str, ...], device: str) -> np.ndarray:
+    vectors = embed(list(texts), device)
+    vectors.setflags(write=False)
+    return vectors

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .coherence import DEGENERATE_REPEAT, repeat_rate
-from .embedding import embed
+from .embedding import embed, embed_fixed
 from .errors import ConfigError, NotFoundError
 from .harm_model import HARM_MODEL_FILE, HarmModel
 
@@ -216,9 +216,10 @@ def load_guard(guard_dir: Path, harm_model: bool = True) -> ThemeGuard:
             pattern=_alternation([*spec.get("words", []), *spec.get("phrases", [])]),
             idioms=_alternation(spec.get("idioms", [])),
             # Profanity is a matter of words: an embedding sees the topic ("pick a colour") instead.
-            exemplars=embed(exemplars) if spec.get("match_exemplars", True) else None,
+            exemplars=embed_fixed(exemplars) if spec.get("match_exemplars", True) else None,
         ))
-    return ThemeGuard(tuple(themes), float(threshold), embed([str(x) for x in safe]), float(margin), exemplar_texts, harm)
+    return ThemeGuard(tuple(themes), float(threshold), embed_fixed([str(x) for x in safe]), float(margin), exemplar_texts,
+                      harm)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .embedding import embed
+from .embedding import embed, embed_fixed
 from .errors import ConfigError, NotFoundError
 
 
@@ -31,7 +31,7 @@ class ConceptScorer:
 
 
 def _unit_centroid(texts: list[str]) -> np.ndarray:
-    c = embed(texts).mean(0)
+    c = embed_fixed(texts).mean(0)
     return c / np.linalg.norm(c)
 
 
