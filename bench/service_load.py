@@ -187,7 +187,8 @@ async def chat_first_sentence(address: str, conversations: Sequence[Sequence[str
                 if n and first is not None:
                     times.append(first)
             await call.done_writing()
-    return {"turns": len(times), "p50_ms": round(percentile(times, 0.5), 1), "p95_ms": round(percentile(times, 0.95), 1)}
+    return {"turns": len(times), "p50_ms": round(percentile(times, 0.5), 1), "p95_ms": round(percentile(times, 0.95), 1),
+            "times_ms": [round(t, 1) for t in times]}
 
 
 async def tagger_latency(address: str, texts: list[str], runs: int) -> dict[str, float]:
