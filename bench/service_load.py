@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -47,11 +48,14 @@ def service_python() -> str:
     return str(main) if main.exists() else sys.executable
 
 
-def start(module: str, args: Sequence[str], timeout_s: float = 300) -> Process:
-    """Start `python -m module --port 0 ...` and wait for its "serving on host:port" line."""
+def start(module: str, args: Sequence[str], timeout_s: float = 300, checkout: Path | None = None) -> Process:
+    """Start `python -m module --port 0 ...` and wait for its "serving on host:port" line.
+    `checkout`: run another checkout's code of this project (in this project's environment)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if checkout is not None:
+        env["PYTHONPATH"] = f"{checkout / 'services'}{os.pathsep}{checkout}"
     proc = subprocess.Popen([service_python(), "-m", module, "--port", "0", "--log-level", "WARNING", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=checkout)
     if proc.stdout is None:  # never with stdout=PIPE; it narrows the type
         raise RuntimeError(f"{module}: no pipe to its output")
     deadline = time.monotonic() + timeout_s

@@ -15,10 +15,7 @@ their medians, and the ratio of the last checkout's median to the first's.
 
 import argparse
 import asyncio
-import os
-import re
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,23 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "services")]
 
 from bench.__main__ import CONVERSATIONS  # noqa: E402
-from bench.service_load import Process, chat_first_sentence  # noqa: E402
-
-
-def start(checkout: Path, module: str, args: list[str], timeout_s: float = 300) -> Process:
-    """`python -m module` from `checkout`'s own code, in this project's environment."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "PYTHONPATH": f"{checkout / 'services'}{os.pathsep}{checkout}"}
-    proc = subprocess.Popen([sys.executable, "-m", module, "--port", "0", "--log-level", "WARNING", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=checkout)
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if m := re.search(r"serving on (\S+:\d+)", line):
-            return Process(proc, m.group(1))
-    proc.kill()
-    raise SystemExit(f"{module} in {checkout} did not start:\n{''.join(lines[-20:])}")
+from bench.service_load import chat_first_sentence, start  # noqa: E402
 
 
 def main() -> int:
@@ -53,12 +34,12 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=48, help="max tokens a reply (the bench's 48)")
     a = p.parse_args()
     checkouts = [c.resolve() for c in a.checkouts]
-    tagger = start(checkouts[-1], "tagger.server", [])
+    tagger = start("tagger.server", [], checkout=checkouts[-1])
     times: dict[Path, list[float]] = {c: [] for c in checkouts}
     try:
         for k in range(a.rounds):
             for checkout in checkouts if k % 2 == 0 else checkouts[::-1]:
-                blip = start(checkout, "generator.server", ["--models", a.model, "--tagger", tagger.address])
+                blip = start("generator.server", ["--models", a.model, "--tagger", tagger.address], checkout=checkout)
                 try:
                     got = asyncio.run(chat_first_sentence(blip.address, CONVERSATIONS, a.tokens))
                 finally:
