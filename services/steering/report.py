@@ -284,8 +284,9 @@ def write_plots(model_dir: Path, record: dict[str, Any], vectors: dict[str, Conc
 
 def blip_comparison(records: dict[str, dict[str, Any]], concepts: list[str]) -> str:
     """Markdown: per Blip concept and model, what Blip's Chat serves, the d there, that mode's
-    ceiling (also as a share of the residual norm, which differs between models) and perplexity
-    ratio, and steering alone at its child-safe alpha. Decisions are taken from each record's own
+    ceiling (also as a share of the residual norm, which differs between models; steering
+    alone's where nothing is served) and perplexity ratio, and steering alone at its child-safe
+    alpha. Decisions are taken from each record's own
     figures (`redecide`), as `assess` takes them."""
     from .record import blip_decision, blip_serving, redecide
 
@@ -306,7 +307,15 @@ def blip_comparison(records: dict[str, dict[str, Any]], concepts: list[str]) -> 
             alone = "-" if child is None else f"{child:g}: {effect_text(entry, child, replies)}"
             served = blip_serving(entry, entry.get("blip") or blip_decision(entry, replies))
             if served is None:
-                lines.append(f"| {concept} | {model} | nothing (answered plainly) | - | - | - | {alone} |")
+                # Nothing served: the ceiling shown is steering alone's child-safe one, if any alpha was.
+                safe = entry["child_safe_alpha"]
+                if safe is not None:
+                    ceiling = f"steer {safe:g} ({safe / entry['activation_scale']:.3f})"
+                elif all("flag_excess" in point for point in entry["sweep"]):
+                    ceiling = "none child-safe"
+                else:
+                    ceiling = "flags not measured"
+                lines.append(f"| {concept} | {model} | nothing (answered plainly) | - | {ceiling} | - | {alone} |")
                 continue
             e = served.effect
             modes = entry.get("modes", {})
