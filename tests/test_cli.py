@@ -134,8 +134,8 @@ def test_compare_models_says_what_blip_serves(paths) -> None:
         blip = state.concepts[concept].blip
         if blip is None:
             assert cells[2] == "nothing (answered plainly)", cells
-            safe = state.concepts[concept].child_safe_alpha
-            assert cells[4] == "none child-safe" if safe is None else cells[4].startswith(f"steer {safe:g} ("), cells  # flags measured here
+            safe = state.concepts[concept].child_safe_alpha  # this record measured flags
+            assert (cells[4] == "none child-safe") if safe is None else cells[4].startswith(f"steer {safe:g} ("), cells
         else:
             assert cells[2] == f"{blip.mode} at {blip.alpha:g}" if blip.alpha is not None else cells[2] == str(blip.mode)
             assert cells[3].startswith(f"{blip.effect.d:.2f} [{blip.effect.low:.2f}, {blip.effect.high:.2f}]")

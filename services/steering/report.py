@@ -286,8 +286,8 @@ def blip_comparison(records: dict[str, dict[str, Any]], concepts: list[str]) -> 
     """Markdown: per Blip concept and model, what Blip's Chat serves, the d there, that mode's
     ceiling (also as a share of the residual norm, which differs between models; steering
     alone's where nothing is served) and perplexity ratio, and steering alone at its child-safe
-    alpha. Decisions are taken from each record's own
-    figures (`redecide`), as `assess` takes them."""
+    alpha. Decisions are taken from each record's own figures (`redecide`), as `assess` takes
+    them."""
     from .record import blip_decision, blip_serving, redecide
 
     lines = [
