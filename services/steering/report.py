@@ -307,7 +307,7 @@ def blip_comparison(records: dict[str, dict[str, Any]], concepts: list[str]) -> 
             alone = "-" if child is None else f"{child:g}: {effect_text(entry, child, replies)}"
             served = blip_serving(entry, entry.get("blip") or blip_decision(entry, replies))
             if served is None:
-                # Nothing served: the ceiling shown is steering alone's child-safe one, if any alpha was.
+                # Nothing served: the ceiling shown is steering alone's child-safe one, if any coherent alpha was.
                 safe = entry["child_safe_alpha"]
                 if safe is not None:
                     ceiling = f"steer {safe:g} ({safe / entry['activation_scale']:.3f})"
