@@ -28,6 +28,7 @@ from steering.record import assess
 from steering.settings import REPO_ROOT, paths_from_env
 from steering.store import read_vector
 from grpc_helpers import run, with_generator
+from steer_cli import steer
 
 MODEL = "smollm2-135m-instruct"
 STEER = [sys.executable, "-c", "import steercli; raise SystemExit(steercli.main())"]
@@ -76,7 +77,8 @@ def _complete_files_only(folder: Path) -> list[str]:
     return names
 
 
-def test_kill_9_during_derive_leaves_only_complete_files_and_a_rerun_finishes(tmp_path: Path, figures) -> None:
+def test_kill_9_during_derive_leaves_only_complete_files_and_a_rerun_finishes(tmp_path: Path, monkeypatch,
+                                                                             figures) -> None:
     vectors = _store(tmp_path, with_model=False)
     out = vectors / MODEL
     concepts = ["happy", "sad"]
@@ -84,8 +86,9 @@ def test_kill_9_during_derive_leaves_only_complete_files_and_a_rerun_finishes(tm
         path = vectors / "pairs" / f"{name}.json"
         data = json.loads(path.read_text())
         path.write_text(json.dumps({**data, "pairs": data["pairs"][:6]}))
-    cmd = [*STEER, "derive", "--model", MODEL, "--concepts", ",".join(concepts), "--quiet"]
-    proc = subprocess.Popen(cmd, env=_env(vectors), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = ["derive", "--model", MODEL, "--concepts", ",".join(concepts), "--quiet"]
+    proc = subprocess.Popen([*STEER, *args], env=_env(vectors), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     # Kill while the second concept is being derived or written (one takes a second or more; the poll is 50 ms).
     _kill_when(proc, lambda: (out / "happy.safetensors").exists())
     orphan = out / f".sad.safetensors.{_dead_pid()}.abc123.tmp"  # what a kill mid-write leaves
@@ -94,7 +97,9 @@ def test_kill_9_during_derive_leaves_only_complete_files_and_a_rerun_finishes(tm
     assert "happy" in survivors and len(survivors) < len(concepts)
     first = (out / "happy.safetensors").read_bytes()
 
-    rerun = subprocess.run([*cmd, "--resume"], env=_env(vectors), capture_output=True, text=True, timeout=600)
+    # The rerun is the same command in this process (torch already loaded): only the killed one must be a process.
+    monkeypatch.setenv("STEER_VECTORS_DIR", str(vectors))
+    rerun = steer(*args, "--resume")
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"resuming: {len(survivors)} concept(s)" in rerun.stdout
     assert _complete_files_only(out) == sorted(concepts)
@@ -111,15 +116,17 @@ def _complete_files_only_except(folder: Path, orphan: Path) -> list[str]:
     return names
 
 
-def test_kill_9_during_validate_keeps_the_old_record_and_a_rerun_finishes(tmp_path: Path, smollm, figures) -> None:
+def test_kill_9_during_validate_keeps_the_old_record_and_a_rerun_finishes(tmp_path: Path, monkeypatch, smollm,
+                                                                         figures) -> None:
     vectors = _store(tmp_path, with_model=True)
     model_dir = vectors / MODEL
     before = (model_dir / "validation.json").read_bytes()
     # What is tested is the record's safety under a kill, so the sweep is the smallest there is:
     # a concept outside Blip's allowlist (no Blip baseline, no modes), four prompts, one seed, eight tokens.
-    cmd = [*STEER, "validate", "--model", MODEL, "--concepts", "bored", "--prompts", "4", "--seeds", "1",
-           "--allowlist-seeds", "1", "--no-plots", "--no-search", "--max-new-tokens", "8"]
-    proc = subprocess.Popen(cmd, env=_env(vectors), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    args = ["validate", "--model", MODEL, "--concepts", "bored", "--prompts", "4", "--seeds", "1",
+            "--allowlist-seeds", "1", "--no-plots", "--no-search", "--max-new-tokens", "8"]
+    proc = subprocess.Popen([*STEER, *args], env=_env(vectors), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     lines: list[str] = []
 
     def generating() -> bool:  # the canary is done and the behavioural check is generating
@@ -132,7 +139,8 @@ def test_kill_9_during_validate_keeps_the_old_record_and_a_rerun_finishes(tmp_pa
     vecs = {"bored": read_vector(model_dir / "bored.safetensors")}
     assert assess(MODEL, model_dir, smollm.fingerprint, vecs).steerable
 
-    rerun = subprocess.run(cmd, env=_env(vectors), capture_output=True, text=True, timeout=900)
+    monkeypatch.setenv("STEER_VECTORS_DIR", str(vectors))
+    rerun = steer(*args)  # in this process, as the derive test's rerun
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     record = json.loads((model_dir / "validation.json").read_text())
     assert set(record["concepts"]) >= {"bored"} and record["concepts"]["bored"]["status"] in ("passed", "failed")

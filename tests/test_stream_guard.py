@@ -54,10 +54,16 @@ def _run(engine: Engine, smollm: LoadedModel, paths, prompt: str, concept: str |
     return c
 
 
-def test_a_forced_strong_sad_reply_is_withheld_and_replaced(smollm, paths, engine, guard) -> None:
+@pytest.fixture(scope="module")
+def forced_sad(smollm, paths, engine, guard) -> Collector:
+    """The forced sad reply with the guard's checks instant (two tests read it)."""
+    return _run(engine, smollm, paths, SAD_PROMPT, "sad", SAD_ALPHA, guard)
+
+
+def test_a_forced_strong_sad_reply_is_withheld_and_replaced(smollm, paths, engine, guard, forced_sad) -> None:
     unguarded = _run(engine, smollm, paths, SAD_PROMPT, "sad", SAD_ALPHA, None)
     assert guard.check(unguarded.text).flagged, f"the forced reply no longer drifts; pick a new prompt: {unguarded.text!r}"
-    guarded = _run(engine, smollm, paths, SAD_PROMPT, "sad", SAD_ALPHA, guard)
+    guarded = forced_sad
     print(f"\nforced sad @ {SAD_ALPHA}: {unguarded.text!r}\nguarded: {guarded.text!r}\nevents: {guarded.guarded}")
     assert guarded.guarded and guarded.guarded[0].action == "regenerated_unsteered"
     assert guarded.guarded[0].withheld_chars > 0
@@ -89,11 +95,12 @@ class _SlowGuard(ThemeGuard):
         return super().check_reply(sent, new)
 
 
-def test_a_check_in_progress_stalls_no_other_row_and_changes_no_text(smollm, paths, engine, guard) -> None:
+def test_a_check_in_progress_stalls_no_other_row_and_changes_no_text(smollm, paths, engine, guard,
+                                                                     forced_sad) -> None:
     """The guard's checks run off the engine thread: while one row's sentence waits for its
     check, another row decodes to its end; the held reply then comes out exactly as it does
     when every check is instant (withheld at the same sentence, regenerated the same way)."""
-    instant = _run(engine, smollm, paths, SAD_PROMPT, "sad", SAD_ALPHA, guard)
+    instant = forced_sad
     slow = _SlowGuard(**{f.name: getattr(guard, f.name) for f in dataclasses.fields(guard)})
     ids = smollm.tokenizer(render_prompt(smollm, SAD_PROMPT), add_special_tokens=False)["input_ids"]
     cv = read_vector(paths.vectors / smollm.name / "sad.safetensors")
