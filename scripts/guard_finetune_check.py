@@ -16,7 +16,6 @@ of five.
 """
 
 import argparse
-import json
 import random
 import sys
 import time
@@ -30,9 +29,7 @@ from sklearn.model_selection import StratifiedKFold
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "services")]
 
-from steering.embedding import embed  # noqa: E402
-from steering.guard import THEMES_FILE, load_guard, scored_units, split_sentences  # noqa: E402
-from steering.guard_train import LISTS_ONLY, _fit, _samples, _unit_scores, choose_threshold, load_rows  # noqa: E402
+from steering.guard_train import _fit, _samples, _unit_scores, choose_threshold, training_set  # noqa: E402
 from steering.settings import paths_from_env  # noqa: E402
 
 PRECISIONS = (0.85, 0.9, 0.92, 0.95)
@@ -104,28 +101,14 @@ def main() -> int:
     if not 1 <= a.folds <= 5:
         p.error("--folds must be 1 to 5")
     torch.set_num_threads(2)
-    guard_dir = paths_from_env().guard
-    rows = load_rows(guard_dir)
-    spec = json.loads((guard_dir / THEMES_FILE).read_text(encoding="utf-8"))
-    harmful = [e for name, t in spec["themes"].items() if name not in LISTS_ONLY for e in t["exemplars"]]
-    fixed_texts = harmful + list(spec["safe_exemplars"])
-    fixed = (embed(fixed_texts), fixed_texts, np.array([1] * len(harmful) + [0] * len(spec["safe_exemplars"])))
-    rules_guard = load_guard(guard_dir, harm_model=False)
-    sentences = [split_sentences(r["text"]) for r in rows]
-    units = [scored_units(r["text"], ss) or [r["text"].strip()] for r, ss in zip(rows, sentences)]
-    flat = embed([u for us in units for u in us])
-    offsets = np.cumsum([0] + [len(us) for us in units])
-    vectors = [flat[offsets[i] : offsets[i + 1]] for i in range(len(rows))]
-    rules = np.array([rules_guard._verdict(r["text"], us, vs, len(ss)).flagged
-                      for r, us, vs, ss in zip(rows, units, vectors, sentences)])
-    y = np.array([r["flag"] for r in rows])
-    strata = [r["theme"] or "harmless" for r in rows]
+    data = training_set(paths_from_env().guard)
+    rows, units, vectors, rules, y = data.rows, data.units, data.vectors, data.rules, data.y
 
     svm_scores, tuned_scores, seen = np.zeros(len(rows)), np.zeros(len(rows)), []
-    folds = StratifiedKFold(5, shuffle=True, random_state=0).split(np.zeros(len(rows)), strata)
+    folds = StratifiedKFold(5, shuffle=True, random_state=0).split(np.zeros(len(rows)), data.strata)
     for fold, (train_idx, test_idx) in zip(range(a.folds), folds):
         start = time.perf_counter()
-        x, texts, labels = _samples(train_idx, rows, units, vectors, fixed)
+        x, texts, labels = _samples(train_idx, rows, units, vectors, data.fixed)
         svm, words, logistic = _fit(x, texts, labels, 16.0)
         model = fine_tune(texts, labels, a.epochs, a.lr, seed=fold)
         with torch.inference_mode():

@@ -18,6 +18,7 @@ import hashlib
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -126,7 +127,21 @@ def report_lines(rows: Sequence[dict], flagged: np.ndarray) -> list[str]:
     return lines
 
 
-def train(guard_dir: Path, show: bool = False, target: float = TARGET_PRECISION) -> tuple[HarmModel, list[str]]:
+@dataclass(frozen=True)
+class TrainingSet:
+    """The tuning rows as the harm model learns from them and is scored on them."""
+
+    rows: list[dict]
+    themes_text: str
+    fixed: tuple[np.ndarray, list[str], np.ndarray]  # the exemplars: embeddings, texts, labels
+    units: list[list[str]]  # per row, what the guard scores (scored_units)
+    vectors: list[np.ndarray]  # per row, its units' embeddings
+    rules: np.ndarray  # per row, whether the lists and exemplars alone flag it
+    y: np.ndarray  # per row, whether it must be flagged
+    strata: list[str]  # per row, its theme or "harmless" (the folds' strata)
+
+
+def training_set(guard_dir: Path) -> TrainingSet:
     guard_dir = Path(guard_dir)
     rows = load_rows(guard_dir)
     themes_text = (guard_dir / THEMES_FILE).read_text(encoding="utf-8")
@@ -143,8 +158,15 @@ def train(guard_dir: Path, show: bool = False, target: float = TARGET_PRECISION)
     vectors = [flat[offsets[i] : offsets[i + 1]] for i in range(len(rows))]
     rules = np.array([rules_guard._verdict(r["text"], us, vs, len(ss)).flagged
                       for r, us, vs, ss in zip(rows, units, vectors, sentences)])
-    y = np.array([r["flag"] for r in rows])
-    strata = [r["theme"] or "harmless" for r in rows]
+    return TrainingSet(rows, themes_text, fixed, units, vectors, rules, np.array([r["flag"] for r in rows]),
+                       [r["theme"] or "harmless" for r in rows])
+
+
+def train(guard_dir: Path, show: bool = False, target: float = TARGET_PRECISION) -> tuple[HarmModel, list[str]]:
+    data = training_set(guard_dir)
+    rows, themes_text, fixed, units, vectors = data.rows, data.themes_text, data.fixed, data.units, data.vectors
+    rules, y, strata = data.rules, data.y, data.strata
+    fixed_texts = fixed[1]
 
     choices = []
     for c in SVM_CS:
