@@ -5,7 +5,7 @@ This fine-tunes the embedder itself end to end, with a one-logit head on its nor
 pooling, on the same training samples (`guard_train._samples`: the exemplars, a flagged row's
 whole text, every unit of a harmless one), and scores each held-out row as the guard does: the
 largest score over its units, with the lists and exemplars' own flags. The SVM side is the
-committed configuration (C 16, word weight 0.25). Both use the same stratified folds, and both
+saved harm model's configuration (its C and word weight, 16 and 0.25 today). Both use the same stratified folds, and both
 report the most recall they reach at a given out-of-fold precision, overall and per theme.
 
 Only the tuning rows are read (`guard_train.load_rows`); the held-apart sets never are. On the
@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "services")]
 
 from steering.guard_train import _fit, _samples, _unit_scores, choose_threshold, training_set  # noqa: E402
+from steering.harm_model import HARM_MODEL_FILE, HarmModel  # noqa: E402
 from steering.settings import paths_from_env  # noqa: E402
 
 PRECISIONS = (0.85, 0.9, 0.92, 0.95)
@@ -101,7 +102,10 @@ def main() -> int:
     if not 1 <= a.folds <= 5:
         p.error("--folds must be 1 to 5")
     torch.set_num_threads(2)
-    data = training_set(paths_from_env().guard)
+    guard_dir = paths_from_env().guard
+    saved = HarmModel.load(guard_dir / HARM_MODEL_FILE)
+    svm_c, weight = float(saved.metadata["svm_C"]), saved.word_weight
+    data = training_set(guard_dir)
     rows, units, vectors, rules, y = data.rows, data.units, data.vectors, data.rules, data.y
 
     svm_scores, tuned_scores, seen = np.zeros(len(rows)), np.zeros(len(rows)), []
@@ -109,12 +113,12 @@ def main() -> int:
     for fold, (train_idx, test_idx) in zip(range(a.folds), folds):
         start = time.perf_counter()
         x, texts, labels = _samples(train_idx, rows, units, vectors, data.fixed)
-        svm, words, logistic = _fit(x, texts, labels, 16.0)
+        svm, words, logistic = _fit(x, texts, labels, svm_c)
         model = fine_tune(texts, labels, a.epochs, a.lr, seed=fold)
         with torch.inference_mode():
             for i in test_idx:
                 s = _unit_scores(svm, words, logistic, units[i], vectors[i])
-                svm_scores[i] = float((s[:, 0] + 0.25 * s[:, 1]).max())
+                svm_scores[i] = float((s[:, 0] + weight * s[:, 1]).max())
                 tuned_scores[i] = float(model(units[i]).max())
         seen += list(test_idx)
         print(f"fold {fold + 1}: {len(test_idx)} rows held out, {time.perf_counter() - start:.0f} s", flush=True)
@@ -122,7 +126,7 @@ def main() -> int:
     themes = [rows[i]["theme"] for i in idx]
     print(f"{len(idx)} rows out of fold ({int(y[idx].sum())} to flag); the lists and exemplars alone flag "
           f"{int((rules[idx] & y[idx]).sum())} of them")
-    report("SVM (committed configuration)", svm_scores[idx], y[idx], rules[idx], themes)
+    report(f"SVM (the saved configuration: C {svm_c:g}, word weight {weight:g})", svm_scores[idx], y[idx], rules[idx], themes)
     report(f"fine-tuned embedder ({a.epochs} epochs, lr {a.lr:g})", tuned_scores[idx], y[idx], rules[idx], themes)
     return 0
 

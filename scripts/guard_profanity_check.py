@@ -63,8 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     theme = next(t for t in load_guard(guard_dir, harm_model=False).themes if t.name == "profanity")
 
     def lists(texts: list[str]) -> np.ndarray:
-        masked = [theme.idioms.sub(" ", t) if theme.idioms else t for t in texts]
-        return np.array([bool(theme.pattern and theme.pattern.search(m)) for m in masked])
+        return np.array([theme.list_hit(t) is not None for t in texts])
 
     def classifier(threshold: float) -> Callable[[list[str]], np.ndarray]:
         return lambda texts: np.asarray(predict_prob(texts)) >= threshold

@@ -43,13 +43,16 @@ def engine(smollm: LoadedModel):
     e.close()
 
 
+def _steering(smollm: LoadedModel, paths, concept: str, alpha: float) -> Steering:
+    """The concept's stored vector on the model's band, at a uniform alpha that is also its ceiling."""
+    cv = read_vector(paths.vectors / smollm.name / f"{concept}.safetensors")
+    return Steering(concept, {layer: cv.directions[layer] for layer in smollm.steering_layers}, alpha, alpha, frozenset())
+
+
 def _run(engine: Engine, smollm: LoadedModel, paths, prompt: str, concept: str | None, alpha: float,
          guard: ThemeGuard | None, max_tokens: int = 64) -> Collector:
     ids = smollm.tokenizer(render_prompt(smollm, prompt), add_special_tokens=False)["input_ids"]
-    steering = None
-    if concept:
-        cv = read_vector(paths.vectors / smollm.name / f"{concept}.safetensors")
-        steering = Steering(concept, {layer: cv.directions[layer] for layer in smollm.steering_layers}, alpha, alpha, frozenset())
+    steering = _steering(smollm, paths, concept, alpha) if concept else None
     c = Collector()
     engine.submit(Job(ids, c, steering, max_tokens=max_tokens, gate=GateConfig(enabled=False), guard=guard))
     assert c.done.wait(300), "the stream did not finish"
@@ -105,11 +108,8 @@ def test_a_check_in_progress_stalls_no_other_row_and_changes_no_text(smollm, pat
     instant = forced
     slow = _SlowGuard(**{f.name: getattr(guard, f.name) for f in dataclasses.fields(guard)})
     ids = smollm.tokenizer(render_prompt(smollm, FORCED_PROMPT), add_special_tokens=False)["input_ids"]
-    cv = read_vector(paths.vectors / smollm.name / f"{FORCED_CONCEPT}.safetensors")
-    steering = Steering(FORCED_CONCEPT, {layer: cv.directions[layer] for layer in smollm.steering_layers}, FORCED_ALPHA,
-                        FORCED_ALPHA, frozenset())
     held = Collector()
-    engine.submit(Job(ids, held, steering, max_tokens=64, gate=GateConfig(enabled=False), guard=slow))
+    engine.submit(Job(ids, held, _steering(smollm, paths, FORCED_CONCEPT, FORCED_ALPHA), max_tokens=64, gate=GateConfig(enabled=False), guard=slow))
     other = _run(engine, smollm, paths, "How do bees make honey?", None, 0.0, None, max_tokens=48)
     assert other.finished.reason in ("length", "end_of_text") and other.text
     assert not held.done.is_set() and not held.first_text.is_set()  # still waiting for its first check

@@ -55,6 +55,11 @@ class Theme:
     idioms: re.Pattern[str] | None  # harmless uses of a listed word, masked before matching
     exemplars: np.ndarray | None  # [n, 384], unit; None when the theme is matched by its lists only
 
+    def list_hit(self, text: str) -> re.Match[str] | None:
+        """The first listed word or phrase in `text` outside the theme's harmless idioms."""
+        masked = self.idioms.sub(" ", text) if self.idioms else text
+        return self.pattern.search(masked) if self.pattern else None
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -122,8 +127,7 @@ class ThemeGuard:
         sentences, sentence_vectors = units[:n_sentences], vectors[:n_sentences]
         safe_sims = (sentence_vectors @ self.safe.T).max(1) if n_sentences else np.zeros(0)
         for theme in self.themes:
-            masked = theme.idioms.sub(" ", text) if theme.idioms else text
-            hit = theme.pattern.search(masked) if theme.pattern else None
+            hit = theme.list_hit(text)
             if hit:
                 themes.append(theme.name)
                 reasons.append(f"{theme.name} list: {hit.group(0)!r}")
