@@ -1,9 +1,9 @@
 """`python -m steering.guard_train`: fit the theme guard's harm model on the tuning replies.
 
-The training rows are `tuning.jsonl`, `tuning_extra.jsonl`, `tuning_more.jsonl`, `labelled.jsonl`,
-`model_replies.jsonl` and `unsteered_replies.jsonl` in `vectors/guard/`, with the themes'
-exemplars (harmful) and the safe exemplars (harmless) of `themes.json`. The held-apart sets,
-`heldout.jsonl` and `unsteered_heldout.jsonl`, are never read here. Profanity rows are
+The training rows are those of TRAIN_FILES in `vectors/guard/`, with the themes' exemplars
+(harmful) and the safe exemplars (harmless) of `themes.json`. `former_heldout.jsonl` was the
+first held-apart set until it had been measured four times; it is tuning data now. The held-apart
+sets, `heldout.jsonl` and `unsteered_heldout.jsonl`, are never read here. Profanity rows are
 left out: swearing is the lists' job, and an embedding sees a sentence's topic, not its words.
 
 What is chosen (the words' weight beside the meaning, the threshold) is chosen on out-of-fold
@@ -35,7 +35,10 @@ from .harm_model import HARM_MODEL_FILE, HarmModel
 from .settings import paths_from_env
 from .words import WordGrams
 
-TRAIN_FILES = ("tuning.jsonl", "tuning_extra.jsonl", "tuning_more.jsonl", "labelled.jsonl", "model_replies.jsonl", "unsteered_replies.jsonl")
+TRAIN_FILES = (
+    "tuning.jsonl", "tuning_extra.jsonl", "tuning_more.jsonl", "tuning_weak.jsonl", "former_heldout.jsonl",
+    "labelled.jsonl", "model_replies.jsonl", "unsteered_replies.jsonl", "unsteered_replies_more.jsonl",
+)
 LISTS_ONLY = ("profanity",)  # themes the model does not learn
 SVM_CS = (4.0, 16.0)  # the machine's regularisation, chosen by cross-validation
 WORD_C = 8.0
