@@ -28,7 +28,7 @@ FORCED_PROMPT = "What are clouds made of?"
 FORCED_CONCEPT = "hostile"
 FORCED_ALPHA = 16.0
 LOOP_PROMPT = "What would a button say if it could talk?"
-LOOP_ALPHA = 20.0
+LOOP_ALPHA = 24.0
 
 
 @pytest.fixture(scope="module")
