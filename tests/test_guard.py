@@ -18,7 +18,7 @@ from steering.validate import load_eval_prompts
 
 MIN_PRECISION = 0.85
 MIN_RECALL = 0.7
-# heldout.jsonl, measured once with the guard as committed: precision 0.901, recall 0.925
+# heldout.jsonl with the guard as committed: precision 0.901, recall 0.922 (measured twice: README)
 PRECISION_FLOOR = 0.88
 RECALL_FLOOR = 0.9
 
