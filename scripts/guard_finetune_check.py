@@ -29,7 +29,7 @@ from sklearn.model_selection import StratifiedKFold
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "services")]
 
-from steering.guard_train import _fit, _samples, _unit_scores, choose_threshold, training_set  # noqa: E402
+from steering.guard_train import _fit, _samples, _unit_scores, choose_threshold, text_score, training_set  # noqa: E402
 from steering.harm_model import HARM_MODEL_FILE, HarmModel  # noqa: E402
 from steering.settings import paths_from_env  # noqa: E402
 
@@ -117,8 +117,7 @@ def main() -> int:
         model = fine_tune(texts, labels, a.epochs, a.lr, seed=fold)
         with torch.inference_mode():
             for i in test_idx:
-                s = _unit_scores(svm, words, logistic, units[i], vectors[i])
-                svm_scores[i] = float((s[:, 0] + weight * s[:, 1]).max())
+                svm_scores[i] = text_score(_unit_scores(svm, words, logistic, units[i], vectors[i]), weight)
                 tuned_scores[i] = float(model(units[i]).max())
         seen += list(test_idx)
         print(f"fold {fold + 1}: {len(test_idx)} rows held out, {time.perf_counter() - start:.0f} s", flush=True)

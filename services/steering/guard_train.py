@@ -31,7 +31,7 @@ from sklearn.svm import SVC
 from .embedding import embed
 from .errors import ConfigError, SteeringError
 from .guard import THEMES_FILE, load_guard, load_labelled, scored_units, split_sentences
-from .harm_model import HARM_MODEL_FILE, HarmModel
+from .harm_model import HARM_MODEL_FILE, HarmModel, combine
 from .settings import paths_from_env
 from .words import WordGrams
 
@@ -98,6 +98,11 @@ def _samples(idx: Sequence[int], rows: Sequence[dict], units: Sequence[list[str]
 def _unit_scores(svm: SVC, words: WordGrams, logistic: LogisticRegression, us: list[str], vs: np.ndarray) -> np.ndarray:
     """[units, 2]: the machine's decision value and the words' logit."""
     return np.stack([svm.decision_function(vs), logistic.decision_function(words.transform(us))], axis=1)
+
+
+def text_score(unit_scores: np.ndarray, weight: float) -> float:
+    """A text's harm score: its most harmful unit's, from `_unit_scores`."""
+    return float(combine(unit_scores[:, 0], unit_scores[:, 1], weight).max())
 
 
 def choose_threshold(scores: np.ndarray, y: np.ndarray, rules: np.ndarray,
@@ -182,7 +187,7 @@ def train(guard_dir: Path, show: bool = False, target: float = TARGET_PRECISION)
             for i in test_idx:
                 oof[i] += _unit_scores(svm, words, logistic, units[i], vectors[i]) / REPEATS
         for weight in WORD_WEIGHTS:
-            scores = np.array([float((s[:, 0] + weight * s[:, 1]).max()) for s in oof])
+            scores = np.array([text_score(s, weight) for s in oof])
             choices.append((*choose_threshold(scores, y, rules, target), weight, c, scores))
     threshold, recall, precision, weight, svm_c, scores = max(choices, key=lambda ch: (ch[1], ch[2]))
     flagged = rules | (scores >= threshold)
@@ -209,7 +214,7 @@ def train(guard_dir: Path, show: bool = False, target: float = TARGET_PRECISION)
     )
     # The numpy scorer must agree with scikit-learn's on what it was fitted on.
     check = model.scores(texts[:50], x[:50])
-    expect = svm.decision_function(x[:50]) + weight * logistic.decision_function(words.transform(texts[:50]))
+    expect = combine(svm.decision_function(x[:50]), logistic.decision_function(words.transform(texts[:50])), weight)
     if not np.allclose(check, expect, atol=1e-3):
         raise SteeringError(f"the saved harm model scores differ from scikit-learn's by {np.abs(check - expect).max():.4f}")
     return model, lines

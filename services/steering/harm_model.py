@@ -30,6 +30,11 @@ _RETRAIN = "retrain it with `python -m steering.guard_train`"
 _REQUIRED_META = ("gamma", "svm_intercept", "word_intercept", "word_weight", "threshold", "vocabulary", "train_sha256")
 
 
+def combine(meaning: np.ndarray, words: np.ndarray, word_weight: float) -> np.ndarray:
+    """The harm score from the machine's decision values and the words' logits."""
+    return meaning + word_weight * words
+
+
 @dataclass(frozen=True, eq=False)
 class HarmModel:
     support: np.ndarray  # [n, 384] support vectors (unit sentence embeddings)
@@ -51,7 +56,7 @@ class HarmModel:
         sq = np.maximum(2.0 - 2.0 * (vectors @ self.support.T), 0.0)  # |x - s|^2 of unit vectors
         meaning = np.exp(-self.gamma * sq) @ self.dual_coef + self.svm_intercept
         words = self.words.transform(texts) @ self.word_coef + self.word_intercept
-        return meaning + self.word_weight * words
+        return combine(meaning, words, self.word_weight)
 
     def save(self, path: Path) -> None:
         metadata = {k: str(v) for k, v in self.metadata.items()}
