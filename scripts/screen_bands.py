@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("both", "steer"), default="both")
     p.add_argument("--out", type=Path, help="write the points here as JSON")
     a = p.parse_args(argv)
+    if a.seeds < 1:
+        p.error("--seeds must be at least 1")
     if a.concept not in BLIP_ALLOWLIST:
         p.error(f"{a.concept} is not a Blip concept: {', '.join(sorted(BLIP_ALLOWLIST))}")
     try:
