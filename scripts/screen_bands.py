@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "services"))
 
 from steering.atomic import write_text_atomic  # noqa: E402
 from steering.config import SteerConfig  # noqa: E402
+from steering.errors import SteeringError  # noqa: E402
 from steering.guard import load_guard  # noqa: E402
 from steering.profiles import BLIP_ALLOWLIST  # noqa: E402
 from steering.registry import load_registry  # noqa: E402
@@ -55,8 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         rel = [float(r) for r in a.rel.split(",")]
     except ValueError:
         p.error("--bands takes first-last layer pairs (6-12,3-9) and --rel numbers (0.027,0.036)")
+    if not all(bands):
+        p.error(f"--bands {a.bands}: each band's first layer must not come after its last")
     paths = paths_from_env()
-    entry = load_registry(paths.registry).get(a.model)
+    try:
+        entry = load_registry(paths.registry).get(a.model)
+    except SteeringError as exc:
+        p.error(str(exc))
     load, loaded = check_load(entry, paths.cache, None)
     if loaded is None:
         p.error(f"{a.model} did not load: {load.detail}")
