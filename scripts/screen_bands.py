@@ -8,6 +8,12 @@ serves) or without it (`--mode steer`), at each strength relative to the band's 
 alpha in proportion to each layer's norm, and set against unsteered replies under the same system prompt:
 d with its interval, perplexity ratio, looping and flagged, by validation's own `_sweep`. A look, not a
 record: nothing is served from it, and only `steer validate` decides what Blip serves.
+
+By default the concept's stored vector is steered. `--direction` derives one here instead, from the
+concept's pairs or `--pairs FILE`: `caa` (the stored method, mean difference at each side's last
+token), `pca` (the first principal component of the pairs' last-token differences, as repeng's
+default, turned to agree with their mean) or `reply-mean` (the mean difference of each side's
+activations averaged over its reply's tokens rather than read at its last).
 """
 
 import argparse
@@ -16,13 +22,19 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
 
 from steering.atomic import write_text_atomic  # noqa: E402
 from steering.config import SteerConfig  # noqa: E402
+from steering.derive import derive_concept, pair_activations, render_reply  # noqa: E402
 from steering.errors import SteeringError  # noqa: E402
 from steering.guard import load_guard  # noqa: E402
+from steering.layers import recorded_outputs  # noqa: E402
+from steering.loading import LoadedModel  # noqa: E402
+from steering.pairs import Concept, load_concept  # noqa: E402
 from steering.profiles import BLIP_ALLOWLIST  # noqa: E402
 from steering.registry import load_registry  # noqa: E402
 from steering.scoring import load_scorer  # noqa: E402
@@ -30,11 +42,47 @@ from steering.settings import paths_from_env  # noqa: E402
 from steering.validate import (SweepSettings, _sweep, alpha_grid, baseline, check_load, concept_prompts,  # noqa: E402
                                load_blip_setting, load_eval_prompts)
 from steering.validate_model import model_vectors  # noqa: E402
+from steering.vector import ConceptVector  # noqa: E402
+
+DIRECTIONS = ("caa", "pca", "reply-mean")
 
 
 def _band(text: str) -> tuple[int, ...]:
     lo, _, hi = text.partition("-")
     return tuple(range(int(lo), int(hi or lo) + 1))
+
+
+@torch.no_grad()
+def reply_means(loaded: LoadedModel, concept: Concept, side: str) -> torch.Tensor:
+    """Each pair's `side` averaged over its reply's tokens at every layer: [pairs, layers, hidden]."""
+    tok, n = loaded.tokenizer, len(loaded.layers)
+    out = torch.empty(len(concept.pairs), n, loaded.hidden_size)
+    with recorded_outputs(loaded.layers, range(n)) as captured:
+        for i, pair in enumerate(concept.pairs):
+            text = render_reply(loaded, pair.context, getattr(pair, side))
+            start = len(tok(render_reply(loaded, pair.context, ""), add_special_tokens=False)["input_ids"])
+            ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"].to(loaded.device)
+            loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+            for layer in range(n):
+                out[i, layer] = captured[layer][0, start:].float().mean(0).cpu()
+    return out
+
+
+def derived(loaded: LoadedModel, concept: Concept, direction: str) -> ConceptVector:
+    """The concept's vector by `direction`, with the stored method's norms (alpha's scale)."""
+    cv = derive_concept(loaded, concept)
+    if direction == "caa":
+        return cv
+    if direction == "reply-mean":
+        diff = reply_means(loaded, concept, "positive").mean(0) - reply_means(loaded, concept, "negative").mean(0)
+    else:
+        pos, neg, _, _ = pair_activations(loaded, concept)
+        diffs = pos - neg  # [pairs, layers, hidden]
+        diff = torch.stack([torch.linalg.svd(d - d.mean(0), full_matrices=False)[2][0] for d in diffs.unbind(1)])
+        diff *= torch.sign((diff * diffs.mean(0)).sum(-1, keepdim=True))
+    unit = diff / diff.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+    return ConceptVector(**{**cv.__dict__, "directions": {i: unit[i].contiguous() for i in range(len(unit))},
+                            "method": f"{direction}, screened only"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rel", default="0.027,0.036,0.042", help="strengths relative to the band's residual norm")
     p.add_argument("--seeds", type=int, default=6, help="sampling seeds per evaluation prompt")
     p.add_argument("--mode", choices=("both", "steer"), default="both")
+    p.add_argument("--direction", choices=DIRECTIONS, help="derive the vector here this way (default: the stored one)")
+    p.add_argument("--pairs", type=Path, help="with --direction: this pairs file, not the concept's own")
     p.add_argument("--out", type=Path, help="write the points here as JSON")
     a = p.parse_args(argv)
     if a.seeds < 1:
         p.error("--seeds must be at least 1")
+    if a.pairs and not a.direction:
+        p.error("--pairs needs --direction: the stored vector has its own pairs")
     if a.concept not in BLIP_ALLOWLIST:
         p.error(f"{a.concept} is not a Blip concept: {', '.join(sorted(BLIP_ALLOWLIST))}")
     try:
@@ -66,7 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     load, loaded = check_load(entry, paths.cache, None)
     if loaded is None:
         p.error(f"{a.model} did not load: {load.detail}")
-    cv = model_vectors(loaded, paths)[0].get(a.concept)
+    if a.direction:
+        try:
+            concept = load_concept(a.pairs.parent, a.pairs.stem) if a.pairs else load_concept(paths.pairs, a.concept)
+        except SteeringError as exc:
+            p.error(str(exc))
+        cv: ConceptVector | None = derived(loaded, concept, a.direction)
+    else:
+        cv = model_vectors(loaded, paths)[0].get(a.concept)
     if cv is None:
         p.error(f"no usable {a.concept} vector on {a.model}; run `steer derive`")
     outside = sorted({layer for band in bands for layer in band} - set(cv.directions))
@@ -90,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         write_text_atomic(a.out, json.dumps({
             "model": loaded.name, "fingerprint": loaded.fingerprint, "concept": a.concept,
+            "direction": a.direction or "stored", "pairs": len(concept.pairs) if a.direction else cv.pair_count,
             "vector_sha256": cv.content_sha256, "seeds": a.seeds, "prompts": len(settings.prompts),
             "command": "scripts/screen_bands.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seconds": round(time.perf_counter() - start, 1), "points": points}, indent=1) + "\n")

@@ -69,9 +69,11 @@ def test_stream_order_and_final_event(service, paths) -> None:
     assert _no_hooks(service)
 
 
-def test_greedy_stream_matches_in_process_generation() -> None:
+def test_greedy_stream_matches_in_process_generation(paths) -> None:
     """The engine's stream is the same text as the core's batched generate for greedy decoding
-    (personal profile without the content guard, which may withhold and regenerate text)."""
+    (personal profile without the content guard, which may withhold and regenerate text), both
+    steered with the record's configuration."""
+    from steering.config import SteerConfig
     from steering.generate import GenerationSettings, generate
 
     service = build_service(GeneratorConfig(profile=Profile.PERSONAL, guard=False))
@@ -81,7 +83,8 @@ def test_greedy_stream_matches_in_process_generation() -> None:
     events = _generate(service, pb.GenerateRequest(prompt="What is your favourite game?", concept="happy",
                                                    alpha=alpha, max_tokens=20))
     streamed = "".join(e.text for e in events if e.WhichOneof("event") == "text").strip()
-    ref = generate(slot.loaded, ["What is your favourite game?"], [cv.additions(alpha, slot.loaded.steering_layers)],
+    config = SteerConfig.from_dict(_recorded_config(paths, "happy"))
+    ref = generate(slot.loaded, ["What is your favourite game?"], [config.row(cv, alpha)],
                    GenerationSettings(max_new_tokens=20))[0].text
     service.close()
     assert streamed == ref

@@ -1,0 +1,48 @@
+"""scripts/screen_bands.py: its direction variants on the real model, and its usage errors."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from steering.derive import derive_concept
+from steering.pairs import Concept, load_concept
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import screen_bands  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def few_pairs(paths) -> Concept:
+    concept = load_concept(paths.pairs, "playfulness")
+    return Concept(**{**concept.__dict__, "pairs": concept.pairs[:8]})
+
+
+@pytest.mark.parametrize("direction", ["pca", "reply-mean"])
+def test_variant_directions_are_unit_and_lean_toward_the_concept(smollm, few_pairs, direction):
+    caa = derive_concept(smollm, few_pairs)
+    cv = screen_bands.derived(smollm, few_pairs, direction)
+    assert cv.method == f"{direction}, screened only" and cv.act_norms == caa.act_norms
+    for layer in (6, 12, 18):
+        d = cv.directions[layer]
+        assert abs(float(d.norm()) - 1) < 1e-5
+        # A different direction from the stored one, on the concept's side of it.
+        cosine = float(torch.dot(d, caa.directions[layer]))
+        assert 0 < cosine < 0.999, (layer, cosine)
+
+
+def test_caa_is_the_stored_method(smollm, few_pairs):
+    a, b = screen_bands.derived(smollm, few_pairs, "caa"), derive_concept(smollm, few_pairs)
+    assert all(torch.equal(a.directions[layer], b.directions[layer]) for layer in (0, 15, 29))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--concept", "playfulness", "--bands", "6-12", "--pairs", "x.json"], "--pairs needs --direction"),
+    (["--concept", "playfulness", "--bands", "6-12", "--direction", "mean"], "invalid choice"),
+    (["--concept", "playfulness", "--bands", "6-12", "--seeds", "0"], "--seeds must be at least 1"),
+])
+def test_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        screen_bands.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
