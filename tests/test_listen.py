@@ -149,13 +149,23 @@ audio.play().then(() => { audio.pause(); done({played: true, duration: audio.dur
 
 def click_and_wait(browser, element_id: str) -> None:
     """Click a submit button and wait until its page has been replaced by the next one."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     page = browser.find_element(By.TAG_NAME, "html")
     browser.find_element(By.ID, element_id).click()
-    WebDriverWait(browser, 20).until(expected_conditions.staleness_of(page))
+
+    def replaced(_driver) -> bool:
+        # Mid-navigation Chromium may answer "Node with given id does not belong to the
+        # document" (an unknown error, not a stale-element one): the old page is gone there too.
+        try:
+            page.is_enabled()
+        except WebDriverException:
+            return True
+        return False
+
+    WebDriverWait(browser, 20).until(replaced)
 
 
 def test_a_listener_rates_pairs_in_the_browser_and_the_figures_agree(browser, pairs_file: Path, tmp_path: Path) -> None:
