@@ -17,10 +17,10 @@ same.
 """
 
 import argparse
-from collections.abc import Callable
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -42,9 +42,9 @@ TARGET, TWIN = "smollm2-135m-instruct", "smollm2-135m-instruct-int8"
 
 
 def prompt_ids(loaded: LoadedModel, system: str, turns: list[str]) -> list[list[int]]:
-    tok = loaded.tokenizer
-    return [tok(render_prompt(loaded, [{"role": "system", "content": system}, {"role": "user", "content": t}]), add_special_tokens=not loaded.has_chat_template)["input_ids"]
-            for t in turns]
+    chats = [[{"role": "system", "content": system}, {"role": "user", "content": t}] for t in turns]
+    return [loaded.tokenizer(render_prompt(loaded, chat), add_special_tokens=not loaded.has_chat_template)["input_ids"]
+            for chat in chats]
 
 
 @torch.no_grad()
