@@ -92,13 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bands", required=True, help="comma-separated first-last layers, e.g. 6-12,3-9")
     p.add_argument("--rel", default="0.027,0.036,0.042", help="strengths relative to the band's residual norm")
     p.add_argument("--seeds", type=int, default=6, help="sampling seeds per evaluation prompt")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds run from this one: another first seed draws fresh replies, to confirm a point "
+                        "chosen on validation's seeds (which start at 0)")
     p.add_argument("--mode", choices=("both", "steer"), default="both")
     p.add_argument("--direction", choices=DIRECTIONS, help="derive the vector here this way (default: the stored one)")
     p.add_argument("--pairs", type=Path, help="with --direction: this pairs file, not the concept's own")
     p.add_argument("--out", type=Path, help="write the points here as JSON")
     a = p.parse_args(argv)
-    if a.seeds < 1:
-        p.error("--seeds must be at least 1")
+    if a.seeds < 1 or a.first_seed < 0:
+        p.error("--seeds must be at least 1 and --first-seed at least 0")
     if a.pairs and not a.direction:
         p.error("--pairs needs --direction: the stored vector has its own pairs")
     if a.concept not in BLIP_ALLOWLIST:
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     outside = sorted({layer for band in bands for layer in band} - set(cv.directions))
     if outside:
         p.error(f"{a.concept}'s vector has no direction at layers {outside}: it has {min(cv.directions)}-{max(cv.directions)}")
-    seeds = tuple(range(a.seeds))
+    seeds = tuple(range(a.first_seed, a.first_seed + a.seeds))
     settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=seeds, allowlist_seeds=seeds,
                              blip=load_blip_setting(paths.eval)).scaled(entry.sweep_scale)
     scorer, guard = load_scorer(paths.eval), load_guard(paths.guard)
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(a.out, json.dumps({
             "model": loaded.name, "fingerprint": loaded.fingerprint, "concept": a.concept,
             "direction": a.direction or "stored", "pairs": len(concept.pairs) if a.direction else cv.pair_count,
-            "vector_sha256": cv.content_sha256, "seeds": a.seeds, "prompts": len(settings.prompts),
+            "vector_sha256": cv.content_sha256, "seeds": a.seeds, "first_seed": a.first_seed, "prompts": len(settings.prompts),
             "command": "scripts/screen_bands.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seconds": round(time.perf_counter() - start, 1), "points": points}, indent=1) + "\n")
     return 0
