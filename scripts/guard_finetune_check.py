@@ -1,11 +1,12 @@
 """Would fine-tuning the embedder beat the guard's SVM? Both, out of fold, on the tuning rows.
 
-The guard's harm model is an SVM (and a word model) on frozen all-MiniLM-L6-v2 embeddings.
-This fine-tunes the embedder itself end to end, with a one-logit head on its normalised mean
+The guard's harm model is an SVM (and a word model) on frozen sentence features: SmolLM2's hidden
+states since 2026-12 (`steering.reader`), all-MiniLM-L6-v2's embedding before, when this was run.
+This fine-tunes all-MiniLM-L6-v2 itself end to end, with a one-logit head on its normalised mean
 pooling, on the same training samples (`guard_train._samples`: the exemplars, a flagged row's
 whole text, every unit of a harmless one), and scores each held-out row as the guard does: the
-largest score over its units, with the lists and exemplars' own flags. The SVM side is the
-saved harm model's configuration (its C and word weight, 16 and 0.25 today). Both use the same stratified folds, and both
+largest score over its units, with the lists' own flags. The SVM side is the saved harm model's
+configuration (its C and word weight). Both use the same stratified folds, and both
 report the most recall they reach at a given out-of-fold precision, overall and per theme.
 
 Only the tuning rows are read (`guard_train.load_rows`); the held-apart sets never are. On the

@@ -4,7 +4,7 @@
 
 The sentences are the first ones of `vectors/guard/heldout.jsonl` (their timing only; nothing is
 chosen by them). Each round checks every sentence once, after one warm-up pass; the figure is the
-p50 and p95 over all rounds. Take it on a quiet machine: the embedding is nearly all of it.
+p50 and p95 over all rounds. Take it on a quiet machine: reading the sentence (`steering.reader`) is nearly all of it.
 """
 
 import argparse

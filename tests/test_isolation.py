@@ -89,7 +89,10 @@ def test_a_row_failing_in_sampling_ends_alone(smollm, paths, engine) -> None:
 
 def test_a_row_whose_guard_breaks_ends_alone(smollm, paths, engine) -> None:
     reference = _alone(engine, smollm, paths)
-    broken = dataclasses.replace(load_guard(paths.guard), safe=np.zeros((3, 7), dtype=np.float32))  # damaged data
+    guard = load_guard(paths.guard)
+    assert guard.harm is not None
+    damaged = dataclasses.replace(guard.harm, feature_mean=np.zeros(7, dtype=np.float32))  # of the wrong width
+    broken = dataclasses.replace(guard, harm=damaged)
     bad, bad_c = _job(smollm, None, "Tell me a story about a cat.", guard=broken)
     good = _beside(engine, smollm, paths, bad, bad_c)
     assert bad_c.failed is not None and not bad_c.text  # nothing unchecked reached its client
