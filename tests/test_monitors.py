@@ -165,13 +165,15 @@ def test_nothing_goes_out_after_the_reply_has_ended(guard) -> None:
 
 
 def test_a_failed_check_fails_the_stream_on_the_engine_s_thread(guard, checks) -> None:
-    broken = dataclasses.replace(guard, safe=np.zeros((3, 7), dtype=np.float32))  # damaged data: its check raises
+    assert guard.harm is not None
+    damaged = dataclasses.replace(guard.harm, feature_mean=np.zeros(7, dtype=np.float32))  # of the wrong width
+    broken = dataclasses.replace(guard, harm=damaged)  # its check raises
     m, released = _monitor(broken, checks)
     m.push("Cats like to sleep in the sun.", 7, _state(7))
     for _ in range(600):
         if m.checking is None:
             break
         time.sleep(0.05)
-    with pytest.raises(ValueError, match="matmul"):
+    with pytest.raises(ValueError, match="broadcast"):
         m.poll()
     assert released == []
