@@ -10,9 +10,11 @@ Per concept Chat steers (steer or both mode), on the turns whose tag maps to it:
   running mean the KL monitor watches (its window), how often it falls under the threshold,
   and d in each half of the replies (does the steering fade?).
 
-    python scripts/calibrate_mechanisms.py [--model M] [--seeds 2] [--max-new-tokens 48]
+    python scripts/calibrate_mechanisms.py [--model M] [--seeds 2] [--max-new-tokens 48] [--concepts C,...]
 
-writes `vectors/<model>/mechanisms.json`. It does not measure what a re-injection buys.
+writes `vectors/<model>/mechanisms.json`; with --concepts it measures only those and keeps the
+other concepts' entries of a stored file measured alike (same model, turns, seeds and tokens).
+It does not measure what a re-injection buys.
 """
 
 import argparse
@@ -54,11 +56,22 @@ def effect(treated: list[float], control: list[float]) -> dict | None:
     return {"d": round(d, 3), "d_low": round(low, 3), "d_high": round(high, 3), "n": len(treated), "n_control": len(control)}
 
 
+def kept_entries(path: Path, result: dict) -> dict:
+    """The concept entries of the stored file at `path` when it was measured as `result` is."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    alike = ("model", "fingerprint", "turns_file", "seeds", "max_new_tokens", "temperature", "gate_threshold", "kl_threshold", "kl_window")
+    return old.get("concepts", {}) if all(old.get(k) == result[k] for k in alike) else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="")
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--concepts", default="", help="comma-separated policy concepts to measure again (default: all)")
     args = p.parse_args(argv)
     start = time.perf_counter()
     service = build_service(GeneratorConfig(models=(args.model,) if args.model else (), profile=Profile.BLIP))
@@ -69,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         turns = [json.loads(line) for line in TURNS.read_text(encoding="utf-8").splitlines() if line.strip()]
         gate_default, kl_default = GateConfig(), KlConfig()
         concepts: dict[str, dict] = {}
-        for concept in sorted({c for c in service.policy.concepts.values() if c}):
+        served = sorted({c for c in service.policy.concepts.values() if c})
+        chosen = [c.strip() for c in args.concepts.split(",") if c.strip()] or served
+        if unknown := sorted(set(chosen) - set(served)):
+            p.error(f"--concepts: {', '.join(unknown)} is not a concept of the policy; choose from {', '.join(served)}")
+        for concept in chosen:
             try:
                 serving = service.chat_serving(slot, concept)
             except SteeringError as exc:
@@ -133,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": round(time.perf_counter() - start, 1), "concepts": concepts,
         }
         path = paths_from_env().model_vectors(loaded.name) / "mechanisms.json"
+        if len(chosen) < len(served):  # duration_s is then the time of the concepts measured now
+            result["concepts"] = kept_entries(path, result) | concepts
+            result["measured_now"] = chosen
         write_text_atomic(path, json.dumps(result, indent=2) + "\n")
         print(f"wrote {path} in {result['duration_s']:.0f} s")
     finally:
