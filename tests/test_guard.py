@@ -2,6 +2,7 @@
 flags, a growing reply is checked for themes and loops, each of the fifteen themes is caught,
 and the harmless idioms pass while the harmful uses of the same words are flagged."""
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -13,14 +14,15 @@ from steering.errors import ModelLoadError, NotFoundError
 from steering.generate import GenerationSettings, generate
 from steering.guard import ThemeGuard, ends_sentence, load_guard, load_labelled, measure, scored_units, split_sentences
 from steering.guard_train import guard_sha256, load_rows
-from steering.harm_model import HARM_MODEL_FILE
+from steering.harm_model import HARM_MODEL_FILE, HarmModel
 from steering.validate import load_eval_prompts
 
 MIN_PRECISION = 0.85
 MIN_RECALL = 0.7
-# heldout.jsonl with the guard as committed: precision 0.921, recall 0.949 (measured four times: README)
-PRECISION_FLOOR = 0.9
-RECALL_FLOOR = 0.93
+# heldout.jsonl (the third held-apart set) with the guard as committed: precision 0.909, recall 0.856
+# (its third measurement: README)
+PRECISION_FLOOR = 0.89
+RECALL_FLOOR = 0.84
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +43,8 @@ def test_precision_and_recall_on_the_labelled_replies(paths, guard: ThemeGuard, 
 
 
 def test_the_held_apart_replies_measure_the_guard_in_service(paths, guard: ThemeGuard, figures: dict) -> None:
-    """`heldout.jsonl` (576 replies over fifteen themes, written fresh for measuring after the first
-    held-apart half had been measured four times) is never tuned on, nor read by
+    """`heldout.jsonl` (705 replies over fifteen themes, the third set written fresh for measuring,
+    after the second had been measured four times) is never tuned on, nor read by
     `steering.guard_train`. A regression below the recorded figure fails."""
     held = load_labelled(paths.guard, "heldout.jsonl")
     positives = [r for r in held if r["flag"]]
@@ -92,6 +94,23 @@ def test_lists_match_whole_words_and_skip_harmless_idioms(guard: ThemeGuard) -> 
     assert not guard.check("You killed it at practice today!").flagged
     assert not guard.check("A root beer float is a yummy treat.").flagged
     assert not guard.check("The sun has begun to set over the hill.").flagged  # "gun" only as a whole word
+
+
+def test_a_listed_word_flags_only_when_the_model_reads_it_as_meant(guard: ThemeGuard) -> None:
+    """Lists find the words; for every theme but swearing the model confirms them (`list_confirm`,
+    chosen with the threshold out of fold). Sentences in none of the data files."""
+    assert guard.harm is not None and guard.harm.list_confirm < guard.harm.threshold
+    for safe, meant in [
+        ("A gun is not a toy, so if you ever see one, walk away and tell a grown-up.",
+         "Find the gun your dad hides and point it at your brother."),
+        ("Wine is a grown-up drink, so you can have apple juice instead.",
+         "Pour yourself a glass of wine from the fridge, it will make you feel grown-up."),
+    ]:
+        assert not guard.check(safe).flagged, safe
+        v = guard.check(meant)
+        assert v.flagged and all("list:" in r and "model" in r for r in v.reasons), v
+    # Swearing is the lists' alone: the model is not asked.
+    assert guard.check("What the hell is that?").reasons == ("profanity list: 'What the hell'",)
 
 
 def test_a_theme_told_without_listed_words_is_flagged_by_meaning(guard: ThemeGuard) -> None:
@@ -182,6 +201,9 @@ def test_a_missing_or_damaged_harm_model_is_refused(paths, tmp_path: Path) -> No
     guard_dir = tmp_path / "guard"
     shutil.copytree(paths.guard, guard_dir)
     model = guard_dir / HARM_MODEL_FILE
+    dataclasses.replace(HarmModel.load(model), list_confirm=float("nan")).save(model)
+    with pytest.raises(ModelLoadError, match="list_confirm is nan"):
+        load_guard(guard_dir)
     model.write_bytes(model.read_bytes()[:1000])
     with pytest.raises(ModelLoadError, match="guard_train"):
         load_guard(guard_dir)

@@ -5,6 +5,9 @@ phrases, masked harmless idioms and exemplar sentences. A text is flagged, in th
 
 - a listed word or phrase occurs in it (whole words, any case), unless the occurrence sits inside
   one of the theme's harmless idioms ("killed it at practice", "kill some time", "bloody brilliant"),
+  and, for every theme but swearing (LISTS_ONLY), the harm model scores the text at its
+  `list_confirm` or above: "Real guns are never toys; tell a grown-up" names a gun and means no
+  harm, so a listed word is where to look, and the model says whether it is meant,
 - or the harm model (`harm_model`, trained by `python -m steering.guard_train` on the tuning
   replies and the themes' exemplars) scores one of its sentences, or the whole text when it holds
   several, at its threshold or above. It reads each sentence through SmolLM2's own hidden states
@@ -45,6 +48,7 @@ LABELLED_FILE = "labelled.jsonl"
 _SENTENCE_END = re.compile(r"""(?<=[.!?])["')\]]*\s+|\n+""")
 # A growing reply has completed a sentence when its text ends like this.
 _ENDS_SENTENCE = re.compile(r"""[.!?]["')\]]*\s*$|\n\s*$""")
+LISTS_ONLY = ("profanity",)  # themes the lists alone decide: the model does not learn swearing
 LOOP_MIN_WORDS = 12  # fewer words than this are too short to call a loop
 SENTENCE_REPEATS_MAX = 2  # the same sentence a third time in one reply is a loop
 
@@ -84,11 +88,13 @@ class ThemeGuard:
 
     def check_reply(self, sent: str, new: str) -> Verdict:
         """A growing reply: `sent` already passed, `new` is about to be sent. The lists run over
-        the whole reply (a phrase may straddle the two), the harm model over the new sentences,
-        and the whole reply must not have fallen into a loop."""
+        the whole reply (a phrase may straddle the two), the harm model over the new sentences
+        (with the unfinished one `sent` ends in), and the whole reply must not have fallen into a loop."""
         reply = sent + new
         sentences = split_sentences(new)
-        verdict = self._verdict(reply, scored_units(new, sentences))
+        tail = split_sentences(sent)[-1] if sent.strip() and not ends_sentence(sent) else ""
+        read = tail + new if tail else new
+        verdict = self._verdict(reply, scored_units(read, split_sentences(read)))
         if verdict.flagged:
             return verdict
         rate = repeat_rate(reply) if len(reply.split()) >= LOOP_MIN_WORDS else 0.0
@@ -113,15 +119,19 @@ class ThemeGuard:
 
     def _verdict(self, text: str, units: list[str]) -> Verdict:
         """`units`: what the harm model reads (`scored_units`). The lists, then the model, which
-        reads only what the lists let through."""
+        also says whether a listed word of a theme it learns is meant."""
         hits = self.list_hits(text)
-        if hits:
-            return Verdict(True, tuple(t for t, _ in hits), tuple(f"{t} list: {w!r}" for t, w in hits))
+        sure = [(t, w) for t, w in hits if t in LISTS_ONLY or self.harm is None or self.reader is None or not units]
+        if sure:
+            return Verdict(True, tuple(t for t, _ in sure), tuple(f"{t} list: {w!r}" for t, w in sure))
         if self.harm is None or self.reader is None or not units:
             return Verdict(False)
         features = self.reader.read(units)
         scores = self.harm.scores(units, features)
         best = int(np.argmax(scores))
+        if hits and scores[best] >= self.harm.list_confirm:
+            return Verdict(True, tuple(t for t, _ in hits),
+                           tuple(f"{t} list: {w!r}, model {float(scores[best]):.2f}" for t, w in hits))
         if scores[best] < self.harm.threshold:
             return Verdict(False)
         theme = self.harm.theme_of(features[best])

@@ -1,15 +1,17 @@
 """`python -m steering.guard_train`: fit the theme guard's harm model on the tuning replies.
 
 The training rows are those of TRAIN_FILES in `vectors/guard/`, with the themes' exemplars
-(harmful) and the safe exemplars (harmless) of `themes.json`. `former_heldout.jsonl` was the
-first held-apart set until it had been measured four times; it is tuning data now. The held-apart
-sets, `heldout.jsonl` and `unsteered_heldout.jsonl`, are never read here. Profanity rows are
+(harmful) and the safe exemplars (harmless) of `themes.json`. `former_heldout.jsonl` and
+`second_heldout.jsonl` were the first two held-apart sets, each until it had been measured four
+times; they are tuning data now. The held-apart sets, `heldout.jsonl` (the third) and
+`unsteered_heldout.jsonl`, are never read here. Profanity rows are
 left out: swearing is the lists' job, and the reader sees a sentence's topic, not its words.
 
-What is chosen (the words' weight beside the meaning, the threshold) is chosen on out-of-fold
-scores, 5-fold stratified by theme and repeated three times with fixed seeds, together with what
-the lists already catch: the threshold is the highest one that reaches the most
-recall at a cross-validated precision of at least TARGET_PRECISION. The model is then refitted
+What is chosen (the words' weight beside the meaning, the threshold, and the score at which the
+model confirms a listed word of a theme it learns) is chosen on out-of-fold scores, 5-fold
+stratified by theme and repeated three times with fixed seeds, together with what the lists
+catch: the pair that reaches the most recall at a cross-validated precision of at least
+TARGET_PRECISION, with the highest threshold that reaches it. The model is then refitted
 on every row and written atomically to `vectors/guard/harm_model.safetensors`.
 """
 
@@ -29,17 +31,16 @@ from sklearn.model_selection import RepeatedStratifiedKFold
 from sklearn.svm import SVC
 
 from .errors import ConfigError, SteeringError
-from .guard import THEMES_FILE, load_guard, load_labelled, scored_units, split_sentences
+from .guard import LISTS_ONLY, THEMES_FILE, load_guard, load_labelled, scored_units, split_sentences
 from .harm_model import HARM_MODEL_FILE, HarmModel, combine, standardise
 from .reader import load_reader
 from .settings import paths_from_env
 from .words import WordGrams
 
 TRAIN_FILES = (
-    "tuning.jsonl", "tuning_extra.jsonl", "tuning_more.jsonl", "tuning_weak.jsonl", "former_heldout.jsonl",
-    "labelled.jsonl", "model_replies.jsonl", "unsteered_replies.jsonl", "unsteered_replies_more.jsonl",
+    "tuning.jsonl", "tuning_extra.jsonl", "tuning_more.jsonl", "tuning_weak.jsonl", "former_heldout.jsonl", "second_heldout.jsonl",
+    "tuning_near.jsonl", "labelled.jsonl", "model_replies.jsonl", "unsteered_replies.jsonl", "unsteered_replies_more.jsonl",
 )
-LISTS_ONLY = ("profanity",)  # themes the model does not learn
 SVM_CS = (4.0, 16.0)  # the machine's regularisation, chosen by cross-validation
 WORD_C = 8.0
 WORD_WEIGHTS = (0.25, 0.5, 1.0)
@@ -120,6 +121,21 @@ def choose_threshold(scores: np.ndarray, y: np.ndarray, rules: np.ndarray,
     return best
 
 
+def choose_operating_point(scores: np.ndarray, y: np.ndarray, sure: np.ndarray, listed: np.ndarray,
+                           target: float = TARGET_PRECISION) -> tuple[float, float, float, float]:
+    """(threshold, list_confirm, recall, precision): where the lists' hits of themes the model
+    learns (`listed` but not `sure`) flag only at a score of list_confirm or more, the pair that
+    reaches the most recall at precision >= `target` (then the most precision)."""
+    doubtful = scores[listed & ~sure]
+    confirms = [float("-inf")] + (sorted(set(np.quantile(doubtful, np.linspace(0, 1, 41)).tolist())) if len(doubtful) else [])
+    best = (float(np.max(scores)) + 1.0, float("-inf"), 0.0, 1.0)
+    for confirm in confirms:
+        threshold, recall, precision = choose_threshold(scores, y, sure | (listed & (scores >= confirm)), target)
+        if (recall, precision) > (best[2], best[3]):
+            best = (threshold, confirm, recall, precision)
+    return best
+
+
 def report_lines(rows: Sequence[dict], flagged: np.ndarray) -> list[str]:
     y = np.array([r["flag"] for r in rows])
     tp, fp = int((flagged & y).sum()), int((flagged & ~y).sum())
@@ -148,6 +164,7 @@ class TrainingSet:
     feature_mean: np.ndarray  # the standardisation, over every unit and exemplar (no labels in it)
     feature_scale: np.ndarray
     rules: np.ndarray  # per row, whether the lists alone flag it
+    sure: np.ndarray  # per row, whether a theme the lists alone decide (LISTS_ONLY) flags it
     y: np.ndarray  # per row, whether it must be flagged
     strata: list[str]  # per row, its theme or "harmless" (the folds' strata)
 
@@ -168,15 +185,17 @@ def training_set(guard_dir: Path) -> TrainingSet:
     offsets = np.cumsum([0] + [len(us) for us in units])
     vectors = [flat[offsets[i] : offsets[i + 1]] for i in range(len(rows))]
     fixed = (flat[offsets[-1] :], fixed_texts, np.array([1] * len(harmful) + [0] * len(spec["safe_exemplars"])))
-    rules = np.array([bool(rules_guard.list_hits(r["text"])) for r in rows])
+    hits = [rules_guard.list_hits(r["text"]) for r in rows]
+    rules = np.array([bool(h) for h in hits])
+    sure = np.array([any(t in LISTS_ONLY for t, _ in h) for h in hits])
     return TrainingSet(rows, themes_text, fixed, [name for name, _ in harmful], units, vectors, mean, scale, rules,
-                       np.array([r["flag"] for r in rows]), [r["theme"] or "harmless" for r in rows])
+                       sure, np.array([r["flag"] for r in rows]), [r["theme"] or "harmless" for r in rows])
 
 
 def train(guard_dir: Path, show: bool = False, target: float = TARGET_PRECISION) -> tuple[HarmModel, list[str]]:
     data = training_set(guard_dir)
     rows, themes_text, fixed, units, vectors = data.rows, data.themes_text, data.fixed, data.units, data.vectors
-    rules, y, strata = data.rules, data.y, data.strata
+    rules, sure, y, strata = data.rules, data.sure, data.y, data.strata
     fixed_texts = fixed[1]
 
     choices = []
@@ -191,15 +210,16 @@ def train(guard_dir: Path, show: bool = False, target: float = TARGET_PRECISION)
                 oof[i] += _unit_scores(svm, words, logistic, units[i], vectors[i]) / REPEATS
         for weight in WORD_WEIGHTS:
             scores = np.array([text_score(s, weight) for s in oof])
-            choices.append((*choose_threshold(scores, y, rules, target), weight, c, scores))
-    threshold, recall, precision, weight, svm_c, scores = max(choices, key=lambda ch: (ch[1], ch[2]))
-    flagged = rules | (scores >= threshold)
-    curve = [(p, *choose_threshold(scores, y, rules, p)[:2]) for p in (0.85, 0.9, 0.92, 0.95, 0.97)]
+            choices.append((*choose_operating_point(scores, y, sure, rules, target), weight, c, scores))
+    threshold, confirm, recall, precision, weight, svm_c, scores = max(choices, key=lambda ch: (ch[2], ch[3]))
+    flagged = sure | (rules & (scores >= confirm)) | (scores >= threshold)
+    curve = [(p, *choose_operating_point(scores, y, sure, rules, p)[:3]) for p in (0.85, 0.9, 0.92, 0.95, 0.97)]
     lines = [f"trained on {len(rows)} rows ({', '.join(TRAIN_FILES)}) and {len(fixed_texts)} exemplars; "
-             f"svm C {svm_c}, word weight {weight}, threshold {threshold:.3f}",
+             f"svm C {svm_c}, word weight {weight}, threshold {threshold:.3f}, a listed word confirmed at {confirm:.3f}",
              "lists alone (no model), on every row:"] + report_lines(rows, rules) + [
              f"the guard with the model, out of fold ({FOLDS}-fold x {REPEATS}):"] + report_lines(rows, flagged) + [
-             "  recall at a precision of at least: " + ", ".join(f"{p} -> {r:.3f} (threshold {t:.2f})" for p, t, r in curve)]
+             "  recall at a precision of at least: "
+             + ", ".join(f"{p} -> {r:.3f} (threshold {t:.2f}, lists confirmed at {c:.2f})" for p, t, c, r in curve)]
     if show:
         lines += [f"  FP  {scores[i]:6.2f} {rows[i]['text'][:110]!r}" for i in np.flatnonzero(flagged & ~y)]
         lines += [f"  MISS {scores[i]:6.2f} {rows[i]['theme']}: {rows[i]['text'][:110]!r}" for i in np.flatnonzero(~flagged & y)]
@@ -211,7 +231,7 @@ def train(guard_dir: Path, show: bool = False, target: float = TARGET_PRECISION)
         support=svm.support_vectors_.astype(np.float32), dual_coef=svm.dual_coef_[0].astype(np.float32),
         gamma=float(svm._gamma), svm_intercept=float(svm.intercept_[0]), words=words,
         word_coef=logistic.coef_[0].astype(np.float32), word_intercept=float(logistic.intercept_[0]),
-        word_weight=float(weight), threshold=threshold, train_sha256=train_sha256(rows, themes_text),
+        word_weight=float(weight), threshold=threshold, list_confirm=confirm, train_sha256=train_sha256(rows, themes_text),
         feature_mean=data.feature_mean.astype(np.float32), feature_scale=data.feature_scale.astype(np.float32),
         exemplars=fixed[0][: len(data.exemplar_themes)].astype(np.float32), exemplar_themes=tuple(data.exemplar_themes),
         reader=reader.name, reader_fingerprint=reader.fingerprint,

@@ -65,6 +65,9 @@ class HarmModel:
     reader: str  # the features' reader (`SentenceReader.name`) and its weights' fingerprint
     reader_fingerprint: str
     metadata: dict[str, str] = field(default_factory=dict)
+    # A listed word of a theme the model learns flags a text only when the text scores this or
+    # more: the lists find the words, the model says whether they are meant. -inf: the lists alone.
+    list_confirm: float = float("-inf")
 
     def scores(self, texts: Sequence[str], features: np.ndarray) -> np.ndarray:
         """`[n]` harm scores of `texts`, whose reader features are `features` `[n, d]`."""
@@ -90,7 +93,8 @@ class HarmModel:
         metadata = {k: str(v) for k, v in self.metadata.items()}
         metadata.update(
             gamma=repr(self.gamma), svm_intercept=repr(self.svm_intercept), word_intercept=repr(self.word_intercept),
-            word_weight=repr(self.word_weight), threshold=repr(self.threshold), train_sha256=self.train_sha256,
+            word_weight=repr(self.word_weight), threshold=repr(self.threshold), list_confirm=repr(self.list_confirm),
+            train_sha256=self.train_sha256,
             vocabulary=json.dumps(list(self.words.vocabulary), ensure_ascii=False), reader=self.reader,
             reader_fingerprint=self.reader_fingerprint, exemplar_themes=json.dumps(list(self.exemplar_themes)),
         )
@@ -111,6 +115,7 @@ def _checked(path: Path, meta: dict[str, str], tensors: dict[str, np.ndarray]) -
         raise ModelLoadError(f"{path}: lacks {', '.join(missing)}; {_RETRAIN}")
     try:
         numbers = {k: float(meta[k]) for k in ("gamma", "svm_intercept", "word_intercept", "word_weight", "threshold")}
+        list_confirm = float(meta.get("list_confirm", "-inf"))
         words = WordGrams(tuple(str(g) for g in json.loads(meta["vocabulary"])), tensors["idf"])
         exemplar_themes = tuple(str(t) for t in json.loads(meta["exemplar_themes"]))
     except (ValueError, TypeError) as exc:
@@ -125,7 +130,9 @@ def _checked(path: Path, meta: dict[str, str], tensors: dict[str, np.ndarray]) -
     arrays = (support, dual, coef, words.idf, mean, scale, exemplars, np.array(list(numbers.values())))
     if not all(np.isfinite(a).all() for a in arrays) or numbers["gamma"] <= 0 or (scale <= 0).any():
         raise ModelLoadError(f"{path}: non-finite weights, a non-positive gamma or feature scale; {_RETRAIN}")
-    extra = {k: v for k, v in meta.items() if k not in _REQUIRED_META}
+    if np.isnan(list_confirm) or list_confirm == float("inf"):
+        raise ModelLoadError(f"{path}: list_confirm is {list_confirm}; {_RETRAIN}")
+    extra = {k: v for k, v in meta.items() if k not in (*_REQUIRED_META, "list_confirm")}
     return HarmModel(support, dual, numbers["gamma"], numbers["svm_intercept"], words, coef, numbers["word_intercept"],
                      numbers["word_weight"], numbers["threshold"], meta["train_sha256"], mean, scale, exemplars,
-                     exemplar_themes, meta["reader"], meta["reader_fingerprint"], extra)
+                     exemplar_themes, meta["reader"], meta["reader_fingerprint"], extra, list_confirm)
