@@ -93,7 +93,7 @@ class ThemeGuard:
         reply = sent + new
         sentences = split_sentences(new)
         tail = split_sentences(sent)[-1] if sent.strip() and not ends_sentence(sent) else ""
-        read = tail + new if tail else new
+        read = tail + new
         verdict = self._verdict(reply, scored_units(read, split_sentences(read)))
         if verdict.flagged:
             return verdict
@@ -121,11 +121,11 @@ class ThemeGuard:
         """`units`: what the harm model reads (`scored_units`). The lists, then the model, which
         also says whether a listed word of a theme it learns is meant."""
         hits = self.list_hits(text)
-        sure = [(t, w) for t, w in hits if t in LISTS_ONLY or self.harm is None or self.reader is None or not units]
-        if sure:
-            return Verdict(True, tuple(t for t, _ in sure), tuple(f"{t} list: {w!r}" for t, w in sure))
         if self.harm is None or self.reader is None or not units:
-            return Verdict(False)
+            return _listed(hits)  # without the model a listed word is all there is
+        sure = [(t, w) for t, w in hits if t in LISTS_ONLY]
+        if sure:
+            return _listed(sure)
         features = self.reader.read(units)
         scores = self.harm.scores(units, features)
         best = int(np.argmax(scores))
@@ -136,6 +136,11 @@ class ThemeGuard:
             return Verdict(False)
         theme = self.harm.theme_of(features[best])
         return Verdict(True, (theme,), (f"{theme} model: {units[best]!r} ({float(scores[best]):.2f})",))
+
+
+def _listed(hits: list[tuple[str, str]]) -> Verdict:
+    """Flagged by these list hits (theme, words) alone; not flagged when there are none."""
+    return Verdict(bool(hits), tuple(t for t, _ in hits), tuple(f"{t} list: {w!r}" for t, w in hits))
 
 
 def scored_units(text: str, sentences: list[str]) -> list[str]:
