@@ -71,6 +71,9 @@ def _parse() -> argparse.Namespace:
                    help="comma-separated larger registered models measured on one stream after the runs above, "
                         "unsteered and steered at the same alpha relative to their residual norm; one that is "
                         "not installed is reported, not measured ('' for none)")
+    p.add_argument("--turn-pause-s", type=float, default=3.0,
+                   help="Blip's Chat: seconds between a reply's end and the child's next turn (hearing the reply "
+                        "and answering; speaking a 48-token reply alone takes longer)")
     return p.parse_args()
 
 
@@ -209,18 +212,24 @@ def main() -> int:
         generator.stop()  # one generator at a time: Blip's own measures Chat alone on the machine
         conversations = [c[:2] for c in CONVERSATIONS[:2]] if smoke else CONVERSATIONS
         results["chat_first_sentence"] = {}
-        # The first is Blip as it was before the prefix cache and with the skip gate on by default.
-        blips = [("gate_on_prefix_cache_off", loaded.name, "0", True), ("prefix_cache_off", loaded.name, "0", False),
-                 ("prefix_cache_on", loaded.name, None, False)]
+        pause = 0.0 if smoke else a.turn_pause_s
+        # (name, model, generator options, gate, pause). The first is Blip as it was before the prefix
+        # cache, with the skip gate on by default; the last but one is today's with a child who
+        # answers the instant a reply ends, leaving the engine no time to warm the next prompt.
+        blips = [("gate_on_prefix_cache_off", loaded.name, ["--prefix-cache-mb", "0"], True, pause),
+                 ("prefix_cache_off", loaded.name, ["--prefix-cache-mb", "0"], False, pause),
+                 ("prefix_cache_on_no_warm", loaded.name, ["--no-warm"], False, pause),
+                 ("prefix_cache_on", loaded.name, [], False, pause),
+                 ("prefix_cache_on_no_pause", loaded.name, [], False, 0.0)]
         if faster is not None:  # the faster path, served by Blip (its own record decides what it serves)
-            blips.append((f"{faster.name}_prefix_cache_on", faster.name, None, False))
-        for name, model, mb, gate in blips:
+            blips.append((f"{faster.name}_prefix_cache_on", faster.name, [], False, pause))
+        for name, model, options, gate, wait in blips:
             log(f"Blip: time to first sentence through Chat, {name.replace('_', ' ')}")
-            blip = service_load.start("generator.server", ["--models", model, "--tagger", tagger.address,
-                                                         *(["--prefix-cache-mb", mb] if mb else []), *_model_args(a)])
+            blip = service_load.start("generator.server", ["--models", model, "--tagger", tagger.address, *options,
+                                                         *_model_args(a)])
             try:
                 results["chat_first_sentence"][name] = asyncio.run(
-                    service_load.chat_first_sentence(blip.address, conversations, 8 if smoke else 48, gate))
+                    service_load.chat_first_sentence(blip.address, conversations, 8 if smoke else 48, gate, wait))
             finally:
                 blip.stop()
     finally:

@@ -52,9 +52,10 @@ def targets(results: dict) -> list[dict]:
         add(f"time to first token at 8 streams, p95 (ms; half of {BEFORE_TTFT_8_P95_MS} at 42bc5a5)",
             f"<= {BEFORE_TTFT_8_P95_MS / 2:g}", p95, p95 <= BEFORE_TTFT_8_P95_MS / 2)
     chat = results["chat_first_sentence"]
-    ratio = chat["prefix_cache_on"]["p50_ms"] / chat["gate_on_prefix_cache_off"]["p50_ms"]
-    add("Blip time to first sentence, p50: today (prefix cache on, gate off) / before (cache off, gate on)",
-        "<= 0.6", ratio, ratio <= 0.6)
+    today = chat["prefix_cache_on"]
+    ratio = today["p50_ms"] / chat["gate_on_prefix_cache_off"]["p50_ms"]
+    add(f"Blip time to first sentence, p50, the child answering {today.get('pause_s', 0):g} s after a reply: today "
+        "(prefix cache on and warmed, gate off) / before (cache off, gate on)", "<= 0.6", ratio, ratio <= 0.6)
     return out
 
 
@@ -113,7 +114,8 @@ def markdown(r: dict) -> str:
              f"{g['in_process_beyond_engine_ms_p50']} / {g['grpc_beyond_engine_ms_p50']}"),
         _row("tagger latency p50 / p95 (ms)", f"{t['p50_ms']} / {t['p95_ms']}"),
         *(_row(f"Blip through Chat, 1 stream, {name.replace('_', ' ')}: time to first sentence p50 / p95 "
-               f"(ms, {c['turns']} turns in conversations)", f"{c['p50_ms']} / {c['p95_ms']}")
+               f"(ms, {c['turns']} turns in conversations, the child answering {c.get('pause_s', 0):g} s after a "
+               "reply)", f"{c['p50_ms']} / {c['p95_ms']}")
           for name, c in r["chat_first_sentence"].items()),
         _row(f"derivation of {d['concepts']} concepts (s)", d["seconds"]),
         _row("generator peak memory (MB)", mem["generator_peak_mb"]),

@@ -163,18 +163,22 @@ async def grpc_vs_in_process(service: GeneratorService, address: str, prompts: S
 
 
 async def chat_first_sentence(address: str, conversations: Sequence[Sequence[str]], tokens: int,
-                              gate: bool = False) -> dict[str, Any]:
+                              gate: bool = False, pause_s: float = 0.0) -> dict[str, Any]:
     """Blip's time to first sentence at one stream, as the child's device sees it: from sending a
     turn on Chat (tagging, policy, prefill, gate, decoding, the guard's check, release) to the first
     reply text after which the reply holds a whole sentence. Each conversation is one Chat call
     whose turns follow one another, as a child's do; the first conversation warms up. `gate`:
-    every turn asks for the skip gate (off by default)."""
+    every turn asks for the skip gate (off by default). `pause_s`: before each turn but the
+    first, the time the child takes to hear the reply and answer (what the engine may use to
+    warm the next prompt)."""
     times = []
     async with grpc.aio.insecure_channel(address) as channel:
         stub = generator_pb2_grpc.GeneratorStub(channel)
         for n, conversation in enumerate(conversations):
             call = stub.Chat(timeout=600)
-            for turn in conversation:
+            for k, turn in enumerate(conversation):
+                if n or k:
+                    await asyncio.sleep(pause_s)
                 start, first, reply = time.perf_counter(), None, ""
                 await call.write(gpb.ChatTurn(text=turn, max_tokens=tokens, gate=gpb.GateSettings(enabled=gate)))
                 kind = None
@@ -191,7 +195,7 @@ async def chat_first_sentence(address: str, conversations: Sequence[Sequence[str
                 if n and first is not None:
                     times.append(first)
             await call.done_writing()
-    return {"turns": len(times), "p50_ms": round(percentile(times, 0.5), 1), "p95_ms": round(percentile(times, 0.95), 1),
+    return {"turns": len(times), "pause_s": pause_s, "p50_ms": round(percentile(times, 0.5), 1), "p95_ms": round(percentile(times, 0.95), 1),
             "times_ms": [round(t, 1) for t in times]}
 
 

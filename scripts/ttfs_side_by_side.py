@@ -32,6 +32,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tokens", type=int, default=48, help="max tokens a reply (the bench's 48)")
+    p.add_argument("--pause-s", type=float, default=3.0,
+                   help="seconds between a reply's end and the child's next turn (the bench's 3)")
     a = p.parse_args()
     checkouts = [c.resolve() for c in a.checkouts]
     tagger = start("tagger.server", [], checkout=checkouts[-1])
@@ -41,7 +43,7 @@ def main() -> int:
             for checkout in checkouts if k % 2 == 0 else checkouts[::-1]:
                 blip = start("generator.server", ["--models", a.model, "--tagger", tagger.address], checkout=checkout)
                 try:
-                    got = asyncio.run(chat_first_sentence(blip.address, CONVERSATIONS, a.tokens))
+                    got = asyncio.run(chat_first_sentence(blip.address, CONVERSATIONS, a.tokens, pause_s=a.pause_s))
                 finally:
                     blip.stop()
                 times[checkout] += got["times_ms"]

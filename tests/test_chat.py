@@ -155,3 +155,49 @@ def test_time_to_first_sentence_covers_the_turn_from_its_arrival_to_the_first_wh
     print(f"engine TTFT {finished.time_to_first_token_ms:.0f} ms, TTFS {ttfs * 1000:.0f} ms, client {waited * 1000:.0f} ms, "
           f"reply {finished.seconds * 1000:.0f} ms")
     assert finished.time_to_first_token_ms / 1000 <= ttfs <= waited, (finished.time_to_first_token_ms, ttfs, waited)
+
+
+def test_between_turns_the_next_prompt_is_warmed_so_a_turn_prefills_only_the_child_s_words(service) -> None:
+    """While Blip's reply is spoken and the child answers, the engine prefills how the next
+    prompt begins under every concept the policy may pick: the next turn, whichever concept its
+    tag picks, prefills only the child's words and the reply's start (the first turn's concept,
+    empathy for a nervous child, is not the second's, a happy one)."""
+    from generator.events import Finished
+    from generator.service import ChatConcept, GenerateSpec
+    from generator.tagger_client import TaggerClient
+
+    slot = service.slots[service.default]
+    registry, engine = slot.engine.metrics.registry, slot.engine
+    words = ["I'm scared about the spelling test tomorrow.", "I got a new puppy and he licked my face!"]
+
+    def tokens(source: str) -> float:
+        return registry.get_sample_value("steer_prompt_tokens_total", {"model": slot.loaded.name, "source": source}) or 0.0
+
+    before: dict[str, float] = {}
+
+    async def body() -> list:
+        tagger = await serve_tagger(ServerSettings())
+        client = TaggerClient(f"127.0.0.1:{tagger.port}")
+
+        async def turns():
+            yield words[0], GenerateSpec(max_tokens=24)
+            # the child listens, then answers: by then the engine has warmed what it was asked to
+            assert await asyncio.get_running_loop().run_in_executor(None, engine.wait_warm, 120)
+            before.update({source: tokens(source) for source in ("warmed", "reused", "computed")})
+            yield words[1], GenerateSpec(max_tokens=24)
+
+        try:
+            return [e async for e in service.chat(turns(), client.tag)]
+        finally:
+            await client.close()
+            await tagger.stop()
+
+    events = asyncio.run(body())
+    concepts = [e.concept for e in events if isinstance(e, ChatConcept)]
+    second = [e for e in events if isinstance(e, Finished)][-1]
+    own = len(slot.loaded.tokenizer(words[1], add_special_tokens=False)["input_ids"])
+    computed, reused = tokens("computed") - before["computed"], tokens("reused") - before["reused"]
+    print(f"concepts {concepts}; warmed before the second turn {before['warmed']:.0f} tokens in all; second turn: "
+          f"{second.prompt_tokens} prompt tokens, {reused:.0f} reused, {computed:.0f} computed ({own} are the child's words)")
+    assert before["warmed"] > 0 and reused + computed == second.prompt_tokens
+    assert computed <= own + 8  # the child's words, the end of their message and the reply's start

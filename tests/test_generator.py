@@ -27,7 +27,9 @@ def service():
 
 
 def _no_hooks(service) -> bool:
-    layers = next(iter(service.slots.values())).loaded.layers
+    slot = next(iter(service.slots.values()))
+    assert slot.engine.wait_warm(60)  # an idle engine warms Chat's next prompts, steering them
+    layers = slot.loaded.layers
     return all(not layers[i]._forward_hooks for i in range(len(layers)))
 
 

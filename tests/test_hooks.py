@@ -222,3 +222,28 @@ def test_generate_steers_rows_independently(smollm) -> None:
     pair = generate(smollm, [prompt, prompt], [None, add], settings)
     assert pair[0].text == solo.text
     assert pair[1].text != solo.text
+
+
+def test_interrupt_when_abandons_only_this_thread_s_pass_between_layers_and_leaves_no_hook() -> None:
+    import threading
+
+    from steering.hooks import Interrupted, interrupt_when
+
+    model, template = tiny_model("llama")
+    layers = resolve_layers(model, template)
+    ids = _input_ids(model, batch=1)
+    plain = model(input_ids=ids).logits
+    entered: list[int] = []
+    with interrupt_when(layers, lambda: len(entered) >= 1):
+        probe = layers[0].register_forward_pre_hook(lambda _m, _a: entered.append(0))
+        with pytest.raises(Interrupted):
+            model(input_ids=ids)
+        probe.remove()
+        assert entered == [0]  # the first layer ran; the second never started
+        other: list[torch.Tensor] = []  # another thread's pass through the same modules goes on
+        thread = threading.Thread(target=lambda: other.append(model(input_ids=ids).logits))
+        thread.start()
+        thread.join()
+        torch.testing.assert_close(other[0], plain)
+    assert not any(layer._forward_pre_hooks for layer in layers)
+    torch.testing.assert_close(model(input_ids=ids).logits, plain)

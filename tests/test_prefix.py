@@ -1,13 +1,17 @@
 """The prefix cache: what it keeps and answers, that a prefill from cached keys and values
 equals one from scratch (tiny models), and that the engine's replies are the same with the
-cache as without it while it really skips the shared tokens (the real SmolLM2)."""
+cache as without it while it really skips the shared tokens, prefilled ahead (warmed) or not
+(the real SmolLM2)."""
+
+import threading
+import time
 
 import pytest
 import torch
 
 from steering.batch import caches_prefixes, decode, past_length, prefill, row_past
-from generator.engine import Engine, EngineSettings
-from generator.job import GateConfig, Job, KlConfig, Steering
+from generator.engine import WARM_CHUNK, Engine, EngineSettings
+from generator.job import GateConfig, Job, KlConfig, Steering, Warming, row_steering
 from generator.prefix import PrefixCache, steering_key
 from steering.generate import render_prompt
 from steering.hooks import RowSteering
@@ -139,8 +143,8 @@ def test_replies_are_the_same_with_the_prefix_cache_and_it_skips_the_shared_toke
 
 
 def _prompt_tokens(engine: Engine, source: str) -> float:
-    return next(s.value for m in engine.metrics.registry.collect() if m.name == "steer_prompt_tokens"
-                for s in m.samples if s.name.endswith("_total") and s.labels["source"] == source)
+    return next((s.value for m in engine.metrics.registry.collect() if m.name == "steer_prompt_tokens"
+                for s in m.samples if s.name.endswith("_total") and s.labels["source"] == source), 0.0)
 
 
 def test_a_conversation_s_next_turn_reuses_the_reply_and_replies_the_same(smollm, paths) -> None:
@@ -171,6 +175,81 @@ def test_a_conversation_s_next_turn_reuses_the_reply_and_replies_the_same(smollm
         print(f"second turn: {len(ids2)} prompt tokens, {reused:.0f} reused; the first prompt was {len(ids1)}")
         assert ids2[: len(ids1)] == ids1
         assert reused >= len(ids1) + 8  # into the reply: the first prompt alone was cached less its last token
+    finally:
+        cold.close()
+        warm.close()
+
+
+def test_a_prefix_warmed_while_idle_is_all_the_next_turn_reuses_and_the_reply_is_the_same(smollm, paths) -> None:
+    """Chat asks the engine to prefill, while it idles, how the next prompt will begin: that
+    turn then computes only its new words, and replies as it would from scratch. A warming
+    cancelled before the engine takes it is never computed."""
+    cv = read_vector(paths.vectors / smollm.name / "sad.safetensors")
+    sad = Steering("sad", {layer: cv.directions[layer] for layer in smollm.steering_layers}, 6.0, 8.0, frozenset())
+    messages = [{"role": "user", "content": "My goldfish died this morning."},
+                {"role": "assistant", "content": "Oh no, I am so sorry. He was a good fish."},
+                {"role": "user", "content": "I miss him."}]
+    ids = smollm.tokenizer(render_prompt(smollm, messages), add_special_tokens=False)["input_ids"]
+    prefix = ids[:-9]  # everything before the child's last words and the reply's start
+    cold = Engine(smollm, EngineSettings(max_batch=2, max_queue=4, prefix_cache_mb=0))
+    warm = Engine(smollm, EngineSettings(max_batch=2, max_queue=4))
+
+    def reply(engine: Engine) -> str:
+        c = Collector()
+        engine.submit(Job(ids, c, sad, max_tokens=16))
+        assert c.done.wait(300) and c.failed is None
+        return c.text
+
+    try:
+        gone = threading.Event()
+        gone.set()
+        warm.warm(Warming(prefix, row_steering(sad, 6.0), gone))
+        assert warm.wait_warm(60)
+        assert _prompt_tokens(warm, "warmed") == 0  # cancelled before it was taken
+        warm.warm(Warming(prefix, row_steering(sad, 6.0), threading.Event()))
+        assert warm.wait_warm(120)
+        assert _prompt_tokens(warm, "warmed") == len(prefix)
+        expected = reply(cold)
+        assert reply(warm) == expected
+        print(f"{len(ids)} prompt tokens: {_prompt_tokens(warm, 'reused'):.0f} reused, "
+              f"{_prompt_tokens(warm, 'computed'):.0f} computed")
+        assert _prompt_tokens(warm, "reused") == len(prefix)
+        assert _prompt_tokens(warm, "computed") == len(ids) - len(prefix)
+    finally:
+        cold.close()
+        warm.close()
+
+
+def test_a_warming_its_turn_interrupts_keeps_what_it_computed(smollm, paths) -> None:
+    """A long prefix is warmed a chunk at a time; when its turn arrives first, the chunk under
+    way gives way between two layers and the chunks done are cached, so the turn starts from
+    them and replies as from scratch."""
+    messages = [{"role": "user", "content": f"Tell me about animal number {n}."} if n % 2 == 0 else
+                {"role": "assistant", "content": f"Animal number {n} is a friendly one with soft fur and big eyes."}
+                for n in range(20)] + [{"role": "user", "content": "Which one was the best?"}]
+    ids = smollm.tokenizer(render_prompt(smollm, messages), add_special_tokens=False)["input_ids"]
+    prefix = ids[:-10]
+    assert len(prefix) > 2 * WARM_CHUNK
+    cold = Engine(smollm, EngineSettings(max_batch=2, max_queue=4, prefix_cache_mb=0))
+    warm = Engine(smollm, EngineSettings(max_batch=2, max_queue=4))
+    try:
+        came = threading.Event()
+        warm.warm(Warming(prefix, None, came))
+        deadline = time.monotonic() + 120
+        while _prompt_tokens(warm, "warmed") < WARM_CHUNK and time.monotonic() < deadline:
+            time.sleep(0.005)
+        came.set()
+        done = _prompt_tokens(warm, "warmed")  # at least this much is cached (more if a chunk ended meanwhile)
+        c, expected = Collector(), Collector()
+        warm.submit(Job(ids, c, None, max_tokens=12))
+        assert c.done.wait(300) and c.failed is None
+        cold.submit(Job(ids, expected, None, max_tokens=12))
+        assert expected.done.wait(300) and expected.failed is None
+        print(f"{len(prefix)}-token prefix: {done:.0f} warmed before its turn came, "
+              f"{_prompt_tokens(warm, 'reused'):.0f} reused")
+        assert WARM_CHUNK <= done and _prompt_tokens(warm, "reused") >= done
+        assert c.text == expected.text
+        assert warm.wait_warm(10)
     finally:
         cold.close()
         warm.close()

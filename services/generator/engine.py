@@ -15,7 +15,9 @@ position while costing a fraction of a second decoding row.
 
 A joiner's prompt starts from the prefix cache's keys and values when an earlier prompt began
 alike; while a batch runs, the rest is prefilled a chunk per step so the running streams keep
-speaking. The content guard's checks run on a worker thread of their own.
+speaking. The content guard's checks run on a worker thread of their own. While nothing runs or
+waits, the engine prefills what a Chat asked it to warm (how its next prompt will begin under
+each concept its policy may pick), a chunk at a time, into the prefix cache.
 
 Everything a request needs lives in its `Stream` (stream.py); nothing per request is kept on
 the engine. The engine makes every model call (prefill, decoding, the KL shadow's catch-up
@@ -35,27 +37,33 @@ import torch
 from steering.batch import Past, Rows, caches_prefixes, decode, merge, past_length, prefill, row_past, select, split_off
 from steering.errors import ResourceExhausted, SteeringError, Unavailable
 from steering.generate import eos_ids
-from steering.hooks import RowSteering, row_switches, stack_rows
+from steering.hooks import Interrupted, RowSteering, interrupt_when, row_switches, stack_rows
 from steering.loading import LoadedModel
 from steering.threads import single_threaded
 
 from .events import Failed, Finished, StopReason
-from .job import Job, tell
+from .job import Job, Warming, tell
 from .metrics import GeneratorMetrics
 from .prefix import PrefixCache, SteeringKey, steering_key
 from .stream import StepResult, Stream
 
 log = logging.getLogger(__name__)
 
+# A warming prefix is prefilled this many tokens a call. A call gives way between two layers
+# when a request arrives (its work is lost, not the turn's time); every call reads all the
+# weights once, so longer calls cost less in all than shorter ones.
+WARM_CHUNK = 128
+
 
 @dataclass(frozen=True)
 class EngineSettings:
     max_batch: int = 8  # streams decoded together
     max_queue: int = 16  # requests waiting to join beyond that
-    prefix_cache_mb: int = 64  # keys and values of recent prompts, reused by prompts that begin alike; 0: off
+    prefix_cache_mb: int = 128  # keys and values of recent prompts, reused by prompts that begin alike; 0: off
     # While other streams decode, a joiner's prompt is prefilled this many tokens per step; 0: at once.
     prefill_chunk: int = 32
     threads: int = 0  # intra-op threads of the engine's thread; 0: its creator's (steering/threads.py)
+    warm: bool = True  # while idle, prefill how a Chat's next prompt may begin (needs the prefix cache)
 
 
 @dataclass
@@ -72,6 +80,15 @@ class _Admission:
     reused: int = 0  # prompt tokens the prefix cache gave
 
 
+@dataclass
+class _Warm:
+    """The warming prefix under way: its cache key and its keys and values computed so far."""
+
+    warming: Warming
+    key: SteeringKey
+    past: Past | None
+
+
 class Engine:
     """A bounded queue of jobs and the one thread that decodes them as one running batch."""
 
@@ -86,6 +103,9 @@ class Engine:
                           if settings.prefix_cache_mb and caches_prefixes(loaded.model) else None)
         self.metrics = metrics or GeneratorMetrics()
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=settings.max_queue)
+        self._warming: deque[Warming] = deque()  # appended by callers' threads, taken by the worker
+        self._warm_left = 0  # prefixes queued or under way
+        self._warm_changed = threading.Condition()
         self._closing = threading.Event()
         # The guard's checks run here, off the engine thread: a row waiting for one stalls no other.
         # Single-threaded, so the engine's thread keeps the process's one OpenMP team (threads.py).
@@ -105,6 +125,24 @@ class Engine:
                 f"generator queue is full ({self._jobs.maxsize} waiting); retry shortly", retry_after_s=1.0
             ) from None
         self.metrics.queue_depth.labels(self.loaded.name).set(self._jobs.qsize())
+
+    def warm(self, warming: Warming) -> None:
+        """Prefill `warming.prompt_ids` into the prefix cache while no stream runs or waits, a
+        chunk at a time, unless it is cancelled first; nothing when the cache or warming is off."""
+        if self._prefixes is not None and self.settings.warm and not self._closing.is_set():
+            with self._warm_changed:
+                self._warm_left += 1
+                self._warming.append(warming)
+
+    def wait_warm(self, timeout_s: float) -> bool:
+        """Wait until every prefix asked for is warmed or dropped; False if still at it."""
+        with self._warm_changed:
+            return self._warm_changed.wait_for(lambda: not self._warm_left, timeout_s)
+
+    def _warm_finished(self) -> None:
+        with self._warm_changed:
+            self._warm_left -= 1
+            self._warm_changed.notify_all()
 
     def close(self) -> None:
         """Stop the worker: running streams and every job still queued end as cancelled."""
@@ -240,6 +278,52 @@ class Engine:
             if length and (past is None or past_length(past) < length):
                 self._prefixes.store(key, prompt[:length], row_past(rows, row, length))
 
+    def _warm_step(self, w: _Warm | None) -> _Warm | None:
+        """Prefill the next chunk of the prefix under way (or of the next waiting one); cache it
+        once complete. Returns the prefix still under way, if any."""
+        prefixes = self._prefixes
+        assert prefixes is not None, "warm() queues nothing without a prefix cache"
+        while w is None:
+            try:
+                item = self._warming.popleft()
+            except IndexError:
+                return None
+            key = steering_key(item.steering)
+            if item.cancelled.is_set() or not item.prompt_ids or prefixes.holds(key, item.prompt_ids):
+                self._warm_finished()
+            else:
+                w = _Warm(item, key, prefixes.lookup(key, item.prompt_ids))
+        item = w.warming
+        ids, done, steering = item.prompt_ids, past_length(w.past) if w.past else 0, item.steering
+        end = min(len(ids), done + WARM_CHUNK)
+        try:  # none of these positions is a prompt's last: only a row that steers its prompt steers them
+            with interrupt_when(self.loaded.layers, lambda: not self._jobs.empty() or item.cancelled.is_set()):
+                rows = self._prefill([ids[:end]], [steering if steering is not None and steering.steer_prompt else None],
+                                     [w.past])
+        except Interrupted:  # a request came: this chunk runs again once the engine idles, if still wanted
+            return w
+        except Exception:  # only ever a speed-up: the turn it was for prefills as it would have anyway
+            log.exception("warming a prefix of %d tokens failed; dropped", len(ids))
+            self._warm_finished()
+            return None
+        w.past = row_past(rows, 0, end)
+        self.metrics.prefix_tokens.labels(self.loaded.name, "warmed").inc(end - done)
+        if end < len(ids):
+            return w
+        prefixes.store(w.key, ids, w.past)
+        self._warm_finished()
+        return None
+
+    def _settle_warm(self, w: _Warm | None) -> _Warm | None:
+        """A cancelled prefix under way is dropped, and what was computed of it cached: its turn
+        has come, and begins with those tokens."""
+        if w is None or not w.warming.cancelled.is_set():
+            return w
+        if w.past and self._prefixes is not None:
+            self._prefixes.store(w.key, w.warming.prompt_ids[: past_length(w.past)], w.past)
+        self._warm_finished()
+        return None
+
     def _remember_reply(self, rows: Rows, row: int, s: Stream) -> None:
         """Cache a complete reply's keys and values with its prompt's, as the row leaves the
         batch: a conversation's next turn, whose prompt is this one and the reply and the child's
@@ -315,11 +399,14 @@ class Engine:
         restarts: list[Stream] = []  # guarded streams waiting to join again, unsteered
         admitting: _Admission | None = None  # joiners being prefilled
         draining: list[Stream] = []  # complete replies waiting for the guard's last checks
+        warm: _Warm | None = None  # the warming prefix under way
         recent: deque[tuple[float, int]] = deque()  # (time, tokens) over the last 10 s
         while not self._closing.is_set():
             # New jobs wait in the queue while an admission is under way.
             room = 0 if admitting else self.settings.max_batch - len(streams) - len(restarts) - len(draining)
-            jobs = self._take(room, wait=batch is None and not restarts and not draining and not admitting)
+            idle = batch is None and not restarts and not draining and not admitting
+            jobs = self._take(room, wait=idle and warm is None and not self._warming)
+            warm = self._settle_warm(warm)
             if draining:
                 draining, back = self._drain(draining)
                 restarts += back
@@ -351,6 +438,8 @@ class Engine:
                             batch = select(batch, live) if live else None
                         if batch is not None:
                             decode(self.loaded.model, self.loaded.layers, batch, tokens[live])
+                    elif admitting is None and not restarts and not draining and (warm or self._warming):
+                        warm = self._warm_step(warm)
             except Exception as exc:  # the shared forward pass failed: every stream in it fails; the engine goes on
                 log.exception("the batch's forward pass failed")
                 for s in streams + restarts + (admitting.streams if admitting else []):

@@ -12,6 +12,7 @@ import torch
 from steering.config import SteerConfig
 from steering.gate import DEFAULT_THRESHOLD
 from steering.guard import ThemeGuard
+from steering.hooks import RowSteering
 from steering.vocabulary import Mode
 
 from .events import Event
@@ -72,6 +73,24 @@ class Job:
     # the prompt and `instructed` names the concept (Started reports both).
     mode: Mode = Mode.NONE
     instructed: str = ""
+
+
+def row_steering(st: Steering, alpha: float) -> RowSteering:
+    """A row's additions for `st` at `alpha`, applied as its validated configuration says."""
+    additions = {layer: alpha * d for layer, d in st.directions.items()}
+    if st.config is None:  # a plain addition at every position
+        return RowSteering(additions)
+    return RowSteering(additions, st.config.positions == "all", st.config.preserve_norm)
+
+
+@dataclass
+class Warming:
+    """A prompt's beginning for the engine to prefill into its prefix cache while it has nothing
+    else to do: how a Chat's next prompt will begin under one concept its policy may pick."""
+
+    prompt_ids: list[int]
+    steering: RowSteering | None
+    cancelled: threading.Event  # set when the turn it was for has arrived (or the Chat ended)
 
 
 def tell(job: Job, event: Event) -> None:

@@ -48,7 +48,8 @@ class GeneratorMetrics:
             ["model"], buckets=_TTFT_BUCKETS, registry=r,
         )
         self.prefix_tokens = Counter(
-            "steer_prompt_tokens", "Prompt tokens prefilled, by whether the prefix cache held them (reused) or not",
+            "steer_prompt_tokens", "Prompt tokens, by whether the prefix cache held them (reused) or not (computed), and "
+            "tokens prefilled while idle ahead of a Chat's next turn (warmed)",
             ["model", "source"], registry=r,
         )
         self.gate_decisions = Counter(

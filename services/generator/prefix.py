@@ -62,6 +62,10 @@ class PrefixCache:
                 return _prefix(self._entries[entry_id].past, length)
         return None
 
+    def holds(self, steering: SteeringKey, tokens: Sequence[int]) -> bool:
+        """Whether the keys and values of all of `tokens` are cached (as a stored prompt or a prefix of one at a block boundary)."""
+        return (steering, tuple(tokens)) in self._index
+
     def store(self, steering: SteeringKey, tokens: Sequence[int], past: Past) -> None:
         """Keep `past`, the keys and values of `tokens` (one per position), if it fits the budget."""
         ids = tuple(tokens)

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from steering.threads import in_passing_thread
 from .engine import EngineSettings
 from .metrics import GeneratorMetrics, MetricsServer
 from .policy import DEFAULT_POLICY, load_policy
-from .service import GeneratorService, open_slot
+from .service import GenerateSpec, GeneratorService, open_slot
 from .servicer import GeneratorServicer
 from .tagger_client import TaggerClient
 
@@ -77,6 +78,8 @@ def build_service(config: GeneratorConfig) -> GeneratorService:
         slots[loaded.name] = open_slot(loaded, config.profile, paths.vectors, paths.pairs, config.engine, metrics)
     service = GeneratorService(slots, names[0] if config.models else registry.default, config.profile, policy, metrics, guard)
     for name, slot in slots.items():
+        if config.profile is Profile.BLIP:  # a Chat's first turn: the system prompt under every concept
+            service.warm_chat(GenerateSpec(model=name), [], threading.Event())
         served = [c for c, state in sorted(slot.steerability.concepts.items()) if service.ceiling(state)]
         log.info("model %s: %s; served in the %s profile: %s", name, slot.steerability.reason, config.profile,
                  ", ".join(served) or "none")
@@ -122,6 +125,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--prefix-cache-mb", type=int, default=EngineSettings.prefix_cache_mb,
                    help="memory for the keys and values of recent prompts, reused when a prompt begins like one "
                         "of them (a shared system prompt, a conversation so far); 0 switches it off")
+    p.add_argument("--no-warm", action="store_true",
+                   help="do not prefill, while idle, how a Chat's next prompt may begin under each concept its "
+                        "policy may pick (with it, a turn prefills only the child's new words)")
     p.add_argument("--prefill-chunk", type=int, default=EngineSettings.prefill_chunk,
                    help="while other streams decode, prefill a new prompt this many tokens per step, so they do "
                         "not stall on it; 0 prefills it at once")
@@ -148,7 +154,8 @@ def parse_config(p: argparse.ArgumentParser, argv: list[str] | None, profile: Pr
     config = GeneratorConfig(
         models=tuple(m for m in (a.models or "").split(",") if m), profile=profile, policy=a.policy,
         tagger=a.tagger, tagger_token=token, fail_fast=a.tagger_fail_fast, device=a.device, dtype=a.dtype,
-        engine=EngineSettings(a.max_batch, a.max_queue, a.prefix_cache_mb, a.prefill_chunk), metrics_port=a.metrics_port,
+        engine=EngineSettings(a.max_batch, a.max_queue, a.prefix_cache_mb, a.prefill_chunk, warm=not a.no_warm),
+        metrics_port=a.metrics_port,
         guard=profile is Profile.BLIP or not getattr(a, "no_guard", False),
     )
     return settings, config, a.log_level

@@ -3,6 +3,7 @@ job, and the bridge from the engine thread to an async stream. No gRPC here: the
 converts protobuf to these calls and back."""
 
 import asyncio
+import logging
 import math
 import threading
 import time
@@ -25,10 +26,12 @@ from steering.vector import ConceptVector
 from steering.vocabulary import CONTEXT_TURNS, Mode, instructed
 
 from .engine import Engine, EngineSettings
-from .job import GateConfig, Job, KlConfig, Sampling, Steering
+from .job import GateConfig, Job, KlConfig, Sampling, Steering, Warming, row_steering
 from .events import Event, Failed, Finished, Notice, TextDelta
 from .metrics import GeneratorMetrics
 from .policy import Policy
+
+log = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 MAX_PROMPT_CHARS = 8000
@@ -389,6 +392,46 @@ class GeneratorService:
         finally:
             job.cancelled.set()  # a client that went away stops the job within one token
 
+    def _chat_spec(self, base: GenerateSpec, history: list[tuple[str, str]], text: str, concept: str | None,
+                   serving: BlipServing | None) -> GenerateSpec:
+        """A Chat reply's request: Blip's system prompt (with the register instruction in prompt
+        and both modes), the recent history and the child's words, steered as `serving` says."""
+        system = instructed(self.policy.system_prompt, serving.instruction if serving else "")
+        messages = [("system", system)] if system else []
+        messages += history[-HISTORY_TURNS:] + [("user", text)]
+        return GenerateSpec(
+            model=base.model, messages=tuple(messages), concept=concept, sampling=base.sampling,
+            max_tokens=base.max_tokens, stop=base.stop, gate=base.gate, kl=base.kl,
+            alpha=serving.alpha if serving else None, mode=serving.mode if serving else Mode.NONE,
+        )
+
+    def warm_chat(self, base: GenerateSpec, history: list[tuple[str, str]], cancelled: threading.Event,
+                  last: str | None = None) -> None:
+        """Have the engine prefill, while it idles, how a conversation's next prompt begins under
+        each concept the policy may pick, up to where the child's next words go: the next turn
+        then prefills only those words, whichever concept its tag picks. A child listens to a
+        reply and answers in seconds; the prefills take a fraction of a second each. First the
+        last turn's concept (a mood lasts; its reply is mostly cached already), then a plain
+        reply (most turns are tagged none), then the rest. Only ever a speed-up: a failure is
+        logged, and `cancelled` (set when the turn arrives) stops what has not run."""
+        try:
+            slot = self.slot(base.model)
+            for concept in dict.fromkeys([last, None, *self.policy.concepts.values()]):
+                serving = None
+                if concept:
+                    try:
+                        serving = self.chat_serving(slot, concept)
+                    except SteeringError:  # Chat answers this concept's turns plainly
+                        concept = None
+                _, job = self.build_job(self._chat_spec(base, history, "a", concept, serving), lambda _: None, None)
+                # The tokens both placeholders' prompts share: all before the child's words.
+                other = self._prompt_ids(slot, self._chat_spec(base, history, "b", concept, serving))
+                shared = next((i for i, (x, y) in enumerate(zip(job.prompt_ids, other)) if x != y), len(other))
+                steering = row_steering(job.steering, job.steering.alpha) if job.steering else None
+                slot.engine.warm(Warming(job.prompt_ids[:shared], steering, cancelled))
+        except Exception:
+            log.exception("could not warm the prefix cache for a Chat's next turn; it prefills in full")
+
     async def chat(
         self,
         turns: AsyncIterator[tuple[str, GenerateSpec]],
@@ -399,48 +442,48 @@ class GeneratorService:
         `turns` yields (child text, base spec for its reply); history lives in this call."""
         history: list[tuple[str, str]] = []
         child_turns: list[str] = []
-        async for text, base in turns:
-            arrived = time.perf_counter()
-            if not text.strip():
-                raise InvalidArgument("turn text is empty: send the child's words")
-            concept: str | None = None
-            serving: BlipServing | None = None
-            notice = ""
-            try:
-                result = await tag(text, child_turns[-CONTEXT_TURNS:])
-                yield ChatTag(result)
-                concept = self.policy.concept_for(result.label)
-            except Unavailable as exc:
-                if fail_fast:
-                    raise
-                notice = f"tagger unavailable ({exc}): replying without steering"
-            if concept:
+        warming = threading.Event()  # set when the turn the warmed prefixes were for arrives
+        loop = asyncio.get_running_loop()
+        try:
+            async for text, base in turns:
+                arrived = time.perf_counter()
+                warming.set()
+                if not text.strip():
+                    raise InvalidArgument("turn text is empty: send the child's words")
+                concept: str | None = None
+                serving: BlipServing | None = None
+                notice = ""
                 try:
-                    serving = self.chat_serving(self.slot(base.model), concept)
-                except FailedPrecondition as exc:
-                    notice, concept = f"replying without steering: {exc}", None
-            yield ChatConcept(concept or "")
-            if notice:
-                yield Notice(notice)
-            # prompt and both modes: the register asked for in words
-            system = instructed(self.policy.system_prompt, serving.instruction if serving else "")
-            messages = [("system", system)] if system else []
-            messages += history[-HISTORY_TURNS:] + [("user", text)]
-            spec = GenerateSpec(
-                model=base.model, messages=tuple(messages), concept=concept, sampling=base.sampling,
-                max_tokens=base.max_tokens, stop=base.stop, gate=base.gate, kl=base.kl,
-                alpha=serving.alpha if serving else None, mode=serving.mode if serving else Mode.NONE,
-            )
-            reply = []
-            slot = self.slot(base.model)
-            first_sentence = slot.engine.metrics.time_to_first_sentence.labels(slot.loaded.name)
-            waiting = True
-            async for event in self.stream(spec):
-                if isinstance(event, TextDelta):
-                    reply.append(event.text)
-                if waiting and (isinstance(event, Finished) or (isinstance(event, TextDelta) and holds_sentence("".join(reply)))):
-                    first_sentence.observe(time.perf_counter() - arrived)
-                    waiting = False
-                yield event
-            history += [("user", text), ("assistant", "".join(reply))]
-            child_turns.append(text)
+                    result = await tag(text, child_turns[-CONTEXT_TURNS:])
+                    yield ChatTag(result)
+                    concept = self.policy.concept_for(result.label)
+                except Unavailable as exc:
+                    if fail_fast:
+                        raise
+                    notice = f"tagger unavailable ({exc}): replying without steering"
+                if concept:
+                    try:
+                        serving = self.chat_serving(self.slot(base.model), concept)
+                    except FailedPrecondition as exc:
+                        notice, concept = f"replying without steering: {exc}", None
+                yield ChatConcept(concept or "")
+                if notice:
+                    yield Notice(notice)
+                spec = self._chat_spec(base, history, text, concept, serving)
+                reply = []
+                slot = self.slot(base.model)
+                first_sentence = slot.engine.metrics.time_to_first_sentence.labels(slot.loaded.name)
+                waiting = True
+                async for event in self.stream(spec):
+                    if isinstance(event, TextDelta):
+                        reply.append(event.text)
+                    if waiting and (isinstance(event, Finished) or (isinstance(event, TextDelta) and holds_sentence("".join(reply)))):
+                        first_sentence.observe(time.perf_counter() - arrived)
+                        waiting = False
+                    yield event
+                history += [("user", text), ("assistant", "".join(reply))]
+                child_turns.append(text)
+                warming = threading.Event()
+                loop.run_in_executor(self._preparing, self.warm_chat, base, list(history), warming, concept)
+        finally:
+            warming.set()

@@ -22,7 +22,7 @@ from steering.loading import LoadedModel
 from steering.vocabulary import Mode
 
 from .events import Failed, Finished, Gate, Guarded, Started, StopReason, TextDelta
-from .job import Job, tell
+from .job import Job, row_steering, tell
 from .monitors import GuardMonitor, KlMonitor, Withhold
 
 class TextStream:
@@ -125,12 +125,7 @@ class Stream:
 
     def additions(self, steered: bool) -> RowSteering | None:
         st = self.job.steering
-        if not steered or st is None:
-            return None
-        additions = {layer: self.alpha * d for layer, d in st.directions.items()}
-        if st.config is None:  # a plain addition at every position
-            return RowSteering(additions)
-        return RowSteering(additions, st.config.positions == "all", st.config.preserve_norm)
+        return row_steering(st, self.alpha) if steered and st is not None else None
 
     @property
     def prompt_ids(self) -> list[int]:

@@ -7,9 +7,11 @@ own norm. Rows whose addition is zero are left bit-for-bit untouched, so request
 without steering, and with different configurations, share one batch.
 
 `steer()` registers every hook or none, and removes them all on every exit path.
+`interrupt_when()` lets a forward pass be abandoned between two layers.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -150,3 +152,26 @@ def steer(
         for handle in active.handles:
             handle.remove()
         active.handles.clear()
+
+
+class Interrupted(Exception):
+    """A forward pass abandoned between two layers by `interrupt_when`."""
+
+
+@contextmanager
+def interrupt_when(layers: DecoderLayers, stop: Callable[[], bool]) -> Iterator[None]:
+    """Raise `Interrupted` before the next decoder layer once `stop()` holds: work that may give
+    way (a prefill done ahead of need) then yields within one layer's time, not a whole pass's.
+    Only this thread's passes: another thread running the same modules meanwhile is not stopped."""
+    owner = threading.get_ident()
+
+    def check(module: torch.nn.Module, args: object) -> None:
+        if threading.get_ident() == owner and stop():
+            raise Interrupted
+
+    handles = [module.register_forward_pre_hook(check) for module in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
