@@ -412,7 +412,7 @@ class GeneratorService:
         then prefills only those words, whichever concept its tag picks. A child listens to a
         reply and answers in seconds; the prefills take a fraction of a second each. First the
         last turn's concept (a mood lasts; its reply is mostly cached already), then a plain
-        reply (most turns are tagged none), then the rest. Only ever a speed-up: a failure is
+        reply (a turn tagged none, or one whose concept is not served), then the rest. Only ever a speed-up: a failure is
         logged, and `cancelled` (set when the turn arrives) stops what has not run."""
         try:
             slot = self.slot(base.model)
