@@ -333,6 +333,10 @@ def test_cancelling_during_a_guard_hold_harms_nobody(stack, channel, valid_alone
     assert held == 5, "the cancel came after text was released, not during a hold"
     events = list(_generate(channel["generator"], pb.GenerateRequest(prompt="Say hello.", max_tokens=4)))
     assert events[-1].WhichOneof("event") == "finished"
+    _assert_no_hooks(stack)
+
+
+def _assert_no_hooks(stack) -> None:
     slot = next(iter(stack.generator.service.slots.values()))
     assert slot.engine.wait_warm(60)  # an idle engine warms Chat's next prompts, steering them
     assert all(not slot.loaded.layers[i]._forward_hooks for i in range(len(slot.loaded.layers)))
@@ -344,6 +348,4 @@ def test_servers_serve_normally_afterwards(stack, channel) -> None:
         assert health.status == health_pb2.HealthCheckResponse.SERVING, name
     events = list(_generate(channel["generator"], pb.GenerateRequest(prompt="Say hello.", concept="happy", max_tokens=4)))
     assert events[-1].WhichOneof("event") == "finished" and events[-1].finished.completion_tokens >= 1
-    slot = next(iter(stack.generator.service.slots.values()))
-    assert slot.engine.wait_warm(60)  # an idle engine warms Chat's next prompts, steering them
-    assert all(not slot.loaded.layers[i]._forward_hooks for i in range(len(slot.loaded.layers)))
+    _assert_no_hooks(stack)

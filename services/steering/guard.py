@@ -91,8 +91,8 @@ class ThemeGuard:
         the whole reply (a phrase may straddle the two), the harm model over the new sentences
         (with the unfinished one `sent` ends in), and the whole reply must not have fallen into a loop."""
         reply = sent + new
-        sentences = split_sentences(new)
-        tail = split_sentences(sent)[-1] if sent.strip() and not ends_sentence(sent) else ""
+        sentences, earlier = split_sentences(new), split_sentences(sent)
+        tail = earlier[-1] if earlier and not ends_sentence(sent) else ""
         read = tail + new
         verdict = self._verdict(reply, scored_units(read, split_sentences(read)))
         if verdict.flagged:
@@ -101,7 +101,7 @@ class ThemeGuard:
         if rate > DEGENERATE_REPEAT:
             return Verdict(True, (), (f"repetition: {rate:.2f} of word trigrams repeat",), loop=True)
         # Short loops ("What's your own?", a line of one emoji) repeat whole sentences.
-        seen = Counter(_normalised(x) for x in split_sentences(sent))
+        seen = Counter(_normalised(x) for x in earlier)
         for sentence in sentences:
             key = _normalised(sentence)
             if key and seen[key] >= SENTENCE_REPEATS_MAX:
