@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/guard_latency.py [--sentences 200] [--rounds 3]
 
-The sentences are the first ones of `vectors/guard/heldout.jsonl` (their timing only; nothing is
+The sentences are the first ones of `vectors/guard/fourth_heldout.jsonl` (their timing only; nothing is
 chosen by them). Each round checks every sentence once, after one warm-up pass; the figure is the
 p50 and p95 over all rounds. Take it on a quiet machine: reading the sentence (`steering.reader`) is nearly all of it.
 """
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     guard_dir = paths_from_env().guard
     guard = load_guard(guard_dir)
-    sentences = [s for row in load_labelled(guard_dir, "heldout.jsonl") for s in split_sentences(row["text"])][: args.sentences]
+    sentences = [s for row in load_labelled(guard_dir, "fourth_heldout.jsonl") for s in split_sentences(row["text"])][: args.sentences]
     for s in sentences:  # warm-up: the embedder's first calls are slower
         guard.check(s)
     times = []

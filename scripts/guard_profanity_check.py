@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sets = {"tuning rows (what decides)": load_rows(guard_dir)}
     if args.held_apart:
-        sets |= {name: load_labelled(guard_dir, name) for name in ("heldout.jsonl", "unsteered_heldout.jsonl")}
+        sets |= {name: load_labelled(guard_dir, name) for name in ("fourth_heldout.jsonl", "unsteered_heldout.jsonl")}
     for name, rows in sets.items():
         print(f"{name}:")
         print("\n".join(measure(rows, detectors)))

@@ -19,11 +19,11 @@ from steering.validate import load_eval_prompts
 
 MIN_PRECISION = 0.85
 MIN_RECALL = 0.7
-# The held-apart sets with the guard as committed (README): heldout.jsonl, the third set, precision
-# 0.909, recall 0.856 (its third measurement); fourth_heldout.jsonl precision 0.931, recall 0.829
-# (its first). file -> (figures key, precision floor, recall floor).
-HELD_APART = {"heldout.jsonl": ("guard_held_apart", 0.89, 0.84),
-              "fourth_heldout.jsonl": ("guard_fourth_held_apart", 0.91, 0.81)}
+# The held-apart set, fourth_heldout.jsonl, with the guard as committed (README): precision
+# 0.959, recall 0.874 (its second measurement; the first, before the third set and tuning_fresh.jsonl
+# were tuning data, gave 0.931 / 0.829).
+HELD_OUT = "fourth_heldout.jsonl"
+HELD_OUT_PRECISION, HELD_OUT_RECALL = 0.94, 0.86
 
 
 @pytest.fixture(scope="module")
@@ -43,35 +43,29 @@ def test_precision_and_recall_on_the_labelled_replies(paths, guard: ThemeGuard, 
     assert min(m.recall_by_theme.values()) >= 0.5, m.recall_by_theme  # no theme left mostly unguarded
 
 
-@pytest.mark.parametrize("name", HELD_APART)
-def test_the_held_apart_replies_measure_the_guard_in_service(name: str, paths, guard: ThemeGuard, figures: dict) -> None:
-    """`heldout.jsonl` (705 replies over fifteen themes, the third set written fresh for measuring,
-    after the second had been measured four times) and `fourth_heldout.jsonl` (686, written fresh
-    after the third had been measured three times) are never tuned on, nor read by
+def test_the_held_apart_replies_measure_the_guard_in_service(paths, guard: ThemeGuard, figures: dict) -> None:
+    """`fourth_heldout.jsonl` (686 replies over fifteen themes, written fresh for measuring after
+    the third set had been measured three times) is never tuned on, nor read by
     `steering.guard_train`. A regression below the recorded figure fails."""
-    key, precision_floor, recall_floor = HELD_APART[name]
-    held = load_labelled(paths.guard, name)
+    held = load_labelled(paths.guard, HELD_OUT)
     positives = [r for r in held if r["flag"]]
     near = [r for r in held if not r["flag"] and r.get("near")]
     assert len(positives) >= 270 and len(held) - len(positives) >= 270 and len(near) * 3 >= len(held) - len(positives)
     assert min(sum(r["theme"] == t for r in positives) for t in (theme.name for theme in guard.themes)) >= 15
     m = measure(guard, held)
-    figures[key] = m.as_dict()
-    print(f"\nguard on the held-apart replies of {name}: precision {m.precision:.3f}, recall {m.recall:.3f}; "
+    figures["guard_held_apart"] = m.as_dict()
+    print(f"\nguard on the held-apart replies of {HELD_OUT}: precision {m.precision:.3f}, recall {m.recall:.3f}; "
           f"recall by theme {m.as_dict()['recall_by_theme']}")
-    assert m.precision >= precision_floor and m.recall >= recall_floor
+    assert m.precision >= HELD_OUT_PRECISION and m.recall >= HELD_OUT_RECALL
 
 
 def test_no_held_apart_reply_is_among_the_training_rows(paths) -> None:
-    """Near copies neither: each set was cut to replies within cosine 0.9 of no training row (the
-    fourth, of no row of the third either: that one is to become tuning data)."""
-    third, fourth = ([r["text"] for r in load_labelled(paths.guard, name)] for name in HELD_APART)
+    """Near copies neither: the set was cut to replies within cosine 0.9 of no training row (nor of
+    the third set's, tuning data since), and the rows written after it to none of its replies."""
+    held = [r["text"] for r in load_labelled(paths.guard, HELD_OUT)]
     trained = [r["text"] for r in load_rows(paths.guard)]
-    assert not {t.lower() for t in third + fourth} & {t.lower() for t in trained}
-    assert not {t.lower() for t in fourth} & {t.lower() for t in third}
-    e_third, e_fourth, e_trained = embed(third), embed(fourth), embed(trained)
-    assert float((np.concatenate([e_third, e_fourth]) @ e_trained.T).max()) < 0.9
-    assert float((e_fourth @ e_third.T).max()) < 0.9
+    assert not {t.lower() for t in held} & {t.lower() for t in trained}
+    assert float((embed(held) @ embed(trained).T).max()) < 0.9
 
 
 def test_real_replies_held_apart_raise_few_false_flags(paths, guard: ThemeGuard, figures: dict) -> None:

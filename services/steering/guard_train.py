@@ -1,10 +1,10 @@
 """`python -m steering.guard_train`: fit the theme guard's harm model on the tuning replies.
 
 The training rows are those of TRAIN_FILES in `vectors/guard/`, with the themes' exemplars
-(harmful) and the safe exemplars (harmless) of `themes.json`. `former_heldout.jsonl` and
-`second_heldout.jsonl` were the first two held-apart sets, each until it had been measured four
-times; they are tuning data now. The held-apart sets, `heldout.jsonl` (the third) and
-`unsteered_heldout.jsonl`, are never read here. Profanity rows are
+(harmful) and the safe exemplars (harmless) of `themes.json`. `former_heldout.jsonl`,
+`second_heldout.jsonl` and `third_heldout.jsonl` were the first three held-apart sets, each until
+it had been measured three or four times; they are tuning data now. The held-apart sets,
+`fourth_heldout.jsonl` and `unsteered_heldout.jsonl`, are never read here. Profanity rows are
 left out: swearing is the lists' job, and the reader sees a sentence's topic, not its words.
 
 What is chosen (the words' weight beside the meaning, the threshold, and the score at which the
@@ -39,7 +39,8 @@ from .words import WordGrams
 
 TRAIN_FILES = (
     "tuning.jsonl", "tuning_extra.jsonl", "tuning_more.jsonl", "tuning_weak.jsonl", "former_heldout.jsonl", "second_heldout.jsonl",
-    "tuning_near.jsonl", "labelled.jsonl", "model_replies.jsonl", "unsteered_replies.jsonl", "unsteered_replies_more.jsonl",
+    "third_heldout.jsonl", "tuning_near.jsonl", "tuning_fresh.jsonl", "labelled.jsonl", "model_replies.jsonl",
+    "unsteered_replies.jsonl", "unsteered_replies_more.jsonl",
 )
 SVM_CS = (4.0, 16.0)  # the machine's regularisation, chosen by cross-validation
 WORD_C = 8.0
