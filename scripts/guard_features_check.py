@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import RepeatedStratifiedKFold
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
@@ -62,13 +61,7 @@ def out_of_fold(data: gt.TrainingSet, unit_vectors: np.ndarray, c: float, weight
     offsets = np.cumsum([0] + [len(us) for us in data.units])
     vectors = [unit_vectors[offsets[i] : offsets[i + 1]] for i in range(len(data.rows))]
     fixed = (unit_vectors[n_units:], data.fixed[1], data.fixed[2])
-    oof = [np.zeros((len(us), 2)) for us in data.units]
-    folds = RepeatedStratifiedKFold(n_splits=gt.FOLDS, n_repeats=1, random_state=0)
-    for train_idx, test_idx in folds.split(np.zeros(len(data.rows)), data.strata):
-        x, texts, y = gt._samples(train_idx, data.rows, data.units, vectors, fixed)
-        svm, words, logistic = gt._fit(x, texts, y, c)
-        for i in test_idx:
-            oof[i] = gt._unit_scores(svm, words, logistic, data.units[i], vectors[i])
+    oof = gt.out_of_fold(data, vectors, fixed, c, repeats=1)
     scores = np.array([gt.text_score(s, weight) for s in oof])
     return {str(p): round(gt.choose_threshold(scores, data.y, data.rules, p)[1], 4) for p in PRECISIONS}
 

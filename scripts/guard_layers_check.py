@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import RepeatedStratifiedKFold
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
@@ -56,12 +55,7 @@ def recall_at(data: gt.TrainingSet, flat: np.ndarray) -> dict[float, dict[float,
     offsets = np.cumsum([0] + [len(us) for us in data.units])
     vectors = [flat[offsets[i] : offsets[i + 1]] for i in range(len(data.rows))]
     fixed = (flat[n_units:], data.fixed[1], data.fixed[2])
-    oof = [np.zeros((len(us), 2)) for us in data.units]
-    folds = RepeatedStratifiedKFold(n_splits=gt.FOLDS, n_repeats=1, random_state=0)
-    for train_idx, test_idx in folds.split(np.zeros(len(data.rows)), data.strata):
-        svm, words, logistic = gt._fit(*gt._samples(train_idx, data.rows, data.units, vectors, fixed), 4.0)
-        for i in test_idx:
-            oof[i] = gt._unit_scores(svm, words, logistic, data.units[i], vectors[i])
+    oof = gt.out_of_fold(data, vectors, fixed, 4.0, repeats=1)
     result = {}
     for weight in WEIGHTS:
         scores = np.array([gt.text_score(s, weight) for s in oof])

@@ -3,6 +3,7 @@ flags, a growing reply is checked for themes and loops, each of the fifteen them
 and the harmless idioms pass while the harmful uses of the same words are flagged."""
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -232,3 +233,26 @@ def test_a_harm_model_of_another_reader_is_refused(guard: ThemeGuard) -> None:
         guard.harm.check_reader(guard.reader.name.replace("layer 14", "layer 13"), guard.reader.fingerprint)
     with pytest.raises(ModelLoadError, match="guard_train"):
         guard.harm.check_reader(guard.reader.name, "0" * 64)
+
+
+def test_training_on_a_sample_of_the_tuning_rows_saves_a_guard_that_loads(paths, tmp_path: Path) -> None:
+    """`steering.guard_train` end to end on 48 of the tuning rows (the whole run takes 17 minutes):
+    the choices made out of fold, the model saved scores as scikit-learn's did (train() checks
+    it), loads with the reader and records the sample's hash."""
+    from steering import guard_train as gt
+
+    rows = load_rows(paths.guard)
+    sample = [r for t in ("violence_weapons", "self_harm", "personal_info") for r in [r for r in rows if r["theme"] == t][:6]]
+    sample += [r for r in rows if not r["flag"]][:30]
+    guard_dir = tmp_path / "guard"
+    guard_dir.mkdir()
+    shutil.copy(paths.guard / "themes.json", guard_dir / "themes.json")
+    for k, name in enumerate(gt.TRAIN_FILES):  # the sample dealt over the training files
+        lines = [json.dumps({"text": r["text"], "flag": r["flag"], "theme": r["theme"]}) for r in sample[k :: len(gt.TRAIN_FILES)]]
+        (guard_dir / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+    model, lines = gt.train(guard_dir)
+    assert model.metadata["train_rows"] == str(len(sample)) and np.isfinite(model.threshold)
+    assert model.train_sha256 == guard_sha256(guard_dir) and "out of fold" in "\n".join(lines)
+    model.save(guard_dir / HARM_MODEL_FILE)
+    assert load_guard(guard_dir).harm is not None

@@ -193,22 +193,29 @@ def training_set(guard_dir: Path) -> TrainingSet:
                        sure, np.array([r["flag"] for r in rows]), [r["theme"] or "harmless" for r in rows])
 
 
+def out_of_fold(data: TrainingSet, vectors: Sequence[np.ndarray], fixed: tuple[np.ndarray, list[str], np.ndarray],
+                c: float, repeats: int = REPEATS) -> list[np.ndarray]:
+    """Per row, its units' scores (`_unit_scores`) from models fitted without it, averaged over
+    the repeats of the stratified folds; `vectors` and `fixed` are the features read (the
+    scripts that weigh other readers pass their own)."""
+    oof = [np.zeros((len(us), 2)) for us in data.units]
+    folds = RepeatedStratifiedKFold(n_splits=FOLDS, n_repeats=repeats, random_state=0)
+    for train_idx, test_idx in folds.split(np.zeros(len(data.rows)), data.strata):
+        svm, words, logistic = _fit(*_samples(train_idx, data.rows, data.units, vectors, fixed), c)
+        for i in test_idx:
+            oof[i] += _unit_scores(svm, words, logistic, data.units[i], vectors[i]) / repeats
+    return oof
+
+
 def train(guard_dir: Path, show: bool = False, target: float = TARGET_PRECISION) -> tuple[HarmModel, list[str]]:
     data = training_set(guard_dir)
     rows, themes_text, fixed, units, vectors = data.rows, data.themes_text, data.fixed, data.units, data.vectors
-    rules, sure, y, strata = data.rules, data.sure, data.y, data.strata
+    rules, sure, y = data.rules, data.sure, data.y
     fixed_texts = fixed[1]
 
     choices = []
     for c in SVM_CS:
-        # Out-of-fold unit scores, averaged over the repeats.
-        oof = [np.zeros((len(us), 2)) for us in units]
-        folds = RepeatedStratifiedKFold(n_splits=FOLDS, n_repeats=REPEATS, random_state=0)
-        for train_idx, test_idx in folds.split(np.zeros(len(rows)), strata):
-            x, texts, ty = _samples(train_idx, rows, units, vectors, fixed)
-            svm, words, logistic = _fit(x, texts, ty, c)
-            for i in test_idx:
-                oof[i] += _unit_scores(svm, words, logistic, units[i], vectors[i]) / REPEATS
+        oof = out_of_fold(data, vectors, fixed, c)
         for weight in WORD_WEIGHTS:
             scores = np.array([text_score(s, weight) for s in oof])
             choices.append((*choose_operating_point(scores, y, sure, rules, target), weight, c, scores))
