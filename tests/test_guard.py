@@ -14,7 +14,7 @@ from steering.embedding import embed, embed_fixed
 from steering.errors import ModelLoadError, NotFoundError
 from steering.generate import GenerationSettings, generate
 from steering.guard import ThemeGuard, ends_sentence, load_guard, load_labelled, measure, scored_units, split_sentences
-from steering.guard_train import guard_sha256, load_rows
+from steering.guard_train import TRAIN_FILES, guard_sha256, load_rows, train
 from steering.harm_model import HARM_MODEL_FILE, HarmModel
 from steering.validate import load_eval_prompts
 
@@ -239,19 +239,18 @@ def test_training_on_a_sample_of_the_tuning_rows_saves_a_guard_that_loads(paths,
     """`steering.guard_train` end to end on 48 of the tuning rows (the whole run takes 17 minutes):
     the choices made out of fold, the model saved scores as scikit-learn's did (train() checks
     it), loads with the reader and records the sample's hash."""
-    from steering import guard_train as gt
-
     rows = load_rows(paths.guard)
     sample = [r for t in ("violence_weapons", "self_harm", "personal_info") for r in [r for r in rows if r["theme"] == t][:6]]
     sample += [r for r in rows if not r["flag"]][:30]
     guard_dir = tmp_path / "guard"
     guard_dir.mkdir()
     shutil.copy(paths.guard / "themes.json", guard_dir / "themes.json")
-    for k, name in enumerate(gt.TRAIN_FILES):  # the sample dealt over the training files
-        lines = [json.dumps({"text": r["text"], "flag": r["flag"], "theme": r["theme"]}) for r in sample[k :: len(gt.TRAIN_FILES)]]
-        (guard_dir / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    for k, name in enumerate(TRAIN_FILES):  # the sample dealt over the training files
+        dealt = sample[k :: len(TRAIN_FILES)]
+        (guard_dir / name).write_text("".join(json.dumps({"text": r["text"], "flag": r["flag"], "theme": r["theme"]}) + "\n"
+                                              for r in dealt), encoding="utf-8")
 
-    model, lines = gt.train(guard_dir)
+    model, lines = train(guard_dir)
     assert model.metadata["train_rows"] == str(len(sample)) and np.isfinite(model.threshold)
     assert model.train_sha256 == guard_sha256(guard_dir) and "out of fold" in "\n".join(lines)
     model.save(guard_dir / HARM_MODEL_FILE)
