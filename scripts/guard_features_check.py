@@ -57,11 +57,7 @@ def standardised(x: np.ndarray) -> np.ndarray:
 def out_of_fold(data: gt.TrainingSet, unit_vectors: np.ndarray, c: float, weight: float) -> dict[str, float]:
     """Recall at each of PRECISIONS, out of fold, with `unit_vectors` (every row's units, then the
     exemplars), beside what the lists flag."""
-    n_units = sum(len(us) for us in data.units)
-    offsets = np.cumsum([0] + [len(us) for us in data.units])
-    vectors = [unit_vectors[offsets[i] : offsets[i + 1]] for i in range(len(data.rows))]
-    fixed = (unit_vectors[n_units:], data.fixed[1], data.fixed[2])
-    oof = gt.out_of_fold(data, vectors, fixed, c, repeats=1)
+    oof = gt.out_of_fold(data, c, repeats=1, features=unit_vectors)
     scores = np.array([gt.text_score(s, weight) for s in oof])
     return {str(p): round(gt.choose_threshold(scores, data.y, data.rules, p)[1], 4) for p in PRECISIONS}
 

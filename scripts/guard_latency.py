@@ -2,7 +2,7 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/guard_latency.py [--sentences 200] [--rounds 3]
 
-The sentences are the first ones of `vectors/guard/fourth_heldout.jsonl` (their timing only; nothing is
+The sentences are the first ones of the held-apart set (`guard_train.HELD_APART_FILE`; their timing only; nothing is
 chosen by them). Each round checks every sentence once, after one warm-up pass; the figure is the
 p50 and p95 over all rounds. Take it on a quiet machine: reading the sentence (`steering.reader`) is nearly all of it.
 """
@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "services"))
 
 from steering.guard import load_guard, load_labelled, split_sentences  # noqa: E402
+from steering.guard_train import HELD_APART_FILE  # noqa: E402
 from steering.settings import paths_from_env  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     guard_dir = paths_from_env().guard
     guard = load_guard(guard_dir)
-    sentences = [s for row in load_labelled(guard_dir, "fourth_heldout.jsonl") for s in split_sentences(row["text"])][: args.sentences]
+    sentences = [s for row in load_labelled(guard_dir, HELD_APART_FILE) for s in split_sentences(row["text"])][: args.sentences]
     for s in sentences:  # warm-up: the embedder's first calls are slower
         guard.check(s)
     times = []

@@ -51,11 +51,7 @@ def read_layers(reader: SentenceReader, texts: list[str], layers: set[int]) -> d
 
 
 def recall_at(data: gt.TrainingSet, flat: np.ndarray) -> dict[float, dict[float, float]]:
-    n_units = sum(len(us) for us in data.units)
-    offsets = np.cumsum([0] + [len(us) for us in data.units])
-    vectors = [flat[offsets[i] : offsets[i + 1]] for i in range(len(data.rows))]
-    fixed = (flat[n_units:], data.fixed[1], data.fixed[2])
-    oof = gt.out_of_fold(data, vectors, fixed, 4.0, repeats=1)
+    oof = gt.out_of_fold(data, 4.0, repeats=1, features=flat)
     result = {}
     for weight in WEIGHTS:
         scores = np.array([gt.text_score(s, weight) for s in oof])

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "services")]
 
 from steering.guard import load_guard, load_labelled  # noqa: E402
-from steering.guard_train import load_rows  # noqa: E402
+from steering.guard_train import HELD_APART_FILE, load_rows  # noqa: E402
 from steering.settings import paths_from_env  # noqa: E402
 
 THRESHOLDS = (0.5, 0.7, 0.9)
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     sets = {"tuning rows (what decides)": load_rows(guard_dir)}
     if args.held_apart:
-        sets |= {name: load_labelled(guard_dir, name) for name in ("fourth_heldout.jsonl", "unsteered_heldout.jsonl")}
+        sets |= {name: load_labelled(guard_dir, name) for name in (HELD_APART_FILE, "unsteered_heldout.jsonl")}
     for name, rows in sets.items():
         print(f"{name}:")
         print("\n".join(measure(rows, detectors)))

@@ -14,7 +14,7 @@ from steering.embedding import embed, embed_fixed
 from steering.errors import ModelLoadError, NotFoundError
 from steering.generate import GenerationSettings, generate
 from steering.guard import ThemeGuard, ends_sentence, load_guard, load_labelled, measure, scored_units, split_sentences
-from steering.guard_train import TRAIN_FILES, guard_sha256, load_rows, train
+from steering.guard_train import HELD_APART_FILE, TRAIN_FILES, guard_sha256, load_rows, train
 from steering.harm_model import HARM_MODEL_FILE, HarmModel
 from steering.validate import load_eval_prompts
 
@@ -23,7 +23,6 @@ MIN_RECALL = 0.7
 # The held-apart set, fourth_heldout.jsonl, with the guard as committed (README): precision
 # 0.959, recall 0.874 (its second measurement; the first, before the third set and tuning_fresh.jsonl
 # were tuning data, gave 0.931 / 0.829).
-HELD_OUT = "fourth_heldout.jsonl"
 HELD_OUT_PRECISION, HELD_OUT_RECALL = 0.94, 0.86
 
 
@@ -48,14 +47,14 @@ def test_the_held_apart_replies_measure_the_guard_in_service(paths, guard: Theme
     """`fourth_heldout.jsonl` (686 replies over fifteen themes, written fresh for measuring after
     the third set had been measured three times) is never tuned on, nor read by
     `steering.guard_train`. A regression below the recorded figure fails."""
-    held = load_labelled(paths.guard, HELD_OUT)
+    held = load_labelled(paths.guard, HELD_APART_FILE)
     positives = [r for r in held if r["flag"]]
     near = [r for r in held if not r["flag"] and r.get("near")]
     assert len(positives) >= 270 and len(held) - len(positives) >= 270 and len(near) * 3 >= len(held) - len(positives)
     assert min(sum(r["theme"] == t for r in positives) for t in (theme.name for theme in guard.themes)) >= 15
     m = measure(guard, held)
     figures["guard_held_apart"] = m.as_dict()
-    print(f"\nguard on the held-apart replies of {HELD_OUT}: precision {m.precision:.3f}, recall {m.recall:.3f}; "
+    print(f"\nguard on the held-apart replies of {HELD_APART_FILE}: precision {m.precision:.3f}, recall {m.recall:.3f}; "
           f"recall by theme {m.as_dict()['recall_by_theme']}")
     assert m.precision >= HELD_OUT_PRECISION and m.recall >= HELD_OUT_RECALL
 
@@ -63,7 +62,7 @@ def test_the_held_apart_replies_measure_the_guard_in_service(paths, guard: Theme
 def test_no_held_apart_reply_is_among_the_training_rows(paths) -> None:
     """Near copies neither: the set was cut to replies within cosine 0.9 of no training row (nor of
     the third set's, tuning data since), and the rows written after it to none of its replies."""
-    held = [r["text"] for r in load_labelled(paths.guard, HELD_OUT)]
+    held = [r["text"] for r in load_labelled(paths.guard, HELD_APART_FILE)]
     trained = [r["text"] for r in load_rows(paths.guard)]
     assert not {t.lower() for t in held} & {t.lower() for t in trained}
     assert float((embed(held) @ embed(trained).T).max()) < 0.9

@@ -42,6 +42,7 @@ TRAIN_FILES = (
     "third_heldout.jsonl", "tuning_near.jsonl", "tuning_fresh.jsonl", "labelled.jsonl", "model_replies.jsonl",
     "unsteered_replies.jsonl", "unsteered_replies_more.jsonl",
 )
+HELD_APART_FILE = "fourth_heldout.jsonl"  # the labelled set the guard is measured on, never trained on
 SVM_CS = (4.0, 16.0)  # the machine's regularisation, chosen by cross-validation
 WORD_C = 8.0
 WORD_WEIGHTS = (0.25, 0.5, 1.0)
@@ -170,6 +171,12 @@ class TrainingSet:
     strata: list[str]  # per row, its theme or "harmless" (the folds' strata)
 
 
+def per_row(units: Sequence[list[str]], flat: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Features of every row's units then of the exemplars `[n, d]`, as each row's and the exemplars'."""
+    offsets = np.cumsum([0] + [len(us) for us in units])
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(units))], flat[offsets[-1] :]
+
+
 def training_set(guard_dir: Path) -> TrainingSet:
     guard_dir = Path(guard_dir)
     rows = load_rows(guard_dir)
@@ -183,9 +190,8 @@ def training_set(guard_dir: Path) -> TrainingSet:
     raw = reader.read([u for us in units for u in us] + fixed_texts)
     mean, scale = raw.mean(0), np.maximum(raw.std(0), 1e-6)
     flat = standardise(raw, mean, scale)
-    offsets = np.cumsum([0] + [len(us) for us in units])
-    vectors = [flat[offsets[i] : offsets[i + 1]] for i in range(len(rows))]
-    fixed = (flat[offsets[-1] :], fixed_texts, np.array([1] * len(harmful) + [0] * len(spec["safe_exemplars"])))
+    vectors, exemplars = per_row(units, flat)
+    fixed = (exemplars, fixed_texts, np.array([1] * len(harmful) + [0] * len(spec["safe_exemplars"])))
     hits = [rules_guard.list_hits(r["text"]) for r in rows]
     rules = np.array([bool(h) for h in hits])
     sure = np.array([any(t in LISTS_ONLY for t, _ in h) for h in hits])
@@ -193,11 +199,14 @@ def training_set(guard_dir: Path) -> TrainingSet:
                        sure, np.array([r["flag"] for r in rows]), [r["theme"] or "harmless" for r in rows])
 
 
-def out_of_fold(data: TrainingSet, vectors: Sequence[np.ndarray], fixed: tuple[np.ndarray, list[str], np.ndarray],
-                c: float, repeats: int = REPEATS) -> list[np.ndarray]:
+def out_of_fold(data: TrainingSet, c: float, repeats: int = REPEATS, features: np.ndarray | None = None) -> list[np.ndarray]:
     """Per row, its units' scores (`_unit_scores`) from models fitted without it, averaged over
-    the repeats of the stratified folds; `vectors` and `fixed` are the features read (the
-    scripts that weigh other readers pass their own)."""
+    the repeats of the stratified folds. `features`: standardised features of every unit then
+    every exemplar, in place of the reader's (the scripts that weigh other readers)."""
+    vectors, fixed = data.vectors, data.fixed
+    if features is not None:
+        vectors, exemplars = per_row(data.units, features)
+        fixed = (exemplars, data.fixed[1], data.fixed[2])
     oof = [np.zeros((len(us), 2)) for us in data.units]
     folds = RepeatedStratifiedKFold(n_splits=FOLDS, n_repeats=repeats, random_state=0)
     for train_idx, test_idx in folds.split(np.zeros(len(data.rows)), data.strata):
@@ -215,7 +224,7 @@ def train(guard_dir: Path, show: bool = False, target: float = TARGET_PRECISION)
 
     choices = []
     for c in SVM_CS:
-        oof = out_of_fold(data, vectors, fixed, c)
+        oof = out_of_fold(data, c)
         for weight in WORD_WEIGHTS:
             scores = np.array([text_score(s, weight) for s in oof])
             choices.append((*choose_operating_point(scores, y, sure, rules, target), weight, c, scores))
