@@ -4,7 +4,8 @@ The training rows are those of TRAIN_FILES in `vectors/guard/`, with the themes'
 (harmful) and the safe exemplars (harmless) of `themes.json`. `former_heldout.jsonl`,
 `second_heldout.jsonl` and `third_heldout.jsonl` were the first three held-apart sets, each until
 it had been measured three or four times; they are tuning data now. The held-apart sets,
-`fourth_heldout.jsonl` and `unsteered_heldout.jsonl`, are never read here. Profanity rows are
+`fourth_heldout.jsonl` and `unsteered_heldout.jsonl`, are never read here, nor is
+`fifth_heldout.jsonl`, written to be the held-apart set once the fourth retires. Profanity rows are
 left out: swearing is the lists' job, and the reader sees a sentence's topic, not its words.
 
 What is chosen (the words' weight beside the meaning, the threshold, and the score at which the
@@ -43,6 +44,7 @@ TRAIN_FILES = (
     "unsteered_replies.jsonl", "unsteered_replies_more.jsonl",
 )
 HELD_APART_FILE = "fourth_heldout.jsonl"  # the labelled set the guard is measured on, never trained on
+NEXT_HELD_APART_FILE = "fifth_heldout.jsonl"  # written fresh and not measured yet: the held-apart set after the fourth
 SVM_CS = (4.0, 16.0)  # the machine's regularisation, chosen by cross-validation
 WORD_C = 8.0
 WORD_WEIGHTS = (0.25, 0.5, 1.0)
