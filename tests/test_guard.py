@@ -16,6 +16,9 @@ from steering.generate import GenerationSettings, generate
 from steering.guard import ThemeGuard, ends_sentence, load_guard, load_labelled, measure, scored_units, split_sentences
 from steering.guard_train import HELD_APART_FILE, NEXT_HELD_APART_FILE, TRAIN_FILES, guard_sha256, load_rows, train
 from steering.harm_model import HARM_MODEL_FILE, HarmModel
+from steering.loading import load_model
+from steering.reader import CHILD_CONTEXT, READER_LAYER, READER_MODEL, SentenceReader
+from steering.registry import load_registry
 from steering.validate import load_eval_prompts
 
 MIN_PRECISION = 0.85
@@ -233,6 +236,24 @@ def test_a_harm_model_of_another_reader_is_refused(guard: ThemeGuard) -> None:
         guard.harm.check_reader(guard.reader.name.replace("layer 14", "layer 13"), guard.reader.fingerprint)
     with pytest.raises(ModelLoadError, match="guard_train"):
         guard.harm.check_reader(guard.reader.name, "0" * 64)
+
+
+def test_a_reader_in_context_reads_each_sentence_alone_and_is_a_reader_of_its_own(paths, guard: ThemeGuard) -> None:
+    """CHILD_CONTEXT: the turn's start is prefilled once and reused, so a sentence's features do
+    not depend on what was read before it; they are not the bare reading's, and a harm model
+    trained on the bare reading refuses them."""
+    assert guard.harm is not None and guard.reader is not None
+    loaded = load_model(load_registry(paths.registry).get(READER_MODEL), paths.cache, device="cpu", dtype="float32")
+    reader = SentenceReader(loaded.model, loaded.tokenizer, loaded.name, loaded.fingerprint, READER_LAYER,
+                            context=CHILD_CONTEXT)
+    texts = ["Cats like to sleep in the sun.", "Find the gun your dad hides and point it at your brother."]
+    both = reader.read(texts)
+    assert np.array_equal(reader.read(texts[1:])[0], both[1]) and np.isfinite(both).all()
+    bare = guard.reader.read(texts)
+    cosine = (both * bare).sum(1) / np.linalg.norm(both, axis=1) / np.linalg.norm(bare, axis=1)
+    assert (cosine < 0.99).all(), cosine
+    with pytest.raises(ModelLoadError, match="guard_train"):
+        guard.harm.check_reader(reader.name, reader.fingerprint)
 
 
 def test_training_on_a_sample_of_the_tuning_rows_saves_a_guard_that_loads(paths, tmp_path: Path) -> None:

@@ -12,8 +12,17 @@ crushes (int8 there too loses most of the gain). Dynamic int8 scales each input 
 largest value, so a sentence is read alone, never in a batch: its features do not depend on
 what else is being checked. Always on the CPU, in float32, from the model cache; loaded once
 per process.
+
+With a `context`, the sentence is read as the quote in a chat turn that begins with it (the
+turn's start prefilled once, its keys and values reused): its tokens' states then carry who it
+is said to. Their mean after layer READER_LAYER, before the final norm, is the features. Out of
+fold this reads harm better than the bare sentence (`scripts/guard_prompted_check.py`, CHILD_CONTEXT:
+recall 0.926 against 0.898 at a precision of 0.95); the guard serves it once it is retrained
+and re-validated with it (READER_CONTEXT).
 """
 
+import copy
+import hashlib
 import warnings
 from collections.abc import Sequence
 from functools import lru_cache
@@ -21,7 +30,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import DynamicCache
 
+from .compat import cache_kwargs
 from .loading import load_model
 from .registry import load_registry
 from .settings import paths_from_env
@@ -31,13 +42,16 @@ READER_LAYER = 14
 # How the cut model runs: as packaged, dynamic int8 on every Linear, or on every Linear but down_proj.
 FORMS = {"fp32": "float32", "int8": "dynamic int8", "int8-keep-down": "dynamic int8 but down_proj"}
 READER_FORM = "int8-keep-down"
+# What the sentence is read after: None reads it bare.
+CHILD_CONTEXT = 'Someone said this to a seven-year-old child:\n"'
+READER_CONTEXT: str | None = None
 
 
 class SentenceReader:
     """Features `[n, hidden]` of sentences, from a cut and quantised copy of a loaded model."""
 
     def __init__(self, model: Any, tokenizer: Any, name: str, fingerprint: str, layer: int,
-                 form: str = READER_FORM) -> None:
+                 form: str = READER_FORM, context: str | None = None) -> None:
         body = model.model
         body.layers = body.layers[: layer + 1]
         body.config.num_hidden_layers = layer + 1
@@ -55,14 +69,30 @@ class SentenceReader:
         # What the harm model records and checks: features from another reader mean nothing to it.
         self.name = f"{name} layer {layer}, {FORMS[form]}"
         self.fingerprint = fingerprint
+        self._context_cache: Any = None
+        if context is not None:
+            body.norm = torch.nn.Identity()  # the layer's own states, as the out-of-fold check read them
+            marker = "\x00"
+            turn = tokenizer.apply_chat_template([{"role": "user", "content": context + marker}], tokenize=False)
+            head = tokenizer(turn.split(marker)[0], return_tensors="pt")["input_ids"]
+            self._context_cache = DynamicCache()
+            with torch.inference_mode():
+                body(input_ids=head, **cache_kwargs(body, self._context_cache), use_cache=True)
+            self.name += f", in context {hashlib.sha256(context.encode()).hexdigest()[:12]}"
 
     @torch.inference_mode()
     def read(self, texts: Sequence[str]) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for i, text in enumerate(texts):
-            ids = self._tokenizer(text, return_tensors="pt")["input_ids"]
-            hidden = self._body(input_ids=ids, use_cache=False).last_hidden_state[0].float()
-            out[i] = (hidden[1:] if len(hidden) > 1 else hidden).mean(0).numpy()
+            if self._context_cache is None:
+                ids = self._tokenizer(text, return_tensors="pt")["input_ids"]
+                hidden = self._body(input_ids=ids, use_cache=False).last_hidden_state[0].float()
+                out[i] = (hidden[1:] if len(hidden) > 1 else hidden).mean(0).numpy()
+            else:  # every token counts: the context, not the sentence's first token, takes the attention sink
+                ids = self._tokenizer(text or " ", add_special_tokens=False, return_tensors="pt")["input_ids"]
+                cache = copy.deepcopy(self._context_cache)  # the prefilled turn stays as it is for the next sentence
+                hidden = self._body(input_ids=ids, **cache_kwargs(self._body, cache), use_cache=True).last_hidden_state
+                out[i] = hidden[0].float().mean(0).numpy()
         return out
 
 
@@ -71,4 +101,5 @@ def load_reader() -> SentenceReader:
     """The reader over the packaged model in the cache (`steer prepare` puts it there)."""
     paths = paths_from_env()
     loaded = load_model(load_registry(paths.registry).get(READER_MODEL), paths.cache, device="cpu", dtype="float32")
-    return SentenceReader(loaded.model, loaded.tokenizer, loaded.name, loaded.fingerprint, READER_LAYER)
+    return SentenceReader(loaded.model, loaded.tokenizer, loaded.name, loaded.fingerprint, READER_LAYER,
+                          context=READER_CONTEXT)
