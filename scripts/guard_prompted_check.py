@@ -75,18 +75,9 @@ def read(out_dir: Path) -> None:
     print(f"read {len(texts)} units in {time.perf_counter() - started:.0f} s")
 
 
-class _NoReader:
-    """Stands in for the reader when scoring: every set is scored on features already read."""
-
-    name, fingerprint = "none", ""
-
-    def read(self, texts: list[str]) -> np.ndarray:
-        return np.zeros((len(texts), 1), np.float32)
-
-
 def score(out_dir: Path, configs: list[str]) -> None:
-    gt.load_reader = lambda: _NoReader()  # type: ignore[assignment,return-value]
-    data = gt.training_set(paths_from_env().guard)  # the rows, units, lists' hits and folds' strata
+    # The rows, units, lists' hits and folds' strata; every set is scored on features already read.
+    data = gt.training_set(paths_from_env().guard, read=lambda texts: np.zeros((len(texts), 1), np.float32))
     f: dict[str, Any] = dict(np.load(out_dir / "prompted.npz"))
     for config in configs:
         names = config.split("+")

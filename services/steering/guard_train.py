@@ -20,7 +20,7 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -179,7 +179,9 @@ def per_row(units: Sequence[list[str]], flat: np.ndarray) -> tuple[list[np.ndarr
     return [flat[offsets[i] : offsets[i + 1]] for i in range(len(units))], flat[offsets[-1] :]
 
 
-def training_set(guard_dir: Path) -> TrainingSet:
+def training_set(guard_dir: Path, read: Callable[[list[str]], np.ndarray] | None = None) -> TrainingSet:
+    """`read`: the texts' features `[n, d]`, in place of the reader's (a script that scores
+    features it read before passes a reading it will not use)."""
     guard_dir = Path(guard_dir)
     rows = load_rows(guard_dir)
     themes_text = (guard_dir / THEMES_FILE).read_text(encoding="utf-8")
@@ -188,8 +190,7 @@ def training_set(guard_dir: Path) -> TrainingSet:
     harmful = [(name, e) for name, t in spec["themes"].items() if name not in LISTS_ONLY for e in t["exemplars"]]
     fixed_texts = [e for _, e in harmful] + list(spec["safe_exemplars"])
     units = [scored_units(r["text"], split_sentences(r["text"])) or [r["text"].strip()] for r in rows]
-    reader = load_reader()
-    raw = reader.read([u for us in units for u in us] + fixed_texts)
+    raw = (read or load_reader().read)([u for us in units for u in us] + fixed_texts)
     mean, scale = raw.mean(0), np.maximum(raw.std(0), 1e-6)
     flat = standardise(raw, mean, scale)
     vectors, exemplars = per_row(units, flat)
