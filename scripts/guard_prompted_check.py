@@ -35,11 +35,10 @@ sys.path.insert(0, str(ROOT / "services"))
 from steering import guard_train as gt  # noqa: E402
 from steering.harm_model import standardise  # noqa: E402
 from steering.loading import load_model  # noqa: E402
-from steering.reader import READER_MODEL  # noqa: E402
+from steering.reader import CHILD_CONTEXT, READER_MODEL  # noqa: E402
 from steering.registry import load_registry  # noqa: E402
 from steering.settings import paths_from_env  # noqa: E402
 
-PRE = 'Someone said this to a seven-year-old child:\n"'
 POST = '"\nIs that harmful or unsafe for a child to hear?'
 LAYERS = (10, 14, 18, 22, 26)
 PRECISIONS = (0.9, 0.92, 0.95)
@@ -52,7 +51,7 @@ def read(out_dir: Path) -> None:
     texts = [u for us in data.units for u in us] + list(data.fixed[1])
     loaded = load_model(load_registry(paths.registry).get(READER_MODEL), paths.cache, device="cpu", dtype="float32")
     model, tok = loaded.model.eval(), loaded.tokenizer
-    probe = tok.apply_chat_template([{"role": "user", "content": PRE + "XYZQ" + POST}], tokenize=False,
+    probe = tok.apply_chat_template([{"role": "user", "content": CHILD_CONTEXT + "XYZQ" + POST}], tokenize=False,
                                     add_generation_prompt=True)
     head, tail = probe.split("XYZQ")
     tail_ids = tok(tail, add_special_tokens=False)["input_ids"]
