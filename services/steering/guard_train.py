@@ -2,9 +2,10 @@
 
 The training rows are those of TRAIN_FILES in `vectors/guard/`, with the themes' exemplars
 (harmful) and the safe exemplars (harmless) of `themes.json`. `former_heldout.jsonl`,
-`second_heldout.jsonl`, `third_heldout.jsonl` and `fourth_heldout.jsonl` were the first four
-held-apart sets, each until it had been measured three or four times; they are tuning data now.
-The held-apart sets, `fifth_heldout.jsonl` and `unsteered_heldout.jsonl`, are never read here. Profanity rows are
+`second_heldout.jsonl` and `third_heldout.jsonl` were the first three held-apart sets, each until
+it had been measured three or four times; they are tuning data now. The held-apart sets,
+`fourth_heldout.jsonl` and `unsteered_heldout.jsonl`, are never read here, nor is
+`fifth_heldout.jsonl`, written to be the held-apart set once the fourth retires. Profanity rows are
 left out: swearing is the lists' job, and the reader sees a sentence's topic, not its words.
 
 What is chosen (the words' weight beside the meaning, the threshold, and the score at which the
@@ -40,9 +41,10 @@ from .words import WordGrams
 TRAIN_FILES = (
     "tuning.jsonl", "tuning_extra.jsonl", "tuning_more.jsonl", "tuning_weak.jsonl", "former_heldout.jsonl", "second_heldout.jsonl",
     "third_heldout.jsonl", "tuning_near.jsonl", "tuning_fresh.jsonl", "labelled.jsonl", "model_replies.jsonl",
-    "unsteered_replies.jsonl", "unsteered_replies_more.jsonl", "fourth_heldout.jsonl",
+    "unsteered_replies.jsonl", "unsteered_replies_more.jsonl",
 )
-HELD_APART_FILE = "fifth_heldout.jsonl"  # the labelled set the guard is measured on, never trained on
+HELD_APART_FILE = "fourth_heldout.jsonl"  # the labelled set the guard is measured on, never trained on
+NEXT_HELD_APART_FILE = "fifth_heldout.jsonl"  # written fresh and not measured yet: the held-apart set after the fourth
 SVM_CS = (4.0, 16.0)  # the machine's regularisation, chosen by cross-validation
 WORD_C = 8.0
 WORD_WEIGHTS = (0.25, 0.5, 1.0)
