@@ -67,13 +67,19 @@ def main(argv: list[str]) -> int:
         print(f"error: feature sets are L<n> (n <= {READER_LAYER}) or L{READER_LAYER}max, joined by '+', separated by ';'", file=sys.stderr)
         return 2
     paths = paths_from_env()
-    data = gt.training_set(paths.guard)  # the rows, units, lists' hits and folds' strata
-    texts = [u for us in data.units for u in us] + list(data.fixed[1])
     loaded = load_model(load_registry(paths.registry).get(READER_MODEL), paths.cache, device="cpu", dtype="float32")
     reader = SentenceReader(loaded.model, loaded.tokenizer, loaded.name, loaded.fingerprint, READER_LAYER)
+    feats: dict[str, np.ndarray] = {}
+
+    def read_once(texts: list[str]) -> np.ndarray:
+        """Every feature set in one pass; the training set takes layer 14's (its scaling is unused here)."""
+        feats.update(read_layers(reader, texts, layers))
+        return feats[f"L{READER_LAYER}"]
+
     started = time.perf_counter()
-    feats = read_layers(reader, texts, layers)
-    print(f"{len(data.rows)} tuning rows, {len(texts)} units read in {time.perf_counter() - started:.0f} s", flush=True)
+    data = gt.training_set(paths.guard, read=read_once)  # the rows, units, lists' hits and folds' strata
+    print(f"{len(data.rows)} tuning rows, {len(data.fixed[1]) + sum(map(len, data.units))} units read in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
     for config in configs:
         names = config.split("+")
         flat = np.hstack([standardise(feats[n], feats[n].mean(0), np.maximum(feats[n].std(0), 1e-6)) for n in names])

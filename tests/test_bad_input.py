@@ -22,6 +22,7 @@ from generator.server import GeneratorConfig, build_service
 from protos.steering.v1 import generator_pb2 as pb
 from protos.steering.v1 import tagger_pb2
 from steering.profiles import Profile
+from blip_served import STEERED
 from grpc_helpers import StackInThread
 
 EXAMPLES = int(os.environ.get("RELIABILITY_EXAMPLES", "6"))
@@ -281,7 +282,7 @@ def test_tag_conversation(channel, reqs) -> None:
 
 
 # A child's steered stream: greedy, so its text alone is its text beside anything else.
-VALID = pb.GenerateRequest(prompt="Tell me about your day.", concept="happy", max_tokens=24)
+VALID = pb.GenerateRequest(prompt="Tell me about your day.", concept=STEERED, max_tokens=24)
 
 
 def _text(events: list) -> str:
@@ -321,7 +322,7 @@ def test_cancelling_during_a_guard_hold_harms_nobody(stack, channel, valid_alone
         running = iter(_generate(channel["generator"], VALID))
         next(running)
         call = _generate(channel["generator"], pb.GenerateRequest(prompt="Tell me a long story about a dragon.",
-                                                                  concept="happy", max_tokens=64))
+                                                                  concept=STEERED, max_tokens=64))
         seen = []
         for event in call:
             seen.append(event.WhichOneof("event"))
@@ -346,6 +347,6 @@ def test_servers_serve_normally_afterwards(stack, channel) -> None:
     for name, ch in channel.items():
         health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING, name
-    events = list(_generate(channel["generator"], pb.GenerateRequest(prompt="Say hello.", concept="happy", max_tokens=4)))
+    events = list(_generate(channel["generator"], pb.GenerateRequest(prompt="Say hello.", concept=STEERED, max_tokens=4)))
     assert events[-1].WhichOneof("event") == "finished" and events[-1].finished.completion_tokens >= 1
     _assert_no_hooks(stack)

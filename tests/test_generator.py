@@ -14,6 +14,7 @@ from protos.steering.v1 import generator_pb2 as pb
 from protos.steering.v1 import generator_pb2_grpc
 from steering.profiles import Profile
 from steering.record import record_path
+from blip_served import STEERED
 from grpc_helpers import collect, run, with_generator
 
 BLOCKED = ("hostile", "mean", "angry", "dominant", "anxious", "urgency")
@@ -54,13 +55,13 @@ def _recorded_config(paths, concept: str) -> dict:
 
 
 def test_stream_order_and_final_event(service, paths) -> None:
-    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy", max_tokens=16))
+    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept=STEERED, max_tokens=16))
     kinds = [e.WhichOneof("event") for e in events]
     assert kinds[0] == "started" and kinds[1] == "gate" and kinds[-1] == "finished"
     assert set(kinds[2:-1]) <= {"text"} and "text" in kinds
     started, finished = events[0].started, events[-1].finished
-    config = _recorded_config(paths, "happy")  # the engine steers with the record's configuration
-    assert started.concept == "happy" and list(started.layers) == config["layers"]
+    config = _recorded_config(paths, STEERED)  # the engine steers with the record's configuration
+    assert started.concept == STEERED and list(started.layers) == config["layers"]
     assert (list(started.config.layers), started.config.scale, started.config.positions, started.config.preserve_norm) == (
         config["layers"], config["scale"], config["positions"], config["preserve_norm"])
     assert started.alpha > 0  # the validated recommended alpha
@@ -99,15 +100,15 @@ def test_greedy_stream_matches_in_process_generation(paths) -> None:
         (pb.GenerateRequest(prompt="   "), grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty"),
         (pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "either a prompt or chat messages"),
         (pb.GenerateRequest(prompt="x" * 9000), grpc.StatusCode.INVALID_ARGUMENT, "limit is 8000"),
-        (pb.GenerateRequest(prompt="hi", concept="happy", alpha=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "alpha"),
-        (pb.GenerateRequest(prompt="hi", concept="happy", alpha=1e6), grpc.StatusCode.INVALID_ARGUMENT, "beyond concept"),
+        (pb.GenerateRequest(prompt="hi", concept=STEERED, alpha=math.nan), grpc.StatusCode.INVALID_ARGUMENT, "alpha"),
+        (pb.GenerateRequest(prompt="hi", concept=STEERED, alpha=1e6), grpc.StatusCode.INVALID_ARGUMENT, "beyond concept"),
         (pb.GenerateRequest(prompt="hi", max_tokens=100000), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
         (pb.GenerateRequest(prompt="hi", sampling=pb.Sampling(temperature=-1)), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
         (pb.GenerateRequest(prompt="hi", sampling=pb.Sampling(temperature=1e-40)), grpc.StatusCode.INVALID_ARGUMENT,
          "overflows the logits"),
         (pb.GenerateRequest(prompt="hi", sampling=pb.Sampling(temperature=0.5, top_p=-0.5)), grpc.StatusCode.INVALID_ARGUMENT,
          "top_p"),
-        (pb.GenerateRequest(prompt="hi", concept="happy", alpha=-6), grpc.StatusCode.INVALID_ARGUMENT, "only steers toward"),
+        (pb.GenerateRequest(prompt="hi", concept=STEERED, alpha=-6), grpc.StatusCode.INVALID_ARGUMENT, "only steers toward"),
         (pb.GenerateRequest(messages=pb.Conversation(messages=[pb.ChatMessage(role="wizard", content="hi")])),
          grpc.StatusCode.INVALID_ARGUMENT, "unknown message role"),
         (pb.GenerateRequest(prompt="hi", concept="Happy"), grpc.StatusCode.INVALID_ARGUMENT, "plain lower-case"),
@@ -147,27 +148,27 @@ def test_tag_is_mapped_by_the_policy(service, paths) -> None:
 
 
 def test_gate_skips_when_a_concept_word_is_already_likely(service) -> None:
-    conv = pb.Conversation(messages=[pb.ChatMessage(role="user", content="I got a puppy for my birthday!"),
-                                     pb.ChatMessage(role="assistant", content="Wow, that is wonderful! I am so")])
+    conv = pb.Conversation(messages=[pb.ChatMessage(role="user", content="My goldfish died this morning."),
+                                     pb.ChatMessage(role="assistant", content="Oh no, I am so")])
     on = pb.GateSettings(enabled=True)
-    events = _generate(service, pb.GenerateRequest(messages=conv, concept="happy", max_tokens=6, gate=on))
+    events = _generate(service, pb.GenerateRequest(messages=conv, concept=STEERED, max_tokens=6, gate=on))
     gate = events[1].gate
-    assert gate.decision == pb.GATE_DECISION_SKIP and gate.token.strip() == "glad" and gate.probability >= 0.25
-    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy", max_tokens=4,
+    assert gate.decision == pb.GATE_DECISION_SKIP and gate.token.strip() == "sorry" and gate.probability >= 0.25
+    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept=STEERED, max_tokens=4,
                                                    gate=on))
     assert events[1].gate.decision == pb.GATE_DECISION_STEER and len(events[1].gate.top3) == 3
     # Off by default: a request that does not ask for it is steered without looking, and the
     # deprecated `disabled` still turns it off where `enabled` asks for it.
     for gate in (pb.GateSettings(), pb.GateSettings(enabled=True, disabled=True)):
-        events = _generate(service, pb.GenerateRequest(messages=conv, concept="happy", max_tokens=2, gate=gate))
+        events = _generate(service, pb.GenerateRequest(messages=conv, concept=STEERED, max_tokens=2, gate=gate))
         assert events[1].gate.decision == pb.GATE_DECISION_DISABLED
 
 
 def test_kl_samples_and_forced_reinjection(service) -> None:
     kl = pb.KlSettings(enabled=True, window=4, threshold=1000.0, alpha_step=1.0)  # any KL counts as faded
     slot = next(iter(service.slots.values()))
-    ceiling = service.ceiling(slot.steerability.concepts["happy"])  # in Blip the child-safe ceiling caps re-injection
-    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy", alpha=ceiling - 2,
+    ceiling = service.ceiling(slot.steerability.concepts[STEERED])  # in Blip the child-safe ceiling caps re-injection
+    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept=STEERED, alpha=ceiling - 2,
                                                    max_tokens=12, kl=kl))
     samples = [e.kl for e in events if e.WhichOneof("event") == "kl"]
     reinjections = [e.reinjection for e in events if e.WhichOneof("event") == "reinjection"]
@@ -181,7 +182,7 @@ def test_kl_samples_and_forced_reinjection(service) -> None:
 
 def test_kl_without_reinjection_at_a_low_threshold(service) -> None:
     kl = pb.KlSettings(enabled=True, window=4, threshold=1e-9)
-    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept="happy", max_tokens=8, kl=kl))
+    events = _generate(service, pb.GenerateRequest(prompt="Tell me about your morning.", concept=STEERED, max_tokens=8, kl=kl))
     assert any(e.WhichOneof("event") == "kl" for e in events)
     assert not any(e.WhichOneof("event") == "reinjection" for e in events)
 
@@ -201,7 +202,7 @@ def test_stop_sequence(service) -> None:
 def test_cancel_mid_stream_stops_and_leaves_no_hook(service) -> None:
     async def body(channel, running):
         stub = generator_pb2_grpc.GeneratorStub(channel)
-        call = stub.Generate(pb.GenerateRequest(prompt="Tell me a long story about a dragon.", concept="happy", max_tokens=200))
+        call = stub.Generate(pb.GenerateRequest(prompt="Tell me a long story about a dragon.", concept=STEERED, max_tokens=200))
         async for event in call:
             if event.WhichOneof("event") == "text":
                 call.cancel()
@@ -309,7 +310,7 @@ def test_metrics_endpoint_counts_tokens_gate_and_refusals(service) -> None:
     async def body(channel, running):
         stub = generator_pb2_grpc.GeneratorStub(channel)
         before = _scrape(running.metrics.port)
-        events = await collect(stub.Generate(pb.GenerateRequest(prompt="Say hello.", concept="happy", max_tokens=6)))
+        events = await collect(stub.Generate(pb.GenerateRequest(prompt="Say hello.", concept=STEERED, max_tokens=6)))
         with pytest.raises(grpc.aio.AioRpcError):
             await collect(stub.Generate(pb.GenerateRequest(prompt="Hi", concept="hostile")))
         with pytest.raises(grpc.aio.AioRpcError):

@@ -11,6 +11,7 @@ import pytest
 from generator.server import GeneratorConfig, build_service, serve
 from serving.server import ServerSettings
 from tagger.server import serve as serve_tagger
+from blip_served import STEERED
 
 GRPCURL = Path(sys.executable).parent / "grpcurl"
 
@@ -54,7 +55,7 @@ def test_list_describe_and_calls(service) -> None:
         ("{generator}", "describe", "steering.v1.Generator"),
         ("{tagger}", "list"),
         ("-d", '{"text": "I can\'t wait for my birthday party!"}', "{tagger}", "steering.v1.Tagger/Tag"),
-        ("-d", '{"prompt": "Say hello to Jaxsen.", "concept": "happy", "max_tokens": 8}', "{generator}", "steering.v1.Generator/Generate"),
+        ("-d", json.dumps({"prompt": "Say hello to Jaxsen.", "concept": STEERED, "max_tokens": 8}), "{generator}", "steering.v1.Generator/Generate"),
         ("-d", '{"prompt": "hi", "concept": "hostile"}', "{generator}", "steering.v1.Generator/Generate"),
         ("{generator}", "steering.v1.Generator/ListModels"),
         ("-d", '{"service": "steering.v1.Generator"}', "{generator}", "grpc.health.v1.Health/Check"),

@@ -24,6 +24,7 @@ from steering.guard import load_guard
 from steering.loading import LoadedModel
 from steering.profiles import Profile
 from steering.store import read_vector
+from blip_served import STEERED
 from collector import Collector
 from grpc_helpers import collect, run, with_generator
 
@@ -146,8 +147,8 @@ def blip():
 
 
 def test_a_tiny_temperature_is_refused_and_the_child_beside_it_gets_the_whole_reply(blip) -> None:
-    child = pb.GenerateRequest(prompt=PROMPT, concept="happy", max_tokens=32)
-    bad = pb.GenerateRequest(prompt=PROMPT, concept="happy", max_tokens=32, sampling=pb.Sampling(temperature=1e-40))
+    child = pb.GenerateRequest(prompt=PROMPT, concept=STEERED, max_tokens=32)
+    bad = pb.GenerateRequest(prompt=PROMPT, concept=STEERED, max_tokens=32, sampling=pb.Sampling(temperature=1e-40))
 
     async def body(channel, _):
         stub = generator_pb2_grpc.GeneratorStub(channel)

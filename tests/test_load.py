@@ -22,12 +22,13 @@ from steering.generate import render_prompt
 from steering.loading import load_model
 from steering.profiles import Profile
 from steering.registry import load_registry
+from blip_served import STEERED
 from grpc_helpers import StackInThread
 
 LOAD_SECONDS = float(os.environ.get("LOAD_SECONDS", "20"))
 CANCELLED = int(os.environ.get("CANCELLED_STREAMS", "24"))
 PROMPTS = ["Tell me about dinosaurs.", "I drew a cat!", "Why is snow cold?", "Can you sing?", "I lost my shoe."]
-CONCEPTS = ["happy", ""]  # what Blip steers on SmolLM2 by Generate, and no steering
+CONCEPTS = [STEERED, ""]  # what Blip steers on SmolLM2 by Generate, and no steering
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from blip_served import STEERED
 from steer_cli import steer
 from tiny_models import HIDDEN_SIZE, tiny_loaded
 
@@ -178,7 +179,7 @@ def test_sets_follow_the_record(smollm, paths) -> None:
         assert (steer.alpha if steer else None) == entry["child_recommended_alpha"]
         assert all(s.instruction == entry["modes"]["instruction"] for s in sets.values()
                    if s.concept == concept and s.mode != "steer")
-    assert not blip_sets(smollm, paths, ["happy"], ["steer"])[0].instruction
+    assert not blip_sets(smollm, paths, [STEERED], ["steer"])[0].instruction
 
 
 def test_written_checks_spread_over_the_pairs(paths) -> None:

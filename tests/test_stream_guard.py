@@ -17,6 +17,7 @@ from steering.generate import render_prompt
 from steering.guard import ThemeGuard, load_guard
 from steering.loading import LoadedModel
 from steering.store import read_vector
+from blip_served import STEERED
 from collector import Collector
 
 # Found by sweeping the evaluation prompts with greedy decoding. Steered towards hostile (a
@@ -138,7 +139,7 @@ def test_in_the_blip_profile_a_forced_hostile_reply_never_reaches_the_child(path
         c = Collector()
         # The job is built as Blip builds it for a concept it serves, then forced onto the vector
         # of a concept Blip never loads, at an alpha past anything Blip would allow.
-        slot, job = service.build_job(GenerateSpec(prompt=FORCED_PROMPT, concept="happy", max_tokens=64), c, None)
+        slot, job = service.build_job(GenerateSpec(prompt=FORCED_PROMPT, concept=STEERED, max_tokens=64), c, None)
         assert job.guard is service.guard is not None
         cv = read_vector(paths.vectors / slot.loaded.name / f"{FORCED_CONCEPT}.safetensors")
         steering = dataclasses.replace(job.steering, concept=FORCED_CONCEPT, alpha=FORCED_ALPHA, max_alpha=FORCED_ALPHA,

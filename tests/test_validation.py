@@ -14,6 +14,7 @@ from steering.record import assess, d_interval, decide, record_path, write_recor
 from steering.scoring import check_scorer, load_scorer
 from steering.store import load_store, read_vector, save_vector, stored_concepts, vector_path
 from steering.validate import check_behavioural, check_canary, check_hook_path, cohens_d
+from blip_served import STEERED
 from steer_cli import steer
 
 
@@ -246,12 +247,12 @@ def test_redecide_takes_old_decisions_again_by_todays_rules(smollm, paths, vecto
         entry["recommended_alpha"] = next((p["alpha"] for p in entry["sweep"] if p["d"] > 0.5), None)
     write_record(model_dir, {k: v for k, v in old.items() if k != "record_sha256"})
     state = assess(smollm.name, model_dir, smollm.fingerprint, vectors)
-    assert not state.concepts["happy"].servable and "disagrees with its own figures" in state.concepts["happy"].reason
+    assert not state.concepts[STEERED].servable and "disagrees with its own figures" in state.concepts[STEERED].reason
     new = redecide(old)
     assert all(new["concepts"][c]["sweep"] == record["concepts"][c]["sweep"] for c in record["concepts"])
     write_record(model_dir, new)
     state = assess(smollm.name, model_dir, smollm.fingerprint, vectors)
-    assert state.concepts["happy"].servable and state.concepts["happy"].child_recommended_alpha is not None
+    assert state.concepts[STEERED].servable and state.concepts[STEERED].child_recommended_alpha is not None
 
 
 def test_a_partial_revalidation_keeps_only_entries_measured_alike(paths, tmp_path) -> None:
