@@ -6,7 +6,7 @@ The training rows are those of TRAIN_FILES in `vectors/guard/`, with the themes'
 it had been measured three or four times; they are tuning data now. The held-apart sets,
 `fourth_heldout.jsonl` and `unsteered_heldout.jsonl`, are never read here, nor is
 `fifth_heldout.jsonl`, written to be the held-apart set once the fourth retires.
-`tuning_stories.jsonl` (story violence, horror and secrecy, with their near misses) is written for
+`tuning_stories.jsonl` (story violence, horror, secrecy and dares, with their near misses) is written for
 the next retraining and not in TRAIN_FILES yet. Profanity rows are
 left out: swearing is the lists' job, and the reader sees a sentence's topic, not its words.
 
