@@ -78,8 +78,8 @@ def main(argv: list[str]) -> int:
 
     started = time.perf_counter()
     data = gt.training_set(paths.guard, read=read_once)  # the rows, units, lists' hits and folds' strata
-    print(f"{len(data.rows)} tuning rows, {len(data.fixed[1]) + sum(map(len, data.units))} units read in "
-          f"{time.perf_counter() - started:.0f} s", flush=True)
+    print(f"{len(data.rows)} tuning rows, {len(feats[f'L{READER_LAYER}'])} units read in {time.perf_counter() - started:.0f} s",
+          flush=True)
     for config in configs:
         names = config.split("+")
         flat = np.hstack([standardise(feats[n], feats[n].mean(0), np.maximum(feats[n].std(0), 1e-6)) for n in names])
