@@ -1,10 +1,14 @@
 """What the content guard's harm model reads a sentence with: SmolLM2's own hidden states.
 
-The packaged SmolLM2-135M-Instruct, cut after decoder layer READER_LAYER, gives a sentence's
-hidden states there; their mean over the sentence's tokens but the first (the attention sink:
-large, and the same whatever the text) is the sentence's features. Out of fold on the guard's
-tuning rows these tell harm from near misses better than all-MiniLM-L6-v2's embedding
-(`scripts/guard_features_check.py`: recall 0.91 against 0.81 at a precision of 0.95).
+The packaged SmolLM2-135M-Instruct, cut after decoder layer READER_LAYER, reads the sentence as
+the quote in a chat turn that begins READER_CONTEXT (the turn's start prefilled once, its keys and
+values reused): the mean of the sentence's own tokens' states after that layer, before the final
+norm, is its features. Said to a child, its tokens carry who hears it: out of fold on the guard's
+tuning rows this reads harm better than the bare sentence (`scripts/guard_prompted_check.py`:
+recall 0.926 against 0.898 at a precision of 0.95), at about the same cost a sentence. Read bare
+(context None), the features are the mean over the sentence's tokens but the first (the
+attention sink: large, and the same whatever the text); that in turn beat all-MiniLM-L6-v2's
+embedding (`scripts/guard_features_check.py`: recall 0.91 against 0.81).
 
 For speed the Linear layers run in torch's dynamic int8, all but the MLPs' `down_proj`: its
 input holds the few huge activations of a language model, which one int8 scale per tensor
@@ -12,13 +16,6 @@ crushes (int8 there too loses most of the gain). Dynamic int8 scales each input 
 largest value, so a sentence is read alone, never in a batch: its features do not depend on
 what else is being checked. Always on the CPU, in float32, from the model cache; loaded once
 per process.
-
-With a `context`, the sentence is read as the quote in a chat turn that begins with it (the
-turn's start prefilled once, its keys and values reused): its tokens' states then carry who it
-is said to. Their mean after layer READER_LAYER, before the final norm, is the features. Out of
-fold this reads harm better than the bare sentence (`scripts/guard_prompted_check.py`, CHILD_CONTEXT:
-recall 0.926 against 0.898 at a precision of 0.95); the guard serves it once it is retrained
-and re-validated with it (READER_CONTEXT).
 """
 
 import copy
@@ -44,7 +41,7 @@ FORMS = {"fp32": "float32", "int8": "dynamic int8", "int8-keep-down": "dynamic i
 READER_FORM = "int8-keep-down"
 # What the sentence is read after: None reads it bare.
 CHILD_CONTEXT = 'Someone said this to a seven-year-old child:\n"'
-READER_CONTEXT: str | None = None
+READER_CONTEXT: str | None = CHILD_CONTEXT
 
 
 class SentenceReader:
