@@ -47,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     cv = model_vectors(loaded, paths)[0].get(a.concept)
     if cv is None:
         p.error(f"no usable {a.concept} vector on {a.model}; run `steer derive`")
-    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), blip=load_blip_setting(paths.eval)).scaled(entry.sweep_scale)
-    scorer, guard = load_scorer(paths.eval), load_guard(paths.guard)
-    base = baseline(loaded, settings, guard, blip=True)
-    print(f"unsteered under Blip's system prompt: {sum(base.flagged)} of {len(base.flagged)} flagged")
     try:  # the configuration the record swept the concept with
         config = SteerConfig.from_dict(read_record(paths.model_vectors(a.model), a.model)["concepts"][a.concept]["config"])
     except (SteeringError, KeyError) as exc:
         p.error(f"{a.model}'s record has no swept {a.concept}: {exc}")
+    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), blip=load_blip_setting(paths.eval)).scaled(entry.sweep_scale)
+    scorer, guard = load_scorer(paths.eval), load_guard(paths.guard)
+    base = baseline(loaded, settings, guard, blip=True)
+    print(f"unsteered under Blip's system prompt: {sum(base.flagged)} of {len(base.flagged)} flagged")
     prompts = concept_prompts(settings, a.concept, instructed=a.mode == "both")
     grid = alpha_grid(config, cv, settings.both_grid_rel if a.mode == "both" else settings.alpha_grid_rel)
     rows = [config.row(cv, alpha) for alpha, _ in grid for _ in prompts]
