@@ -20,12 +20,13 @@ from steering.errors import SteeringError  # noqa: E402
 from steering.guard import load_guard  # noqa: E402
 from steering.profiles import BLIP_ALLOWLIST  # noqa: E402
 from steering.record import read_record  # noqa: E402
-from steering.registry import load_registry  # noqa: E402
 from steering.scoring import load_scorer  # noqa: E402
 from steering.settings import paths_from_env  # noqa: E402
-from steering.validate import (SweepSettings, _point, _sample, alpha_grid, baseline, check_load,  # noqa: E402
-                               concept_prompts, load_blip_setting, load_eval_prompts)
+from steering.validate import (SweepSettings, _point, _sample, alpha_grid, baseline, concept_prompts,  # noqa: E402
+                               load_blip_setting, load_eval_prompts)
 from steering.validate_model import model_vectors  # noqa: E402
+
+from screen_bands import registered_model  # noqa: E402  (scripts/ is on the path as the script's own folder)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,13 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.concept not in BLIP_ALLOWLIST:
         p.error(f"{a.concept} is not a Blip concept: {', '.join(sorted(BLIP_ALLOWLIST))}")
     paths = paths_from_env()
-    try:
-        entry = load_registry(paths.registry).get(a.model)
-    except SteeringError as exc:
-        p.error(str(exc))
-    load, loaded = check_load(entry, paths.cache, None)
-    if loaded is None:
-        p.error(f"{a.model} did not load: {load.detail}")
+    entry, loaded = registered_model(p, paths, a.model)
     cv = model_vectors(loaded, paths)[0].get(a.concept)
     if cv is None:
         p.error(f"no usable {a.concept} vector on {a.model}; run `steer derive`")

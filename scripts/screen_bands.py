@@ -36,9 +36,9 @@ from steering.layers import recorded_outputs  # noqa: E402
 from steering.loading import LoadedModel  # noqa: E402
 from steering.pairs import Concept, load_concept  # noqa: E402
 from steering.profiles import BLIP_ALLOWLIST  # noqa: E402
-from steering.registry import load_registry  # noqa: E402
+from steering.registry import ModelEntry, load_registry  # noqa: E402
 from steering.scoring import load_scorer  # noqa: E402
-from steering.settings import paths_from_env  # noqa: E402
+from steering.settings import Paths, paths_from_env  # noqa: E402
 from steering.validate import (SweepSettings, _sweep, alpha_grid, baseline, check_load, concept_prompts,  # noqa: E402
                                load_blip_setting, load_eval_prompts)
 from steering.validate_model import model_vectors  # noqa: E402
@@ -85,6 +85,19 @@ def derived(loaded: LoadedModel, concept: Concept, direction: str) -> ConceptVec
                             "method": f"{direction}, screened only"})
 
 
+def registered_model(parser: argparse.ArgumentParser, paths: Paths, name: str) -> tuple[ModelEntry, LoadedModel]:
+    """The registered model `name` and its entry, loaded; the parser's error (no traceback) when it
+    is not registered or does not load."""
+    try:
+        entry = load_registry(paths.registry).get(name)
+    except SteeringError as exc:
+        parser.error(str(exc))
+    load, loaded = check_load(entry, paths.cache, None)
+    if loaded is None:
+        parser.error(f"{name} did not load: {load.detail}")
+    return entry, loaded
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -114,13 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all(bands):
         p.error(f"--bands {a.bands}: each band's first layer must not come after its last")
     paths = paths_from_env()
-    try:
-        entry = load_registry(paths.registry).get(a.model)
-    except SteeringError as exc:
-        p.error(str(exc))
-    load, loaded = check_load(entry, paths.cache, None)
-    if loaded is None:
-        p.error(f"{a.model} did not load: {load.detail}")
+    entry, loaded = registered_model(p, paths, a.model)
     if a.direction:
         try:
             concept = load_concept(a.pairs.parent, a.pairs.stem) if a.pairs else load_concept(paths.pairs, a.concept)
