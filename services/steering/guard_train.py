@@ -5,9 +5,9 @@ The training rows are those of TRAIN_FILES in `vectors/guard/`, with the themes'
 `second_heldout.jsonl`, `third_heldout.jsonl` and `fourth_heldout.jsonl` were the first four
 held-apart sets, each until it had been measured three or four times; they are tuning data now.
 The held-apart sets, `sixth_heldout.jsonl` and `unsteered_heldout.jsonl`, are never read here, nor
-are NEXT_TRAIN_FILES: the fifth set, measured three times, `tuning_horror.jsonl`, written after
-it, and `tuning_people.jsonl` join the tuning data at the next retraining. Profanity rows are
-left out: swearing is the lists' job, and the reader sees a sentence's topic, not its words.
+is NEXT_TRAIN_FILES: the fifth set, measured three times, stays apart while it holds the only
+held-apart rows of the `sexual` theme, and joins the tuning data once a fresh set measures that
+theme. Profanity rows are left out: swearing is the lists' job, and the reader sees a sentence's topic, not its words.
 
 What is chosen (the words' weight beside the meaning, the threshold, and the score at which the
 model confirms a listed word of a theme it learns) is chosen on out-of-fold scores, 5-fold
@@ -43,10 +43,11 @@ TRAIN_FILES = (
     "tuning.jsonl", "tuning_extra.jsonl", "tuning_more.jsonl", "tuning_weak.jsonl", "former_heldout.jsonl", "second_heldout.jsonl",
     "third_heldout.jsonl", "tuning_near.jsonl", "tuning_fresh.jsonl", "labelled.jsonl", "model_replies.jsonl",
     "unsteered_replies.jsonl", "unsteered_replies_more.jsonl", "fourth_heldout.jsonl", "tuning_stories.jsonl",
+    "tuning_horror.jsonl", "tuning_people.jsonl",
 )
 HELD_APART_FILE = "sixth_heldout.jsonl"  # the labelled set the guard is measured on, never trained on
 # Written or retired since the harm model was last trained: tuning data at the next retraining.
-NEXT_TRAIN_FILES = ("fifth_heldout.jsonl", "tuning_horror.jsonl", "tuning_people.jsonl")
+NEXT_TRAIN_FILES = ("fifth_heldout.jsonl",)
 SVM_CS = (4.0, 16.0)  # the machine's regularisation, chosen by cross-validation
 WORD_C = 8.0
 WORD_WEIGHTS = (0.25, 0.5, 1.0)
