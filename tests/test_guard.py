@@ -64,7 +64,7 @@ def test_the_held_apart_replies_measure_the_guard_in_service(paths, guard: Theme
 
 def test_no_held_apart_reply_is_among_the_training_rows(paths) -> None:
     """Near copies neither: the set was cut to replies within cosine 0.9 of no training row, and of
-    no row of NEXT_TRAIN_FILES, which join the tuning data at the next retraining."""
+    no row of NEXT_TRAIN_FILES, which join the tuning data at a later retraining."""
     held = [r["text"] for r in load_labelled(paths.guard, HELD_APART_FILE)]
     trained = [r["text"] for r in load_rows(paths.guard)]
     trained += [r["text"] for name in NEXT_TRAIN_FILES for r in load_labelled(paths.guard, name)]

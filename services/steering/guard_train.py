@@ -5,9 +5,10 @@ The training rows are those of TRAIN_FILES in `vectors/guard/`, with the themes'
 `second_heldout.jsonl`, `third_heldout.jsonl` and `fourth_heldout.jsonl` were the first four
 held-apart sets, each until it had been measured three or four times; they are tuning data now.
 The held-apart sets, `sixth_heldout.jsonl` and `unsteered_heldout.jsonl`, are never read here, nor
-is NEXT_TRAIN_FILES: the fifth set, measured three times, stays apart while it holds the only
+is NEXT_TRAIN_FILES: the fifth set, measured four times, stays apart while it holds the only
 held-apart rows of the `sexual` theme, and joins the tuning data once a fresh set measures that
-theme. Profanity rows are left out: swearing is the lists' job, and the reader sees a sentence's topic, not its words.
+theme. Profanity rows are left out: swearing is the lists' job, and the reader sees a sentence's
+topic, not its words.
 
 What is chosen (the words' weight beside the meaning, the threshold, and the score at which the
 model confirms a listed word of a theme it learns) is chosen on out-of-fold scores, 5-fold
@@ -46,7 +47,7 @@ TRAIN_FILES = (
     "tuning_horror.jsonl", "tuning_people.jsonl",
 )
 HELD_APART_FILE = "sixth_heldout.jsonl"  # the labelled set the guard is measured on, never trained on
-# Written or retired since the harm model was last trained: tuning data at the next retraining.
+# Retired from measuring but not trained on yet: tuning data at a later retraining.
 NEXT_TRAIN_FILES = ("fifth_heldout.jsonl",)
 SVM_CS = (4.0, 16.0)  # the machine's regularisation, chosen by cross-validation
 WORD_C = 8.0
