@@ -12,14 +12,20 @@ record: nothing is served from it, and only `steer validate` decides what Blip s
 By default the concept's stored vector is steered. `--direction` derives one here instead, from the
 concept's pairs or `--pairs FILE`: `caa` (the stored method, mean difference at each side's last
 token), `pca` (the first principal component of the pairs' last-token differences, as repeng's
-default, turned to agree with their mean) or `reply-mean` (the mean difference of each side's
-activations averaged over its reply's tokens rather than read at its last).
+default, turned to agree with their mean), `reply-mean` (the mean difference of each side's
+activations averaged over its reply's tokens rather than read at its last) or `mean-centred`
+(the mean of the positive sides less the mean of both sides of every stored concept's pairs,
+Jorgensen et al.'s mean-centring: what sets the concept apart from assistant replies in general).
+
+`--release K` steers the prompt and only each reply's first K tokens, then lets the model go on
+unsteered: a strong push that sets the opening, with the rest of the reply the model's own.
 """
 
 import argparse
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -34,7 +40,7 @@ from steering.errors import SteeringError  # noqa: E402
 from steering.guard import load_guard  # noqa: E402
 from steering.layers import recorded_outputs  # noqa: E402
 from steering.loading import LoadedModel  # noqa: E402
-from steering.pairs import Concept, load_concept  # noqa: E402
+from steering.pairs import Concept, concept_names, load_concept  # noqa: E402
 from steering.profiles import BLIP_ALLOWLIST  # noqa: E402
 from steering.registry import ModelEntry, load_registry  # noqa: E402
 from steering.scoring import load_scorer  # noqa: E402
@@ -44,7 +50,7 @@ from steering.validate import (SweepSettings, _sweep, alpha_grid, baseline, chec
 from steering.validate_model import model_vectors  # noqa: E402
 from steering.vector import ConceptVector  # noqa: E402
 
-DIRECTIONS = ("caa", "pca", "reply-mean")
+DIRECTIONS = ("caa", "pca", "reply-mean", "mean-centred")
 
 
 def _band(text: str) -> tuple[int, ...]:
@@ -68,12 +74,28 @@ def reply_means(loaded: LoadedModel, concept: Concept, side: str) -> torch.Tenso
     return out
 
 
-def derived(loaded: LoadedModel, concept: Concept, direction: str) -> ConceptVector:
-    """The concept's vector by `direction`, with the stored method's norms (alpha's scale)."""
+def background_mean(loaded: LoadedModel, concepts: Sequence[Concept]) -> torch.Tensor:
+    """The mean last-token activation over both sides of every pair of `concepts`: [layers, hidden]."""
+    total, count = None, 0
+    for concept in concepts:
+        pos, neg, _, _ = pair_activations(loaded, concept)
+        part = pos.sum(0) + neg.sum(0)
+        total, count = (part if total is None else total + part), count + 2 * len(concept.pairs)
+    if total is None:
+        raise ValueError("mean-centring needs at least one background concept")
+    return total / count
+
+
+def derived(loaded: LoadedModel, concept: Concept, direction: str, background: Sequence[Concept] = ()) -> ConceptVector:
+    """The concept's vector by `direction`, with the stored method's norms (alpha's scale).
+    `background`: the concepts whose pairs give mean-centring its dataset mean."""
     cv = derive_concept(loaded, concept)
     if direction == "caa":
         return cv
-    if direction == "reply-mean":
+    if direction == "mean-centred":
+        pos, _, _, _ = pair_activations(loaded, concept)
+        diff = pos.mean(0) - background_mean(loaded, background)
+    elif direction == "reply-mean":
         diff = reply_means(loaded, concept, "positive").mean(0) - reply_means(loaded, concept, "negative").mean(0)
     else:
         pos, neg, _, _ = pair_activations(loaded, concept)
@@ -109,12 +131,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="seeds run from this one: another first seed draws fresh replies, to confirm a point "
                         "chosen on validation's seeds (which start at 0)")
     p.add_argument("--mode", choices=("both", "steer"), default="both")
+    p.add_argument("--release", type=int, metavar="K",
+                   help="steer the prompt and only the first K generated tokens, then go on unsteered")
     p.add_argument("--direction", choices=DIRECTIONS, help="derive the vector here this way (default: the stored one)")
     p.add_argument("--pairs", type=Path, help="with --direction: this pairs file, not the concept's own")
     p.add_argument("--out", type=Path, help="write the points here as JSON")
     a = p.parse_args(argv)
     if a.seeds < 1 or a.first_seed < 0:
         p.error("--seeds must be at least 1 and --first-seed at least 0")
+    if a.release is not None and a.release < 1:
+        p.error("--release must be at least 1 (leave it out to steer whole replies)")
     if a.pairs and not a.direction:
         p.error("--pairs needs --direction: the stored vector has its own pairs")
     if a.concept not in BLIP_ALLOWLIST:
@@ -133,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             concept = load_concept(a.pairs.parent, a.pairs.stem) if a.pairs else load_concept(paths.pairs, a.concept)
         except SteeringError as exc:
             p.error(str(exc))
-        cv: ConceptVector | None = derived(loaded, concept, a.direction)
+        background = ([load_concept(paths.pairs, name) for name in concept_names(paths.pairs)]
+                      if a.direction == "mean-centred" else [])
+        cv: ConceptVector | None = derived(loaded, concept, a.direction, background)
     else:
         cv = model_vectors(loaded, paths)[0].get(a.concept)
     if cv is None:
@@ -143,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{a.concept}'s vector has no direction at layers {outside}: it has {min(cv.directions)}-{max(cv.directions)}")
     seeds = tuple(range(a.first_seed, a.first_seed + a.seeds))
     settings = SweepSettings(prompts=load_eval_prompts(paths.eval), seeds=seeds, allowlist_seeds=seeds,
-                             blip=load_blip_setting(paths.eval)).scaled(entry.sweep_scale)
+                             blip=load_blip_setting(paths.eval), steer_tokens=a.release).scaled(entry.sweep_scale)
     scorer, guard = load_scorer(paths.eval), load_guard(paths.guard)
     base = baseline(loaded, settings, guard, blip=True)
     prompts = concept_prompts(settings, a.concept, instructed=a.mode == "both")
@@ -152,8 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         config = SteerConfig(layers, scale="norm")
         swept, _ = _sweep(loaded, cv, scorer, settings, base, guard, config, alpha_grid(config, cv, rel), seeds, prompts)
         for point in swept:
-            points.append({"config": config.as_dict(), "name": config.name, "mode": a.mode} | point)
-            print(f"{config.name:16} {a.mode:5} alpha {point['alpha']:5} d {point['d']:+.2f} "
+            points.append({"config": config.as_dict(), "name": config.name, "mode": a.mode, "release": a.release} | point)
+            print(f"{config.name:16} {a.mode:5} release {a.release or '-'} alpha {point['alpha']:5} d {point['d']:+.2f} "
                   f"[{point['d_low']:+.2f}, {point['d_high']:+.2f}] n {point['n']}  ppl ratio {point['ppl_ratio']:.2f}  "
                   f"looping {point['degenerate']:.2f}  flagged {point['flags']:.2f}", flush=True)
     if a.out:

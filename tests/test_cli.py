@@ -37,6 +37,7 @@ def test_help(command: str) -> None:
         (("generate", "--model", "nope", "--prompt", "hi"), "unknown model 'nope'"),
         (("generate", "--prompts-file", "/nonexistent.jsonl"), "prompts file /nonexistent.jsonl does not exist"),
         (("generate", "--prompt", "hi", "--max-new-tokens", "0"), "--max-new-tokens must be at least 1"),
+        (("generate", "--prompt", "hi", "--steer-tokens", "0"), "--steer-tokens must be at least 1"),
         (("validate", "--max-new-tokens", "0"), "--max-new-tokens must be at least 1"),
         (("validate", "--prompts", "17"), "prompts must be 1 to 16"),
         (("generate", "--prompt", "hi", "--concept", "nonexistent"), "no such vector file"),

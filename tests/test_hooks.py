@@ -224,6 +224,28 @@ def test_generate_steers_rows_independently(smollm) -> None:
     assert pair[1].text != solo.text
 
 
+def test_steer_tokens_steers_the_opening_then_releases(smollm) -> None:
+    """`steer_tokens=k`: the first k tokens are the fully steered reply's, the rest goes on
+    unsteered (so it differs), an unsteered row in the batch is untouched, and a k past the
+    reply's length is whole-reply steering."""
+    from dataclasses import replace
+
+    from steering.generate import GenerationSettings, generate
+
+    v = torch.nn.functional.normalize(torch.randn(smollm.hidden_size, generator=torch.Generator().manual_seed(3)), dim=0)
+    add = {layer: 8.0 * v for layer in smollm.steering_layers}
+    settings = GenerationSettings(max_new_tokens=16)
+    prompt = "What is your favourite animal?"
+    plain, full = generate(smollm, [prompt, prompt], [None, add], settings)
+    plain_too, released = generate(smollm, [prompt, prompt], [None, add], replace(settings, steer_tokens=3))
+    assert plain_too.token_ids == plain.token_ids
+    assert released.token_ids[:3] == full.token_ids[:3]
+    assert released.token_ids != full.token_ids
+    assert generate(smollm, [prompt], [add], replace(settings, steer_tokens=16))[0].token_ids == full.token_ids
+    with pytest.raises(ValueError, match="steer_tokens must be at least 1"):
+        generate(smollm, [prompt], [add], replace(settings, steer_tokens=0))
+
+
 def test_interrupt_when_abandons_only_this_thread_s_pass_between_layers_and_leaves_no_hook() -> None:
     import threading
 

@@ -32,6 +32,18 @@ def test_variant_directions_are_unit_and_lean_toward_the_concept(smollm, few_pai
         assert 0 < cosine < 0.999, (layer, cosine)
 
 
+def test_mean_centred_leans_toward_the_concept_and_needs_a_background(smollm, few_pairs, paths):
+    calm = load_concept(paths.pairs, "calm")
+    background = [few_pairs, Concept(**{**calm.__dict__, "pairs": calm.pairs[:8]})]
+    caa = derive_concept(smollm, few_pairs)
+    cv = screen_bands.derived(smollm, few_pairs, "mean-centred", background)
+    for layer in (6, 12, 18):
+        cosine = float(torch.dot(cv.directions[layer], caa.directions[layer]))
+        assert abs(float(cv.directions[layer].norm()) - 1) < 1e-5 and 0 < cosine < 0.999, (layer, cosine)
+    with pytest.raises(ValueError, match="at least one background concept"):
+        screen_bands.derived(smollm, few_pairs, "mean-centred")
+
+
 def test_caa_is_the_stored_method(smollm, few_pairs):
     a, b = screen_bands.derived(smollm, few_pairs, "caa"), derive_concept(smollm, few_pairs)
     assert all(torch.equal(a.directions[layer], b.directions[layer]) for layer in (0, 15, 29))
@@ -42,6 +54,7 @@ def test_caa_is_the_stored_method(smollm, few_pairs):
     (["--concept", "playfulness", "--bands", "6-12", "--direction", "mean"], "invalid choice"),
     (["--concept", "playfulness", "--bands", "6-12", "--seeds", "0"], "--seeds must be at least 1"),
     (["--concept", "playfulness", "--bands", "6-12", "--first-seed", "-1"], "--first-seed at least 0"),
+    (["--concept", "playfulness", "--bands", "6-12", "--release", "0"], "--release must be at least 1"),
 ])
 def test_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -109,11 +109,14 @@ def _settings(args: argparse.Namespace):
         raise ConfigError("--max-new-tokens must be at least 1")
     if args.temperature < 0:
         raise ConfigError("--temperature must be 0 (greedy) or more")
+    if args.steer_tokens is not None and args.steer_tokens < 1:
+        raise ConfigError("--steer-tokens must be at least 1 (leave it out to steer the whole reply)")
     return GenerationSettings(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
         steer_prompt=not args.generated_only,
+        steer_tokens=args.steer_tokens,
     )
 
 
@@ -550,6 +553,8 @@ def _add_generation(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for sampling")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default 8)")
     p.add_argument("--generated-only", action="store_true", help="steer only generated tokens, not the prompt's positions")
+    p.add_argument("--steer-tokens", type=int, metavar="N",
+                   help="steer only the first N generated tokens, then go on unsteered (default: the whole reply)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,9 @@ class GenerationSettings:
     top_p: float = 1.0
     seed: int | None = None
     steer_prompt: bool = True  # also steer the prompt's positions, not only generated tokens
+    # Steer only the first this many generated tokens, then decode unsteered (what was steered
+    # stays in the cache, so the opening still leans the rest); None: the whole reply.
+    steer_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ def generate_seeds(
     same as `generate` with that seed gives. The prompts are prefilled once and every seed
     decodes from its own copy of that batch, since a prompt's keys and values do not depend
     on the seed."""
+    if settings.steer_tokens is not None and settings.steer_tokens < 1:
+        raise ValueError(f"steer_tokens must be at least 1 (or None for the whole reply), got {settings.steer_tokens}")
     if not prompts:
         return [[] for _ in seeds]
     rows = list(rows) if rows is not None else [None] * len(prompts)
@@ -161,6 +166,8 @@ def _decode(loaded: LoadedModel, batch: Rows, n: int, settings: GenerationSettin
             if not keep:
                 break
             batch, live, nxt = select(batch, keep), [live[i] for i in keep], nxt[keep]
+        if step + 1 == settings.steer_tokens:  # the tokens to steer are sampled: release every row
+            batch.deltas = {}
         decode(loaded.model, loaded.layers, batch, nxt)
     return replies
 

@@ -125,6 +125,9 @@ class SweepSettings:
     # and the instruction with steering at `both_grid_rel` (both). None: as every other concept.
     blip: BlipSetting | None = None
     both_grid_rel: tuple[float, ...] = BOTH_GRID_REL
+    # Steer only each reply's first this many tokens (GenerationSettings.steer_tokens). Validation
+    # steers whole replies, as the services do; `scripts/screen_bands.py --release` looks at this.
+    steer_tokens: int | None = None
 
     def scaled(self, scale: float) -> "SweepSettings":
         """Every swept strength times `scale` (the registry's `sweep_scale`), rounded as the record shows it."""
@@ -303,7 +306,8 @@ def _sample(loaded: LoadedModel, settings: SweepSettings, prompts: Sequence[Prom
             seeds: Sequence[int]) -> list[list[Generation]]:
     """The replies per seed; each batch is prefilled once for all the seeds."""
     out: list[list[Generation]] = [[] for _ in seeds]
-    gen = GenerationSettings(settings.max_new_tokens, settings.temperature, settings.top_p)
+    gen = GenerationSettings(settings.max_new_tokens, settings.temperature, settings.top_p,
+                             steer_tokens=settings.steer_tokens)
     for start in range(0, len(prompts), settings.batch_size):
         chunk = slice(start, start + settings.batch_size)
         for replies, more in zip(out, generate_seeds(loaded, prompts[chunk], rows[chunk], gen, seeds), strict=True):
