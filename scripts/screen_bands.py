@@ -5,7 +5,8 @@
 
 Replies are sampled under Blip's system prompt, with the concept's instruction (`--mode both`, what Chat
 serves) or without it (`--mode steer`), at each strength relative to the band's mean residual norm with
-alpha in proportion to each layer's norm, and set against unsteered replies under the same system prompt:
+alpha in proportion to each layer's norm (or the same at every layer, `--scale uniform`), and set against
+unsteered replies under the same system prompt:
 d with its interval, perplexity ratio, looping and flagged, by validation's own `_sweep`. A look, not a
 record: nothing is served from it, and only `steer validate` decides what Blip serves.
 
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concept", required=True)
     p.add_argument("--bands", required=True, help="comma-separated first-last layers, e.g. 6-12,3-9")
     p.add_argument("--rel", default="0.027,0.036,0.042", help="strengths relative to the band's residual norm")
+    p.add_argument("--scale", choices=("norm", "uniform"), default="norm",
+                   help="alpha in proportion to each layer's residual norm (default) or the same at every layer")
     p.add_argument("--seeds", type=int, default=6, help="sampling seeds per evaluation prompt")
     p.add_argument("--first-seed", type=int, default=0,
                    help="seeds run from this one: another first seed draws fresh replies, to confirm a point "
@@ -177,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = concept_prompts(settings, a.concept, instructed=a.mode == "both")
     start, points = time.perf_counter(), []
     for layers in bands:
-        config = SteerConfig(layers, scale="norm")
+        config = SteerConfig(layers, scale=a.scale)
         swept, _ = _sweep(loaded, cv, scorer, settings, base, guard, config, alpha_grid(config, cv, rel), seeds, prompts)
         for point in swept:
             points.append({"config": config.as_dict(), "name": config.name, "mode": a.mode, "release": a.release} | point)

@@ -55,6 +55,7 @@ def test_caa_is_the_stored_method(smollm, few_pairs):
     (["--concept", "playfulness", "--bands", "6-12", "--seeds", "0"], "--seeds must be at least 1"),
     (["--concept", "playfulness", "--bands", "6-12", "--first-seed", "-1"], "--first-seed at least 0"),
     (["--concept", "playfulness", "--bands", "6-12", "--release", "0"], "--release must be at least 1"),
+    (["--concept", "playfulness", "--bands", "6-12", "--scale", "raw"], "invalid choice"),
 ])
 def test_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
