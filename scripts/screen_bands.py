@@ -16,7 +16,9 @@ token), `pca` (the first principal component of the pairs' last-token difference
 default, turned to agree with their mean), `reply-mean` (the mean difference of each side's
 activations averaged over its reply's tokens rather than read at its last) or `mean-centred`
 (the mean of the positive sides less the mean of both sides of every stored concept's pairs,
-Jorgensen et al.'s mean-centring: what sets the concept apart from assistant replies in general).
+Jorgensen et al.'s mean-centring: what sets the concept apart from assistant replies in general)
+or `optimized` (BiPO: the directions at the bands' layers trained from the mean difference so the
+steered model prefers the pairs' positive replies, `--train-rel` and `--steps`; optimize.py).
 
 `--release K` steers the prompt and only each reply's first K tokens, then lets the model go on
 unsteered: a strong push that sets the opening, with the rest of the reply the model's own.
@@ -41,6 +43,7 @@ from steering.errors import SteeringError  # noqa: E402
 from steering.guard import load_guard  # noqa: E402
 from steering.layers import recorded_outputs  # noqa: E402
 from steering.loading import LoadedModel  # noqa: E402
+from steering.optimize import optimized_vector  # noqa: E402
 from steering.pairs import Concept, concept_names, load_concept  # noqa: E402
 from steering.profiles import BLIP_ALLOWLIST  # noqa: E402
 from steering.registry import ModelEntry, load_registry  # noqa: E402
@@ -51,7 +54,7 @@ from steering.validate import (SweepSettings, _sweep, alpha_grid, baseline, chec
 from steering.validate_model import model_vectors  # noqa: E402
 from steering.vector import ConceptVector  # noqa: E402
 
-DIRECTIONS = ("caa", "pca", "reply-mean", "mean-centred")
+DIRECTIONS = ("caa", "pca", "reply-mean", "mean-centred", "optimized")
 
 
 def _band(text: str) -> tuple[int, ...]:
@@ -87,12 +90,22 @@ def background_mean(loaded: LoadedModel, concepts: Sequence[Concept]) -> torch.T
     return total / count
 
 
-def derived(loaded: LoadedModel, concept: Concept, direction: str, background: Sequence[Concept] = ()) -> ConceptVector:
+def derived(loaded: LoadedModel, concept: Concept, direction: str, background: Sequence[Concept] = (),
+            train: tuple[tuple[int, ...], float, int] | None = None) -> ConceptVector:
     """The concept's vector by `direction`, with the stored method's norms (alpha's scale).
-    `background`: the concepts whose pairs give mean-centring its dataset mean."""
+    `background`: the concepts whose pairs give mean-centring its dataset mean. `train`: for
+    `optimized`, the layers, the strength relative to their mean residual norm and the steps;
+    its other layers keep the mean difference."""
     cv = derive_concept(loaded, concept)
     if direction == "caa":
         return cv
+    if direction == "optimized":
+        if train is None:
+            raise ValueError("an optimized direction needs the layers and strength it is trained at")
+        layers, rel, steps = train
+        start = time.perf_counter()
+        return optimized_vector(loaded, concept, cv, layers, rel, steps, on_step=lambda k, loss: print(
+            f"step {k + 1}/{steps} loss {loss:.3f} ({time.perf_counter() - start:.0f} s)", flush=True))
     if direction == "mean-centred":
         pos, _, _, _ = pair_activations(loaded, concept)
         diff = pos.mean(0) - background_mean(loaded, background)
@@ -138,12 +151,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="steer the prompt and only the first K generated tokens, then go on unsteered")
     p.add_argument("--direction", choices=DIRECTIONS, help="derive the vector here this way (default: the stored one)")
     p.add_argument("--pairs", type=Path, help="with --direction: this pairs file, not the concept's own")
+    p.add_argument("--train-rel", type=float, default=0.036,
+                   help="--direction optimized: the strength trained at, relative to the bands' residual norm")
+    p.add_argument("--steps", type=int, default=30, help="--direction optimized: optimisation steps")
     p.add_argument("--out", type=Path, help="write the points here as JSON")
     a = p.parse_args(argv)
     if a.seeds < 1 or a.first_seed < 0:
         p.error("--seeds must be at least 1 and --first-seed at least 0")
     if a.release is not None and a.release < 1:
         p.error("--release must be at least 1 (leave it out to steer whole replies)")
+    if a.train_rel <= 0 or a.steps < 1:
+        p.error("--train-rel must be above 0 and --steps at least 1")
     if a.pairs and not a.direction:
         p.error("--pairs needs --direction: the stored vector has its own pairs")
     if a.concept not in BLIP_ALLOWLIST:
@@ -164,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error(str(exc))
         background = ([load_concept(paths.pairs, name) for name in concept_names(paths.pairs)]
                       if a.direction == "mean-centred" else [])
-        cv: ConceptVector | None = derived(loaded, concept, a.direction, background)
+        train = (tuple(sorted({layer for band in bands for layer in band})), a.train_rel, a.steps)
+        cv: ConceptVector | None = derived(loaded, concept, a.direction, background, train)
     else:
         cv = model_vectors(loaded, paths)[0].get(a.concept)
     if cv is None:
@@ -190,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         write_text_atomic(a.out, json.dumps({
             "model": loaded.name, "fingerprint": loaded.fingerprint, "concept": a.concept,
-            "direction": a.direction or "stored", "pairs": len(concept.pairs) if a.direction else cv.pair_count,
+            "direction": a.direction or "stored", "method": cv.method, "pairs": len(concept.pairs) if a.direction else cv.pair_count,
             "vector_sha256": cv.content_sha256, "seeds": a.seeds, "first_seed": a.first_seed, "prompts": len(settings.prompts),
             "command": "scripts/screen_bands.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "seconds": round(time.perf_counter() - start, 1), "points": points}, indent=1) + "\n")

@@ -42,6 +42,7 @@ def test_help(command: str) -> None:
         (("validate", "--prompts", "17"), "prompts must be 1 to 16"),
         (("generate", "--prompt", "hi", "--concept", "nonexistent"), "no such vector file"),
         (("derive", "--concepts", "nonexistent"), "unknown concept 'nonexistent'"),
+        (("derive", "--optimize", "--optimize-steps", "0"), "--optimize-steps at least 1"),
         (("import-gguf", "--concept", "x", "--in", "/nonexistent.gguf"), "no such file"),
         (("compare-models", "--models", "nope"), "unknown model 'nope'"),
     ],

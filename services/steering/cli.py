@@ -188,8 +188,11 @@ def cmd_derive(args: argparse.Namespace) -> int:
 
     from .atomic import remove_orphans
     from .derive import derive_concept
+    from .optimize import METHOD, optimized_vector
     from .store import read_vector, save_vector, vector_path
 
+    if args.optimize_rel <= 0 or args.optimize_steps < 1:
+        raise ConfigError("--optimize-rel must be above 0 and --optimize-steps at least 1")
     paths = _paths()
     concepts = _concepts(args, "derive")
     loaded = _load(args)
@@ -202,7 +205,8 @@ def cmd_derive(args: argparse.Namespace) -> int:
                 cv = read_vector(vector_path(out_dir, c.name))
             except SteeringError:
                 return False
-            return cv.fingerprint == loaded.fingerprint and cv.pairs_sha256 == c.pairs_sha256
+            return (cv.fingerprint == loaded.fingerprint and cv.pairs_sha256 == c.pairs_sha256
+                    and (cv.method == METHOD) == args.optimize)
         done = [c.name for c in concepts if current(c)]
         concepts = [c for c in concepts if c.name not in done]
         if done:
@@ -213,6 +217,9 @@ def cmd_derive(args: argparse.Namespace) -> int:
         for concept in concepts:
             bar.set_postfix_str(concept.name)
             cv = derive_concept(loaded, concept, batch_size=args.batch_size, on_batch=bar.update)
+            if args.optimize:
+                bar.set_postfix_str(f"{concept.name}: optimising")
+                cv = optimized_vector(loaded, concept, cv, loaded.steering_layers, args.optimize_rel, args.optimize_steps)
             save_vector(cv, vector_path(out_dir, concept.name))
     print(f"derived {len(concepts)} concept(s) for {loaded.name} in {time.perf_counter() - start:.1f}s -> {out_dir}")
     return 0
@@ -580,6 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: vectors/<model>/)")
     p.add_argument("--resume", action="store_true",
                    help="skip concepts whose stored vector is complete and derived from the same pairs on this model")
+    p.add_argument("--optimize", action="store_true",
+                   help="then train the directions at the model's steering layers by preference optimisation (BiPO)")
+    p.add_argument("--optimize-rel", type=float, default=0.036,
+                   help="--optimize: the strength trained at, relative to those layers' mean residual norm (default 0.036)")
+    p.add_argument("--optimize-steps", type=int, default=30, help="--optimize: steps of 8 pairs (default 30)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_derive)
 
