@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from .config import SteerConfig
 from .derive import position_ids, render_reply
 from .hooks import steer
 from .loading import LoadedModel
@@ -149,7 +150,7 @@ def optimized_vector(
     missing = [layer for layer in layers if layer not in cv.directions]
     if not layers or missing:
         raise ValueError(f"cannot optimise at layers {layers}: the vector has none at {missing or 'any'}")
-    alpha = rel * sum(cv.act_norms[layer] for layer in layers) / len(layers)
+    alpha = rel * SteerConfig(tuple(layers)).activation_scale(cv)  # the scale validation's grid takes alphas of
     settings = OptimizeSettings(alpha=alpha, steps=steps)
     learned = optimized_directions(loaded, concept, {layer: cv.directions[layer] for layer in layers}, settings, on_step)
     trained = {"layers": layers, "rel": rel, "alpha": round(alpha, 3), "steps": steps, "pairs_per_step": settings.pairs_per_step,
