@@ -23,7 +23,7 @@ from steering.record import read_record  # noqa: E402
 from steering.scoring import load_scorer  # noqa: E402
 from steering.settings import paths_from_env  # noqa: E402
 from steering.validate import (SweepSettings, _point, _sample, alpha_grid, baseline, concept_prompts,  # noqa: E402
-                               load_blip_setting, load_eval_prompts)
+                               concept_settings, load_blip_setting, load_eval_prompts)
 from steering.validate_model import model_vectors  # noqa: E402
 
 from screen_bands import registered_model  # noqa: E402  (scripts/ is on the path as the script's own folder)
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         config = SteerConfig.from_dict(read_record(paths.model_vectors(a.model), a.model)["concepts"][a.concept]["config"])
     except (SteeringError, KeyError) as exc:
         p.error(f"{a.model}'s record has no swept {a.concept}: {exc}")
-    settings = SweepSettings(prompts=load_eval_prompts(paths.eval), blip=load_blip_setting(paths.eval)).scaled(entry.sweep_scale)
+    settings = concept_settings(SweepSettings(prompts=load_eval_prompts(paths.eval), blip=load_blip_setting(paths.eval))
+                                .scaled(entry.sweep_scale), cv)
     scorer, guard = load_scorer(paths.eval), load_guard(paths.guard)
     base = baseline(loaded, settings, guard, blip=True)
     print(f"unsteered under Blip's system prompt: {sum(base.flagged)} of {len(base.flagged)} flagged")

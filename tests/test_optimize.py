@@ -4,15 +4,17 @@ steered preference for a concept's positive replies and leaves the model as it w
 
 import json
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
 
 from steer_cli import steer as run
 from steering.derive import derive_concept
-from steering.optimize import METHOD, OptimizeSettings, encode_pairs, margins, optimized_directions
+from steering.optimize import GRID_SCALE, METHOD, OptimizeSettings, encode_pairs, margins, optimized_directions
 from steering.pairs import Concept, load_concept
 from steering.store import read_vector, vector_path
+from steering.validate import ALPHA_GRID_REL, BOTH_GRID_REL, SweepSettings, concept_settings
 
 LAYERS = (12, 13, 14)
 
@@ -84,3 +86,13 @@ def test_derive_optimize_stores_the_trained_vector_and_resume_tells_them_apart(s
     assert "resuming: 1 concept(s)" in run(*args, "--optimize", "--resume").stdout
     assert "resuming" not in run(*args, "--resume").stdout  # a plain derive replaces it
     assert read_vector(vector_path(out, "playfulness")).method == "caa-mean-diff"
+
+
+def test_validation_sweeps_a_trained_vector_at_its_own_lower_strengths(paths):
+    caa = read_vector(vector_path(paths.model_vectors("smollm2-135m-instruct"), "happy"))
+    settings = SweepSettings(prompts=("hi",))
+    assert caa.method != METHOD and concept_settings(settings, caa) is settings
+    trained = concept_settings(settings, replace(caa, method=METHOD))
+    assert trained.alpha_grid_rel == tuple(round(x * GRID_SCALE, 4) for x in ALPHA_GRID_REL)
+    assert trained.both_grid_rel == tuple(round(x * GRID_SCALE, 4) for x in BOTH_GRID_REL)
+    assert trained.screen_alpha_rel == round(settings.screen_alpha_rel * GRID_SCALE, 4) and trained.prompts == settings.prompts

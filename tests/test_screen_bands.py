@@ -1,4 +1,4 @@
-"""scripts/screen_bands.py: its direction variants on the real model, and its usage errors."""
+"""scripts/screen_bands.py: its direction variants on the real model, and its usage errors; scripts/recheck_served.py's usage errors."""
 
 import sys
 from pathlib import Path
@@ -9,7 +9,9 @@ import torch
 from steering.derive import derive_concept
 from steering.pairs import Concept, load_concept
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+import recheck_served  # noqa: E402
 import screen_bands  # noqa: E402
 
 
@@ -60,4 +62,18 @@ def test_caa_is_the_stored_method(smollm, few_pairs):
 def test_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         screen_bands.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--concepts", "happy,hostile"], "--concepts hostile: not Blip concepts"),
+    (["--candidate", "playfulness:steer:strong:x.safetensors"], "ALPHA must be a number"),
+    (["--candidate", f"playfulness:prompt:4.1:{ROOT / 'README.md'}"], "MODE must be steer or both"),
+    (["--candidate", f"hostile:steer:4.1:{ROOT / 'README.md'}"], "'hostile' is not a Blip concept"),
+    (["--candidate", "playfulness:steer:4.1:no-such.safetensors"], "no such vector file"),
+])
+def test_recheck_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        recheck_served.main(argv)
     assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -24,6 +24,7 @@ from .generate import Generation, GenerationSettings, PromptLike, generate, gene
 from .guard import ThemeGuard
 from .layers import recorded_outputs, resolve_layers
 from .loading import LoadedModel, load_model
+from .optimize import grid_scale
 from .profiles import BLIP_ALLOWLIST
 from .record import blip_decision, coherent, d_interval, decisions, negative_decisions, safe_for_children
 from .registry import ModelEntry
@@ -135,6 +136,11 @@ class SweepSettings:
             return self
         alphas, both = (tuple(round(x * scale, 4) for x in grid) for grid in (self.alpha_grid_rel, self.both_grid_rel))
         return replace(self, alpha_grid_rel=alphas, both_grid_rel=both, screen_alpha_rel=round(self.screen_alpha_rel * scale, 4))
+
+
+def concept_settings(settings: SweepSettings, cv: ConceptVector) -> SweepSettings:
+    """The settings `cv` is swept with: a trained direction at its own, lower strengths (`optimize.grid_scale`)."""
+    return settings.scaled(grid_scale(cv))
 
 
 def blip_measured(settings: SweepSettings, concept: str) -> bool:
@@ -453,6 +459,7 @@ def sweep_concept(
     prompt against `blip_base`, and its entry's `modes` holds the two other ways Blip can reach
     the register: the instruction alone, and the instruction with steering."""
     concept = cv.concept
+    settings = concept_settings(settings, cv)
     as_blip = blip_measured(settings, concept)
     if as_blip and blip_base is None:
         raise ValueError(f"{concept} is measured as Blip speaks: it needs the baseline under Blip's system prompt")
@@ -474,6 +481,8 @@ def sweep_concept(
     }
     if screened:
         entry["search"] = screened
+    if grid_scale(cv) != 1.0:
+        entry["grid_scale"] = grid_scale(cv)
     if as_blip and settings.blip is not None:
         instructed = concept_prompts(settings, concept, instructed=True)
         [prompt_point], prompt_example = _sweep(loaded, cv, scorer, settings, control, guard, config, [(0.0, 0.0)], seeds, instructed)
