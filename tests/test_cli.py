@@ -117,32 +117,37 @@ def test_export_then_import_gguf(tmp_path: Path, monkeypatch) -> None:
 
 def test_compare_models_says_what_blip_serves(paths) -> None:
     """Each allowlist concept's row names the mode, alpha and d that `assess` serves from the
-    committed record, and a concept Blip does not serve says so."""
+    committed record, and a concept Blip does not serve says so: SmolLM2 serves all eight, Gemma
+    (an older record, without guard flags) one."""
     from steering.profiles import BLIP_ALLOWLIST
     from steering.record import assess, record_path
     from steering.store import load_store, stored_concepts
 
-    name = "smollm2-135m-instruct"
-    res = run("compare-models", "--models", name)
-    assert res.returncode == 0, res.stderr
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in res.stdout.splitlines()[2:]}
-    assert set(rows) == BLIP_ALLOWLIST
-    model_dir = paths.model_vectors(name)
-    fingerprint = json.loads(record_path(model_dir).read_text(encoding="utf-8"))["fingerprint"]
-    vectors, refused = load_store(model_dir, stored_concepts(model_dir), fingerprint=fingerprint, hidden_size=576)
-    assert not refused
-    state = assess(name, model_dir, fingerprint, vectors)
-    for concept, cells in rows.items():
-        blip = state.concepts[concept].blip
-        if blip is None:
-            assert cells[2] == "nothing (answered plainly)", cells
-            safe = state.concepts[concept].child_safe_alpha  # this record measured flags
-            assert (cells[4] == "none child-safe") if safe is None else cells[4].startswith(f"steer {safe:g} ("), cells
-        else:
-            assert cells[2] == f"{blip.mode} at {blip.alpha:g}" if blip.alpha is not None else cells[2] == str(blip.mode)
-            assert cells[3].startswith(f"{blip.effect.d:.2f} [{blip.effect.low:.2f}, {blip.effect.high:.2f}]")
-            assert blip.alpha is None or cells[4].startswith(f"{blip.ceiling:g} (")
-    assert any(state.concepts[c].blip for c in rows) and any(not state.concepts[c].blip for c in rows)
+    served: dict[str, set[str]] = {}
+    for name, hidden in (("smollm2-135m-instruct", 576), ("gemma3-270m", 640)):
+        res = run("compare-models", "--models", name)
+        assert res.returncode == 0, res.stderr
+        rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in res.stdout.splitlines()[2:]}
+        assert set(rows) == BLIP_ALLOWLIST
+        model_dir = paths.model_vectors(name)
+        record = json.loads(record_path(model_dir).read_text(encoding="utf-8"))
+        vectors, refused = load_store(model_dir, stored_concepts(model_dir), fingerprint=record["fingerprint"], hidden_size=hidden)
+        assert not refused
+        state = assess(name, model_dir, record["fingerprint"], vectors)
+        for concept, cells in rows.items():
+            blip = state.concepts[concept].blip
+            if blip is None:
+                assert cells[2] == "nothing (answered plainly)", cells
+                safe = state.concepts[concept].child_safe_alpha
+                measured = all("flag_excess" in p for p in record["concepts"][concept]["sweep"])
+                none = "none child-safe" if measured else "flags not measured"
+                assert (cells[4] == none) if safe is None else cells[4].startswith(f"steer {safe:g} ("), cells
+            else:
+                assert cells[2] == f"{blip.mode} at {blip.alpha:g}" if blip.alpha is not None else cells[2] == str(blip.mode)
+                assert cells[3].startswith(f"{blip.effect.d:.2f} [{blip.effect.low:.2f}, {blip.effect.high:.2f}]")
+                assert blip.alpha is None or cells[4].startswith(f"{blip.ceiling:g} (")
+        served[name] = {c for c in rows if state.concepts[c].blip}
+    assert served == {"smollm2-135m-instruct": set(BLIP_ALLOWLIST), "gemma3-270m": {"sad"}}
 
 
 def test_generate_defaults_to_the_records_recommended_alpha(paths) -> None:
