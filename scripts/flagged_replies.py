@@ -23,7 +23,7 @@ from steering.record import read_record  # noqa: E402
 from steering.scoring import load_scorer  # noqa: E402
 from steering.settings import paths_from_env  # noqa: E402
 from steering.validate import (SweepSettings, _point, _sample, alpha_grid, baseline, concept_prompts,  # noqa: E402
-                               concept_settings, load_blip_setting, load_eval_prompts)
+                               concept_settings, load_blip_setting, load_eval_prompts, tally)
 from steering.validate_model import model_vectors  # noqa: E402
 
 from screen_bands import registered_model  # noqa: E402  (scripts/ is on the path as the script's own folder)
@@ -58,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     n = len(prompts)
     for k, (alpha, rel) in enumerate(grid):
         replies = [g for seed_out in by_seed for g in seed_out[k * n : (k + 1) * n]]  # seed-major, as validation
-        point = _point(loaded, cv, scorer, base, guard, alpha, rel, replies)
+        verdicts = guard.check_many([g.text for g in replies])
+        point = _point(loaded, cv, scorer, base, guard, alpha, rel, replies, flags=tally(verdicts))
         print(f"{a.mode} at {alpha}: d {point['d']:+.4f}, {round(point['flags'] * point['n'])} of {point['n']} flagged")
-        for reply, verdict in zip(replies, guard.check_many([g.text for g in replies]), strict=True):
+        for reply, verdict in zip(replies, verdicts, strict=True):
             if verdict.flagged:
                 print(f"  {', '.join(verdict.themes)}: {reply.text!r}")
     return 0

@@ -30,7 +30,6 @@ sys.path.insert(0, str(ROOT / "services"))
 
 from steering.atomic import write_text_atomic  # noqa: E402
 from steering.binomial import wilson  # noqa: E402
-from steering.coherence import is_degenerate, perplexities  # noqa: E402
 from steering.config import SteerConfig  # noqa: E402
 from steering.errors import SteeringError  # noqa: E402
 from steering.guard import load_guard  # noqa: E402
@@ -128,15 +127,15 @@ def main(argv: list[str] | None = None) -> int:
 
     base_replies = replies_of(0)
     base_flagged, base_themes = flag_rate(guard, base_replies)
-    base = Baseline(base_replies, perplexities(loaded, base_replies), [is_degenerate(g.text) for g in base_replies], base_flagged)
+    base = Baseline.of(loaded, base_replies, base_flagged)
     out: list[dict[str, Any]] = [{"arm": "unsteered", "n": len(base_replies),
                                   "degenerate": round(statistics.fmean(base.degenerate), 4),
                                   **_flag_figures(base_flagged, [g.text for g in base_replies], base_themes)}]
     print(f"unsteered: {sum(base_flagged)} of {len(base_flagged)} flagged", flush=True)
     for k, (label, concept, cv, mode, alpha, config) in enumerate(arms, start=1):
         replies = replies_of(k)
-        point = _point(loaded, cv, scorer, base, guard, alpha, 0.0, replies)
         flagged, themes = flag_rate(guard, replies)
+        point = _point(loaded, cv, scorer, base, guard, alpha, 0.0, replies, flags=(flagged, themes))
         recorded = record["concepts"][concept].get("blip") if label == "served" else None
         out.append({"arm": label, "concept": concept, "mode": mode, "alpha": alpha, "config": config.as_dict(),
                     "recorded_d": recorded and recorded["d"],

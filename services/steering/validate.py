@@ -21,7 +21,7 @@ from .config import SteerConfig, candidate_bands
 from .derive import layer_activations, position_ids
 from .errors import ConfigError, NotFoundError
 from .generate import Generation, GenerationSettings, PromptLike, generate, generate_seeds
-from .guard import ThemeGuard
+from .guard import ThemeGuard, Verdict
 from .layers import recorded_outputs, resolve_layers
 from .loading import LoadedModel, load_model
 from .optimize import grid_scale
@@ -302,6 +302,11 @@ class Baseline:
     flagged: list[bool]
     scores: dict[str, list[float]] = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, loaded: LoadedModel, replies: list[Generation], flagged: list[bool]) -> "Baseline":
+        """Unsteered `replies` with their perplexities and loop verdicts; `flagged`: the guard's."""
+        return cls(replies, perplexities(loaded, replies), [is_degenerate(g.text) for g in replies], flagged)
+
     def scores_for(self, scorer: ConceptScorer, concept: str) -> list[float]:
         if concept not in self.scores:
             self.scores[concept] = [float(x) for x in scorer.scores([g.text for g in self.replies], concept)]
@@ -323,7 +328,11 @@ def _sample(loaded: LoadedModel, settings: SweepSettings, prompts: Sequence[Prom
 
 def flag_rate(guard: ThemeGuard, replies: Sequence[Generation]) -> tuple[list[bool], dict[str, int]]:
     """Whether the guard flags each reply, and how many replies each theme flagged."""
-    verdicts = guard.check_many([g.text for g in replies])
+    return tally(guard.check_many([g.text for g in replies]))
+
+
+def tally(verdicts: Sequence[Verdict]) -> tuple[list[bool], dict[str, int]]:
+    """Whether each verdict flags, and how many flagged each theme."""
     themes: dict[str, int] = {}
     for v in verdicts:
         for theme in v.themes:
@@ -339,24 +348,24 @@ def baseline(loaded: LoadedModel, settings: SweepSettings, guard: ThemeGuard, bl
     prompts = [settings.blip.messages(p) for p in settings.prompts] if blip and settings.blip else list(settings.prompts)
     seeds = settings.allowlist_seeds if blip else baseline_seeds(settings)
     replies = [g for seed_out in _sample(loaded, settings, prompts, [None] * len(prompts), seeds) for g in seed_out]
-    degenerate = [is_degenerate(g.text) for g in replies]
-    return Baseline(replies, perplexities(loaded, replies), degenerate, flag_rate(guard, replies)[0])
+    return Baseline.of(loaded, replies, flag_rate(guard, replies)[0])
 
 
 def _point(
     loaded: LoadedModel, cv: ConceptVector, scorer: ConceptScorer, base: Baseline, guard: ThemeGuard,
-    alpha: float, rel: float, replies: list[Generation],
+    alpha: float, rel: float, replies: list[Generation], flags: tuple[list[bool], dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     """One swept point's figures from its replies (seed-major, like the baseline), each against
-    the baseline's replies drawn with the same seeds."""
+    the baseline's replies drawn with the same seeds. `flags`: `flag_rate`'s for the replies,
+    where the caller has them already (the guard is the slow part)."""
     n_control = len(replies)
     control = base.scores_for(scorer, cv.concept)[:n_control]
     scores = [float(x) for x in scorer.scores([g.text for g in replies], cv.concept)]
     ppl = perplexities(loaded, replies)
     ratios = [s / b for s, b in zip(ppl, base.ppl[:n_control], strict=True)]
     degenerate = statistics.fmean(is_degenerate(g.text) for g in replies)
-    flagged, themes = flag_rate(guard, replies)
-    flags = statistics.fmean(flagged)
+    flagged, themes = flags if flags is not None else flag_rate(guard, replies)
+    rate = statistics.fmean(flagged)
     d = cohens_d(scores, control)
     low, high = d_interval(d, len(scores), len(control))
     return {
@@ -372,8 +381,8 @@ def _point(
         "ppl_ratio": round(statistics.median(ratios), 4),
         "degenerate": round(degenerate, 4),
         "degenerate_excess": round(degenerate - statistics.fmean(base.degenerate[:n_control]), 4),
-        "flags": round(flags, 4),
-        "flag_excess": round(flags - statistics.fmean(base.flagged[:n_control]), 4),
+        "flags": round(rate, 4),
+        "flag_excess": round(rate - statistics.fmean(base.flagged[:n_control]), 4),
         "flag_themes": themes,
     }
 
@@ -481,8 +490,8 @@ def sweep_concept(
     }
     if screened:
         entry["search"] = screened
-    if grid_scale(cv) != 1.0:
-        entry["grid_scale"] = grid_scale(cv)
+    if (scale := grid_scale(cv)) != 1.0:
+        entry["grid_scale"] = scale
     if as_blip and settings.blip is not None:
         instructed = concept_prompts(settings, concept, instructed=True)
         [prompt_point], prompt_example = _sweep(loaded, cv, scorer, settings, control, guard, config, [(0.0, 0.0)], seeds, instructed)
